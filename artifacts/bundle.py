@@ -1,0 +1,164 @@
+"""The bundle: the directory `lars-export` writes and `lars-ort` reads.
+
+Both halves agree on it through this module only. It imports neither torch nor onnxruntime, so either side (and an
+app that only wants to inspect a bundle) can use it.
+
+Layout of a bundle directory:
+
+    manifest.json          what is inside (schema below), with the sha256 of every other file
+    training_model.onnx    ORT training graph: forward + loss + gradients
+    eval_model.onnx        ORT eval graph: forward + loss
+    optimizer_model.onnx   ORT AdamW step
+    checkpoint             ORT checkpoint: the trainable adapter tensors (B = 0, as PEFT initialises them)
+    weights.onnx_data      frozen base weights, external data shared by training_model.onnx and eval_model.onnx
+    tokenizer.json         `tokenizers` tokenizer
+    tokenizer_config.json  special tokens and the chat template
+    config.json            the base model's Hugging Face config (for the PEFT adapter export)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FORMAT = "lars-bundle"
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+WEIGHTS = "weights.onnx_data"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+MODEL_CONFIG = "config.json"
+
+REQUIRED_FILES = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT, TOKENIZER, TOKENIZER_CONFIG, MODEL_CONFIG)
+
+# Graph interface. Logits come out flattened to [batch*seq, vocab]: ORT's SoftmaxCrossEntropyLoss wants classes on
+# axis 1, and an app reshapes them back with the batch shape it fed.
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+LABELS = "labels"
+LOGITS = "logits"
+IGNORE_INDEX = -100
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """manifest.json. `files` maps each file name to {"sha256", "bytes"}."""
+
+    source_model: dict[str, Any]
+    architecture: dict[str, Any]
+    adapter: dict[str, Any]
+    io: dict[str, Any]
+    tokens: dict[str, Any]
+    exporter: dict[str, Any]
+    passes: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> "Manifest":
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{where} is not a lars bundle manifest (format={data.get('format')!r}); "
+                              f"export one with `lars-export`")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{where} has bundle format version {version}, this lars reads version {FORMAT_VERSION}; "
+                              f"re-export the model with this lars (`lars-export`)")
+        names = [f for f in cls.__dataclass_fields__]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise BundleError(f"{where} lacks {', '.join(missing)}; the file is damaged, re-export the bundle")
+        return cls(**{n: data[n] for n in names})
+
+    # Convenience views used by the runtime.
+    @property
+    def vocab_size(self) -> int:
+        return int(self.architecture["vocab_size"])
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.architecture["max_position_embeddings"])
+
+    @property
+    def bundle_id(self) -> str:
+        """Identifies the bundle a run belongs to: the hash of its initial checkpoint and training graph."""
+        return hashlib.sha256((self.files[CHECKPOINT]["sha256"] + self.files[TRAINING_MODEL]["sha256"]).encode()
+                              ).hexdigest()[:16]
+
+
+def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    """Hash every file in `directory` (but the manifest) into the manifest and write it."""
+    directory = Path(directory)
+    manifest.files = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and path.name != MANIFEST:
+            manifest.files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    out = directory / MANIFEST
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> str:
+        return str(self.path / name)
+
+
+def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
+    """Open and validate a bundle; every problem is a one-line BundleError naming the file and the fix."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory {directory} does not exist; create it with `lars-export --out {directory}`")
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing: {directory} is not a lars bundle; "
+                          f"create one with `lars-export --out {directory}`")
+    try:
+        data = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{manifest_path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
+                          f"the bundle is damaged, re-export it with `lars-export`") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{manifest_path} is not a JSON object; the bundle is damaged, re-export it")
+    manifest = Manifest.from_dict(data, str(manifest_path))
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{manifest_path} lists no {name}; the bundle is damaged, re-export it with `lars-export`")
+    for name, info in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"bundle file {path} is missing; copy the whole bundle directory or re-export it")
+        if path.stat().st_size != info["bytes"]:
+            raise BundleError(f"bundle file {path} has {path.stat().st_size} bytes, the manifest says {info['bytes']}: "
+                              f"it is truncated or altered; copy it again or re-export the bundle")
+        if verify and sha256_file(path) != info["sha256"]:
+            raise BundleError(f"bundle file {path} does not match its sha256 in the manifest: it is corrupt or altered; "
+                              f"copy it again or re-export the bundle")
+    return Bundle(directory, manifest)

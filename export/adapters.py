@@ -1,0 +1,68 @@
+"""LoRA adapters added with PEFT, made safe for the TorchScript exporter.
+
+PEFT initialises every lora_B to zeros. The TorchScript exporter merges identical initializers, so all-zero B
+tensors of one shape would collapse into one shared parameter and training would go silently wrong. We therefore
+give each B a distinct random value for the export and set B = 0 again in the ONNX graph before ORT builds the
+training artifacts (see onnx_export.zero_lora_b); `count_trainables` checks that no tensor was merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lars_artifacts import LarsError
+
+from .config import ExportConfig
+
+
+@dataclass
+class AdapterParam:
+    onnx_name: str   # initializer name in the exported graph
+    peft_key: str    # key in a PEFT adapter_model.safetensors
+    shape: list[int]
+
+
+# The exporter wraps the PEFT model in a module whose attribute is `model`: graph names start with this prefix.
+GRAPH_PREFIX = "model."
+
+
+def add_lora(model, config: ExportConfig):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.target_modules(),
+                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as e:
+        raise LarsError(f"cannot adapt --targets {','.join(config.targets)}: {str(e).splitlines()[0]}; "
+                        f"choose among q,k,v,o,gate,up,down") from None
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # distinct values for the export only; zeroed in the graph afterwards
+                p.copy_(torch.randn(p.shape, generator=generator) * 1e-3)
+    return peft_model, lora
+
+
+def adapter_params(peft_model) -> list[AdapterParam]:
+    params = []
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            peft_key = name.replace(".default.", ".")  # what PEFT's get_peft_model_state_dict writes
+            params.append(AdapterParam(GRAPH_PREFIX + name, peft_key, list(p.shape)))
+    return params
+
+
+def peft_config_dict(lora, base_model_name_or_path: str) -> dict:
+    """adapter_config.json contents, as PEFT itself writes them."""
+    cfg = lora.to_dict()
+    cfg["base_model_name_or_path"] = base_model_name_or_path
+    cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
+    for key, value in list(cfg.items()):  # sets and enums are not JSON
+        if isinstance(value, set):
+            cfg[key] = sorted(value)
+        elif hasattr(value, "value"):
+            cfg[key] = value.value
+    return cfg

@@ -1,0 +1,60 @@
+"""`lars-export [MODEL] --out DIR`: the options come from ExportConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import MISSING, fields
+
+from lars_artifacts import LarsError
+
+from .config import ExportConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lars-export",
+        description="Export a Hugging Face causal LM (Llama / Qwen2 family) with LoRA adapters to an ONNX Runtime "
+                    "training bundle that `lars-ort train` fine-tunes on device.")
+    helps = ExportConfig.field_help()
+    for f in fields(ExportConfig):
+        default = f.default if f.default is not MISSING else None
+        if f.name == "model":
+            parser.add_argument("model", nargs="?", default=None, help=helps[f.name])
+        elif f.type == "bool" or isinstance(default, bool):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=helps[f.name])
+        elif isinstance(default, tuple):
+            parser.add_argument(f"--{f.name.replace('_', '-')}", default=",".join(default),
+                                help=f"{helps[f.name]} (default: {','.join(default)})")
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                                help=f"{helps[f.name]} (default: {default})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    values = {f.name: getattr(args, f.name) for f in fields(ExportConfig)}
+    values["targets"] = tuple(t.strip() for t in values["targets"].split(",") if t.strip())
+    try:
+        from . import pipeline
+    except ImportError as e:
+        print(f"error: lars-export needs the export extra ({e.name} is missing); "
+              f"install it with `pip install 'lars[export]'`", file=sys.stderr)
+        return 2
+    try:
+        pipeline.run(ExportConfig(**values))
+    except LarsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no bundle was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

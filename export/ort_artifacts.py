@@ -1,0 +1,98 @@
+"""ORT training artifacts from the exported graph: training / eval / optimizer models + checkpoint.
+
+Frozen base weights stay graph initializers (not checkpoint parameters). Measured reasons, see README "Where the
+frozen weights live": the ORT checkpoint then holds only the adapters, so every run checkpoint (adapters + AdamW
+moments) is a few MB instead of the whole model; and both graphs point at one external-data file, so the bundle
+holds the weights once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from lars_artifacts import (CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, LABELS, LOGITS, OPTIMIZER_MODEL, TRAINING_MODEL,
+                            WEIGHTS, LarsError)
+
+log = logging.getLogger(__name__)
+
+
+def _loss_block():
+    from onnxruntime.training import onnxblock
+
+    class CausalLMLoss(onnxblock.Block):
+        """Mean token cross-entropy over flattened logits; labels == IGNORE_INDEX (prompt, padding) are skipped."""
+
+        def __init__(self):
+            super().__init__()
+            self.ce = onnxblock.loss.CrossEntropyLoss(reduction="mean", ignore_index=IGNORE_INDEX)
+
+        def build(self, logits_name):
+            return self.ce(logits_name, LABELS)
+
+    return CausalLMLoss()
+
+
+def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
+    """Write the four ORT artifacts to out_dir."""
+    from onnxruntime.capi import _pybind_state as C
+    from onnxruntime.training import artifacts
+
+    C.set_default_logger_severity(3)  # ORT logs every graph transformer at INFO otherwise
+    try:
+        artifacts.generate_artifacts(
+            model_proto, requires_grad=trainable, frozen_params=[], loss=_loss_block(),
+            optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir), additional_output_names=[LOGITS])
+    except Exception as e:  # ORT raises RuntimeError/Fail with a C++ message; say which node if it names one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LarsError(f"onnxruntime-training could not build the training graph: {first[:400]}; "
+                        f"please report this model and command") from None
+    for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
+        if not (out_dir / name).is_file():
+            raise LarsError(f"onnxruntime-training wrote no {name}; please report this model and command")
+
+
+def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
+    """Move the frozen initializers of both graphs into one external-data file; return its size in bytes.
+
+    The training graph's initializers are written to WEIGHTS; the eval graph's identical initializers are then
+    pointed at the same offsets, so the weights are on disk once.
+    """
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    train_path, eval_path = out_dir / TRAINING_MODEL, out_dir / EVAL_MODEL
+    train = onnx.load(str(train_path))
+    onnx.save_model(train, str(train_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=WEIGHTS, size_threshold=size_threshold)
+    stored = onnx.load(str(train_path), load_external_data=False)
+    where = {}
+    for init in stored.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            where[init.name] = (int(info["offset"]), int(info["length"]))
+    del train, stored
+
+    evalm = onnx.load(str(eval_path))
+    with open(out_dir / WEIGHTS, "rb") as weights:
+        for init in evalm.graph.initializer:
+            if init.name not in where or not init.HasField("raw_data"):
+                continue
+            offset, length = where[init.name]
+            weights.seek(offset)
+            if len(init.raw_data) != length or weights.read(length) != init.raw_data:
+                continue  # same name, other content: keep it inline
+            set_external_data(init, location=WEIGHTS, offset=offset, length=length)
+            init.ClearField("raw_data")
+    onnx.save_model(evalm, str(eval_path))
+    return (out_dir / WEIGHTS).stat().st_size
+
+
+def trainable_names(model_path: Path) -> list[str]:
+    """Names of the trainable tensors in an ORT checkpoint."""
+    from onnxruntime.capi import _pybind_state as C
+
+    state = C.load_checkpoint(str(model_path))
+    return [n for n in state.parameter_names() if state.get_parameter(n).requires_grad]

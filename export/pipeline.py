@@ -1,0 +1,167 @@
+"""`lars-export`: model -> LoRA -> ONNX -> preflight -> ORT artifacts -> bundle, one phase at a time.
+
+The bundle is written to a staging directory beside OUT and renamed into place at the end, so a failed export
+never leaves a half bundle (nor destroys an existing one unless --force).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS, MODEL_CONFIG,
+                            TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
+from lars_ort.metrics import Stopwatch, peak_rss_mb
+
+from . import adapters, architectures, load, onnx_export, ort_artifacts, preflight
+from .config import ExportConfig
+
+log = logging.getLogger(__name__)
+
+EXPORT_PACKAGES = ("lars", "torch", "transformers", "peft", "onnx", "onnxruntime-training-cpu", "tokenizers")
+
+
+class Phases:
+    """Prints each slow phase as it starts and ends, with its time and the peak RSS so far."""
+
+    def __init__(self, total: int, stream=sys.stderr) -> None:
+        self.total, self.n, self.stream = total, 0, stream
+        self.clock = Stopwatch()
+
+    def __call__(self, what: str):
+        self.n += 1
+        return _Phase(self, what)
+
+
+class _Phase:
+    def __init__(self, phases: Phases, what: str) -> None:
+        self.phases, self.what = phases, what
+
+    def __enter__(self):
+        self.clock = Stopwatch()
+        print(f"[{self.phases.n}/{self.phases.total}] {self.what} ...", file=self.phases.stream, flush=True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            print(f"      done in {self.clock.seconds():.1f} s (peak RSS {peak_rss_mb():,.0f} MB)",
+                  file=self.phases.stream, flush=True)
+        return False
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in EXPORT_PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+def _save_tokenizer(tok, out: Path) -> dict:
+    tok.backend_tokenizer.save(str(out / TOKENIZER))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": pad_id,
+              "bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    (out / TOKENIZER_CONFIG).write_text(json.dumps({**tokens, "chat_template": tok.chat_template}, indent=2) + "\n")
+    return tokens
+
+
+def run(config: ExportConfig, stream=sys.stderr) -> Path:
+    import onnx
+
+    out = Path(config.out)
+    if out.exists() and not config.force:
+        raise LarsError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    phases = Phases(total=5, stream=stream)
+    source = load.resolve(config.model)
+    model_config = load.load_config(source)
+
+    with phases(f"loading {source.gguf_file or source.name_or_path}"):
+        tok = load.load_tokenizer(source)
+        model = load.load_model(source, model_config)
+        peft_model, lora = adapters.add_lora(model, config)
+        params = adapters.adapter_params(peft_model)
+        n_base = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with phases("exporting to ONNX"), tempfile.TemporaryDirectory() as tmp:
+            onnx_path = Path(tmp) / "model.onnx"
+            onnx_export.export_onnx(peft_model, onnx_path, config.opset, model.config.vocab_size)
+            graph = onnx.load(str(onnx_path))  # ModelProto
+        del peft_model, model
+
+        with phases("checking the graph (adapter tensors, gradient ops)"):
+            names = {p.onnx_name for p in params}
+            in_graph = {i.name for i in graph.graph.initializer} & names
+            if in_graph != names:
+                raise LarsError(f"the exported graph has {len(in_graph)} of {len(names)} adapter tensors (the exporter "
+                                f"merged or renamed some, e.g. {sorted(names - in_graph)[:1]}); please report this model")
+            onnx_export.zero_lora_b(graph, {p.onnx_name for p in params if ".lora_B." in p.onnx_name})
+            checked = preflight.check_gradient_ops(graph, names, LOGITS)
+            log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
+
+        with phases("generating ORT training artifacts"):
+            ort_artifacts.generate(graph, sorted(names), staging)
+            del graph
+            weight_bytes = ort_artifacts.share_weights(staging)
+            trainable = set(ort_artifacts.trainable_names(staging / CHECKPOINT))
+            if trainable != names:
+                raise LarsError(f"the ORT checkpoint holds {len(trainable)} trainable tensors, expected {len(names)}; "
+                                f"please report this model")
+
+        with phases("writing tokenizer and manifest"):
+            tokens = _save_tokenizer(tok, staging)
+            model_config.save_pretrained(staging)  # config.json (no quantization_config: see load.load_model)
+            manifest = Manifest(
+                source_model={**source.describe(), "name": model_config.name_or_path or source.name_or_path},
+                architecture=architectures.describe(model_config),
+                adapter={"peft_type": "LORA", "r": config.lora_rank, "lora_alpha": config.lora_alpha,
+                         "scaling": config.lora_alpha / config.lora_rank, "target_modules": config.target_modules(),
+                         "init_seed": config.seed,
+                         "peft_config": adapters.peft_config_dict(lora, _base_model_name(source, model_config)),
+                         "parameters": [asdict(p) for p in params],
+                         "trainable_parameters": sum(_numel(p.shape) for p in params),
+                         "frozen_parameters": n_base, "frozen_weight_bytes": weight_bytes},
+                io={"inputs": [INPUT_IDS, ATTENTION_MASK, LABELS], "outputs": ["loss", LOGITS],
+                    "logits_layout": "[batch*sequence, vocab]", "ignore_index": IGNORE_INDEX,
+                    "opset": config.opset},
+                tokens=tokens,
+                exporter={"versions": _versions(), "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                              for k, v in asdict(config).items()}},
+            )
+            write_manifest(staging, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"bundle written to {out} in {phases.clock.seconds():.1f} s, peak RSS {peak_rss_mb():,.0f} MB",
+          file=stream, flush=True)
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _base_model_name(source: load.Source, model_config) -> str:
+    if source.kind == "hub":
+        return source.name_or_path
+    if source.gguf_file:
+        return str(Path(source.name_or_path) / source.gguf_file)
+    return source.name_or_path

@@ -1,0 +1,18 @@
+"""lars_ort: the on-device runtime. Needs onnxruntime-training, numpy and tokenizers; never torch.
+
+    from lars_ort import Trainer, TrainingArgs, train
+"""
+
+from lars_artifacts import LarsError
+
+from .config import TrainingArgs
+
+__all__ = ["LarsError", "Trainer", "TrainingArgs", "train", "evaluate_file", "export_run_adapter"]
+
+
+def __getattr__(name):  # onnxruntime loads on first use, so `import lars_ort` stays cheap
+    if name in ("Trainer", "train", "evaluate_file", "export_run_adapter"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(name)

@@ -1,0 +1,102 @@
+"""`lars-ort`: train, eval and export-adapter, on the device, without torch.
+
+    lars-ort train BUNDLE --data FILE --out RUN [--config FILE] [flags]
+    lars-ort eval BUNDLE --data FILE [--run RUN]
+    lars-ort export-adapter RUN --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+
+from lars_artifacts import LarsError
+
+from .config import TrainingArgs, load_config_file
+
+
+def _add_training_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags generated from TrainingArgs; their default is None so a config file value is not overridden."""
+    helps = TrainingArgs.help()
+    for f in fields(TrainingArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        text = f"{helps[f.name]} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lars-ort", description="Fine-tune a lars bundle on this device.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune the bundle's LoRA adapters")
+    train.add_argument("bundle", help="bundle directory written by lars-export")
+    train.add_argument("--config", help="TOML or YAML file of options; flags override it")
+    _add_training_flags(train)
+
+    ev = sub.add_parser("eval", help="loss and perplexity on a data file")
+    ev.add_argument("bundle", help="bundle directory written by lars-export")
+    ev.add_argument("--data", required=True, help="evaluation data (.txt or .jsonl)")
+    ev.add_argument("--run", help="a training run: evaluate its latest adapters instead of the initial ones")
+    ev.add_argument("--batch-size", type=int, default=4)
+    ev.add_argument("--seq-len", type=int, default=256)
+    ev.add_argument("--threads", type=int, default=0)
+
+    ex = sub.add_parser("export-adapter", help="write a run's adapters as a PEFT LoRA adapter")
+    ex.add_argument("run", help="run directory of `lars-ort train`")
+    ex.add_argument("--out", required=True, help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    ex.add_argument("--bundle", help="the run's bundle, if it moved since training")
+    return parser
+
+
+def training_args(ns: argparse.Namespace) -> TrainingArgs:
+    values = load_config_file(ns.config) if ns.config else {}
+    for f in fields(TrainingArgs):
+        given = getattr(ns, f.name)
+        if given is not None:
+            values[f.name] = given
+    try:
+        return TrainingArgs(**values)
+    except TypeError as e:
+        raise LarsError(f"bad option: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        from . import trainer
+
+        if ns.command == "train":
+            args = training_args(ns)
+            summary = trainer.train(ns.bundle, args)
+            losses = summary["losses"]
+            if losses:
+                print(f"trained steps {summary['start_step']}..{summary['step']}: loss {losses[0]:.4f} -> "
+                      f"{losses[-1]:.4f}", file=sys.stderr)
+            if "final_eval" in summary:
+                print(f"eval loss {summary['final_eval']['eval_loss']:.4f}", file=sys.stderr)
+            print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
+        elif ns.command == "eval":
+            result = trainer.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len, threads=ns.threads)
+            print(json.dumps(result))
+        elif ns.command == "export-adapter":
+            out = trainer.export_run_adapter(ns.run, ns.out, ns.bundle)
+            print(f"PEFT adapter written to {out}", file=sys.stderr)
+    except LarsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
