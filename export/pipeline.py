@@ -19,7 +19,7 @@ from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS,
                             TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 
-from . import adapters, architectures, load, onnx_export, ort_artifacts, preflight
+from . import adapters, architectures, load, onnx_export, ort_artifacts, passes, preflight
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             onnx_export.zero_lora_b(graph, {p.onnx_name for p in params if ".lora_B." in p.onnx_name})
             checked = preflight.check_gradient_ops(graph, names, LOGITS)
             log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
+            reports = passes.run_passes(graph, passes.PassContext(trainable=names), stage="forward")
 
         with phases("generating ORT training artifacts"):
             ort_artifacts.generate(graph, sorted(names), staging)
@@ -137,6 +138,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                     "logits_layout": "[batch*sequence, vocab]", "ignore_index": IGNORE_INDEX,
                     "opset": config.opset},
                 tokens=tokens,
+                passes=[r.to_dict() for r in reports],
                 exporter={"versions": _versions(), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                               for k, v in asdict(config).items()}},
             )

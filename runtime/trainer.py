@@ -111,9 +111,9 @@ class ProgressBar:
 
     def __call__(self, record: dict) -> None:
         if "loss" in record:
-            self.bar.update(record["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  peak_mb=f"{record['peak_rss_mb']:.0f}", refresh=False)
+            self.bar.update(record["step"] - self.bar.n)
         if "eval_loss" in record:
             self.bar.write(f"step {record['step']}: eval loss {record['eval_loss']:.4f}, "
                            f"perplexity {record['perplexity']:.2f}")

@@ -1,0 +1,29 @@
+"""Graph passes: each rewrite is one file with one registered pass and a sibling test.
+
+A pass runs at a stage:
+- "forward": on the exported forward graph, before ORT builds the gradient graph;
+- "training": on ORT's training_model.onnx, after generate_artifacts (the LARS rewrite lives there).
+Every pass returns a PassReport (what it changed, what it skipped and why, bytes it expects to free); the reports
+go into the bundle manifest under "passes".
+"""
+
+from __future__ import annotations
+
+from ._base import GraphPass, PassContext, PassReport
+from .pretranspose_frozen import PRETRANSPOSE_FROZEN
+
+# The ordered list of passes. Adding a pass: a file in this folder, its test, and one line here.
+PASSES: list[GraphPass] = [
+    PRETRANSPOSE_FROZEN,
+]
+
+
+def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None = None) -> list[PassReport]:
+    reports = []
+    for graph_pass in PASSES:
+        if graph_pass.stage == stage and (enabled is None or graph_pass.name in enabled):
+            reports.append(graph_pass.apply(model, context))
+    return reports
+
+
+__all__ = ["PASSES", "GraphPass", "PassContext", "PassReport", "run_passes"]
