@@ -8,8 +8,10 @@ holds the weights once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,16 +37,34 @@ def _loss_block():
     return CausalLMLoss()
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Send file descriptor 2 (where ORT's C++ logger writes) to a temporary file for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
     """Write the four ORT artifacts to out_dir."""
     from onnxruntime.capi import _pybind_state as C
     from onnxruntime.training import artifacts
 
-    C.set_default_logger_severity(3)  # ORT logs every graph transformer at INFO otherwise
+    C.set_default_logger_severity(3)
     try:
-        artifacts.generate_artifacts(
-            model_proto, requires_grad=trainable, frozen_params=[], loss=_loss_block(),
-            optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir), additional_output_names=[LOGITS])
+        # generate_artifacts optimises the graph in a session whose options we cannot set, and that session logs
+        # every graph transformer at INFO from C++; keep its stderr out of the user's terminal.
+        with _quiet_stderr():
+            artifacts.generate_artifacts(
+                model_proto, requires_grad=trainable, frozen_params=[], loss=_loss_block(),
+                optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out_dir),
+                additional_output_names=[LOGITS])
     except Exception as e:  # ORT raises RuntimeError/Fail with a C++ message; say which node if it names one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LarsError(f"onnxruntime-training could not build the training graph: {first[:400]}; "
