@@ -85,8 +85,8 @@ class Tokenizer:
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=special).ids
 
-    def decode(self, ids) -> str:
-        return self.tk.decode(list(map(int, ids)))
+    def decode(self, ids, skip_special: bool = False) -> str:
+        return self.tk.decode(list(map(int, ids)), skip_special_tokens=skip_special)
 
 
 def _check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:

@@ -1,0 +1,53 @@
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lars_export.passes import PassContext
+from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
+
+
+def _graph():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 4)).astype(np.float32)   # frozen, [out, in] like nn.Linear
+    a = rng.normal(size=(3, 4)).astype(np.float32)   # trainable adapter: its transpose must stay
+    emb = rng.normal(size=(10, 4)).astype(np.float32)  # tied: read by Gather and transposed for the head
+    nodes = [
+        helper.make_node("Transpose", ["w"], ["wT"], name="/m/Transpose", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "wT"], ["y"], name="/m/MatMul"),
+        helper.make_node("Transpose", ["a"], ["aT"], name="/m/lora/Transpose"),
+        helper.make_node("MatMul", ["x", "aT"], ["z"], name="/m/lora/MatMul"),
+        helper.make_node("Transpose", ["emb"], ["embT"], name="/head/Transpose"),
+        helper.make_node("MatMul", ["x", "embT"], ["logits"], name="/head/MatMul"),
+        helper.make_node("Gather", ["emb", "ids"], ["e"], name="/emb/Gather"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, None]) for n in ("y", "z", "logits", "e")],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(a, "a"), numpy_helper.from_array(emb, "emb")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, feeds):
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def test_folds_frozen_transposes_keeps_trainable_and_tied_weights():
+    model = _graph()
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32), "ids": np.array([1, 7])}
+    before = _run(model, feeds)
+    report = PRETRANSPOSE_FROZEN.apply(model, PassContext(trainable={"a"}))
+    after = _run(model, feeds)
+
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    assert report.changed == 2 and report.skipped == ["/m/lora/Transpose: a is trainable"]
+    transposes = [n.name for n in model.graph.node if n.op_type == "Transpose"]
+    assert transposes == ["/m/lora/Transpose"]
+    names = {i.name for i in model.graph.initializer}
+    assert names == {"a", "emb", "wT", "embT"}  # w dropped (nothing reads it); emb kept for the Gather
+    assert report.details["dropped_initializers"] == 1
+    onnx.checker.check_model(model)

@@ -1,0 +1,72 @@
+"""The runtime in an environment with the base install only: no torch, transformers or optimum installed.
+
+The environment is built once (from this repo, `pip install -e .` without extras) into .venv-runtime/ and reused;
+`make test` builds it before pytest runs.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import EVAL_TEXT, TRAIN_TEXT
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv-runtime"
+FORBIDDEN = ("torch", "transformers", "optimum", "peft")
+
+
+def _stamp() -> str:
+    return hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def runtime_python():
+    python = VENV / "bin" / "python"
+    stamp = VENV / ".lars-stamp"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == _stamp()):
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+        stamp.write_text(_stamp())
+    return python
+
+
+def test_base_install_has_no_torch(runtime_python):
+    probe = "import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None for m in %r}))"
+    out = subprocess.run([str(runtime_python), "-c", probe % (FORBIDDEN,)], capture_output=True, text=True,
+                         check=True).stdout
+    assert json.loads(out) == {m: False for m in FORBIDDEN}
+
+
+def test_lars_ort_trains_evaluates_and_exports_without_torch(runtime_python, tiny_bundles, tmp_path):
+    bindir = runtime_python.parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    run = tmp_path / "run"
+    train = subprocess.run([str(bindir / "lars-ort"), "train", str(tiny_bundles["qwen2"]), "--data", str(TRAIN_TEXT),
+                            "--eval-data", str(EVAL_TEXT), "--out", str(run), "--steps", "4", "--batch-size", "2",
+                            "--seq-len", "32", "--lr", "3e-3", "--no-progress"],
+                           capture_output=True, text=True, env=env)
+    assert train.returncode == 0, train.stderr
+    assert "loss" in train.stderr and (run / "latest").is_file()
+    export = subprocess.run([str(bindir / "lars-ort"), "export-adapter", str(run), "--out", str(tmp_path / "ad")],
+                            capture_output=True, text=True, env=env)
+    assert export.returncode == 0, export.stderr
+    assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size > 0
+
+    # The library path an app embeds: a step on text, with torch and friends never imported.
+    script = f"""
+import sys, json
+from lars_ort import Trainer
+t = Trainer({str(tiny_bundles["qwen2"])!r}, eval=False)
+loss = t.step_text(["To be, or not to be, that is the question"], lr=1e-3)
+print(json.dumps({{"loss": loss, "imported": sorted(m for m in {FORBIDDEN!r} if m in sys.modules)}}))
+"""
+    out = subprocess.run([str(runtime_python), "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] == [] and result["loss"] > 0
