@@ -58,10 +58,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def create_run(run: Path, bundle: Bundle, args: dict) -> None:
-    """Start a new run directory; refuse one that already holds a run (use --resume to continue it)."""
+def ensure_new_run(run: Path) -> None:
+    """Refuse a directory that already holds a run: its checkpoints are never overwritten (--resume continues it)."""
     if (run / RUN_FILE).exists():
         raise LarsError(f"{run} already holds a run; pass --resume to continue it or choose another --out")
+
+
+def create_run(run: Path, bundle: Bundle, args: dict) -> None:
+    """Start a new run directory."""
+    ensure_new_run(run)
     run.mkdir(parents=True, exist_ok=True)
     info = {"bundle": str(bundle.path.resolve()), "bundle_id": bundle.manifest.bundle_id, "args": args,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -7,7 +7,6 @@ metrics file are callbacks too, so an embedding app gets the same numbers).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Sequence as Seq
 
 import numpy as np
 
-from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle
+from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle, sha256_file
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
@@ -123,8 +122,7 @@ class ProgressBar:
 
 
 def _file_id(path: str) -> dict:
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"path": str(Path(path).resolve()), "sha256": digest}
+    return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
 def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Callback] = ()) -> dict:
@@ -154,9 +152,10 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
         position = saved.state["position"]
         trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint, eval=eval_seqs is not None, threads=args.threads)
     else:
-        ckpt.create_run(run, bundle, args.to_dict())
+        ckpt.ensure_new_run(run)  # checked before the (slow) session load
         start, position = 0, {"epoch": 0, "index": 0}
         trainer = Trainer(bundle, eval=eval_seqs is not None, threads=args.threads)
+        ckpt.create_run(run, bundle, args.to_dict())  # only once the bundle loaded: a failed start leaves no run
     stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
 
     metrics = MetricsWriter(run / ckpt.METRICS_FILE)
