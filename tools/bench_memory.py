@@ -1,0 +1,290 @@
+"""Peak memory and step time vs sequence length, each mode in a fresh process, side by side with PyTorch + PEFT.
+
+    python tools/bench_memory.py --seq-lens 256,512,1024,2048 --json bench.json --plot bench.png
+
+Modes (same model, batch, length, LoRA rank/targets and thread count):
+  peft      PyTorch + PEFT LoRA, SDPA attention, AdamW (what a user would otherwise run)
+  ort-lora  our bundle with exact LoRA (no LARS rewrite)
+  floor     PyTorch no-grad forward of the same model and length: the physical floor
+Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
+the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MODES = ("peft", "ort-lora", "floor")
+
+
+# ----------------------------------------------------------------------------------------------------------- workers
+def _peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tokens(vocab: int, batch: int, seq: int, step: int):
+    import numpy as np
+
+    return np.random.default_rng(step).integers(0, vocab, size=(batch, seq)).astype(np.int64)
+
+
+def _torch_model(model_dir: str, attn: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+
+
+def worker_peft(a) -> list[float]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(a.threads)
+    model = get_peft_model(_torch_model(a.model_dir, "sdpa"), LoraConfig(
+        r=a.rank, lora_alpha=2 * a.rank, target_modules=a.targets.split(","), lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for step in range(a.steps + 1):
+        ids = torch.from_numpy(_tokens(model.config.vocab_size, a.batch_size, a.seq_len, step))
+        t = time.perf_counter()
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def worker_floor(a) -> list[float]:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model = _torch_model(a.model_dir, "sdpa").eval()
+    times = []
+    with torch.no_grad():
+        for step in range(a.steps + 1):
+            ids = torch.from_numpy(_tokens(model.config.vocab_size, a.batch_size, a.seq_len, step))
+            t = time.perf_counter()
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+def worker_ort(a) -> list[float]:
+    from lars_ort import Trainer
+
+    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False)
+    vocab = trainer.bundle.manifest.vocab_size
+    times = []
+    for step in range(a.steps + 1):
+        batch = trainer.batch(_tokens(vocab, a.batch_size, a.seq_len, step))
+        t = time.perf_counter()
+        trainer.step(batch, lr=1e-4)
+        times.append(time.perf_counter() - t)
+    return times[1:]
+
+
+WORKERS = {"peft": worker_peft, "floor": worker_floor, "ort-lora": worker_ort}
+
+
+def run_worker(a) -> None:
+    times = WORKERS[a.worker](a)
+    print("RESULT " + json.dumps({"step_s": statistics.median(times), "peak_rss_mb": _peak_mb()}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- preparation
+def prepare_model(model: str | None, cache: Path) -> Path:
+    """A float32 HF folder of the model, so every mode loads the same weights the same way (not from GGUF)."""
+    from lars_export import load
+
+    source = load.resolve(model)
+    if source.kind in ("folder",):
+        return Path(source.name_or_path)
+    folder = cache / "model"
+    if (folder / "config.json").is_file():
+        return folder
+    m = load.load_model(source, load.load_config(source))
+    tok = load.load_tokenizer(source)
+    m.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str) -> Path:
+    from lars_export import ExportConfig, export
+
+    out = cache / f"bundle-r{rank}-{targets.replace(',', '-')}"
+    if not (out / "manifest.json").is_file():
+        export(ExportConfig(model=str(model_dir), out=str(out), lora_rank=rank, lora_alpha=2 * rank,
+                            targets=tuple(targets.split(",")), force=True))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ driver
+def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dict:
+    import psutil
+
+    # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
+    # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
+    python = a.runtime_python if mode.startswith("ort") else sys.executable
+    cmd = [python, __file__, "--worker", mode, "--seq-len", str(seq), "--batch-size", str(a.batch_size),
+           "--steps", str(a.steps), "--threads", str(a.threads), "--rank", str(a.rank), "--targets", a.targets,
+           "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
+    row = {"mode": mode, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
+           "tokens_per_s": None, "status": "ok"}
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        child, start, high = psutil.Process(proc.pid), time.time(), 0.0
+        while proc.poll() is None:
+            try:
+                high = max(high, child.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+            if high > a.mem_limit_mb:
+                proc.kill()
+                row["status"] = "oom"
+            elif time.time() - start > a.timeout:
+                proc.kill()
+                row["status"] = "timeout"
+            time.sleep(0.05)
+        out.seek(0)
+        text = out.read()
+    result = next((json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None)
+    if row["status"] == "ok" and result is None:
+        row["status"] = "oom" if proc.returncode in (-9, 137) else "error"
+        row["error"] = text.strip().splitlines()[-1][:300] if text.strip() else f"exit {proc.returncode}"
+    if result:
+        row.update(result)
+        row["tokens_per_s"] = a.batch_size * seq / result["step_s"]
+    elif row["status"] == "oom":
+        row["peak_rss_mb"] = high
+    return row
+
+
+def slope(rows: list[dict], mode: str) -> float | None:
+    import numpy as np
+
+    pts = [(r["seq_len"], r["peak_rss_mb"]) for r in rows if r["mode"] == mode and r["status"] == "ok"]
+    if len(pts) < 2:
+        return None
+    x, y = np.array(pts, dtype=float).T
+    return float(np.polyfit(x / 1000.0, y, 1)[0])
+
+
+def table(rows: list[dict], modes: list[str]) -> str:
+    by = {(r["mode"], r["seq_len"]): r for r in rows}
+    lines = ["| mode | seq | peak RSS MB | step s | tokens/s | × peft mem | × floor mem | × peft time | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        peft, floor = by.get(("peft", r["seq_len"])), by.get(("floor", r["seq_len"]))
+
+        def ratio(ref, key):
+            ok = ref and ref["status"] == "ok" and r["status"] == "ok"
+            return r[key] / ref[key] if ok else None
+
+        lines.append(f"| {r['mode']} | {r['seq_len']} | {fmt(r['peak_rss_mb'], ',.0f')} | {fmt(r['step_s'], '.2f')} | "
+                     f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(ratio(peft, 'peak_rss_mb'), '.2f')} | "
+                     f"{fmt(ratio(floor, 'peak_rss_mb'), '.2f')} | {fmt(ratio(peft, 'step_s'), '.2f')} | "
+                     f"{r['status']} |")
+    lines += ["", "| mode | memory slope (MB per 1K tokens, linear fit) |", "|---|---|"]
+    for mode in modes:
+        s = slope(rows, mode)
+        lines.append(f"| {mode} | {'—' if s is None else f'{s:,.0f}'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], modes: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode in modes:
+        pts = sorted((r["seq_len"], r["peak_rss_mb"], r["step_s"]) for r in rows
+                     if r["mode"] == mode and r["status"] == "ok")
+        if pts:
+            x, mem, sec = zip(*pts)
+            ax1.plot(x, [m / 1024 for m in mem], marker="o", label=mode)
+            ax2.plot(x, sec, marker="o", label=mode)
+        for r in rows:
+            if r["mode"] == mode and r["status"] == "oom":
+                ax1.scatter([r["seq_len"]], [r["peak_rss_mb"] / 1024], marker="x", color="red")
+    ax1.set(xlabel="sequence length (tokens)", ylabel="peak RSS (GiB)", title="peak memory")
+    ax2.set(xlabel="sequence length (tokens)", ylabel="seconds per step", title="step time")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model to benchmark (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--seq-lens", default="256,512,1024,2048")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up step")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", default="q,k,v,o,gate,up,down")
+    p.add_argument("--mem-limit-mb", type=float, default=20000)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per point")
+    p.add_argument("--cache", default=str(REPO / "out" / "bench"), help="prepared model folder and bundles")
+    default_rt = REPO / ".venv-runtime" / "bin" / "python"
+    p.add_argument("--runtime-python", default=str(default_rt) if default_rt.exists() else sys.executable,
+                   help="python of the torch-free runtime environment for the ORT modes (default: .venv-runtime)")
+    p.add_argument("--json", help="write the rows here")
+    p.add_argument("--plot", help="write a PNG here")
+    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--bundle", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        run_worker(a)
+        return 0
+
+    modes = [m for m in a.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    print("preparing the model folder and the bundle ...", file=sys.stderr, flush=True)
+    model_dir = prepare_model(a.model, cache)
+    bundle = prepare_bundle(model_dir, cache, a.rank, a.targets) if any(m.startswith("ort") for m in modes) else None
+    rows = []
+    for seq in [int(s) for s in a.seq_lens.split(",")]:
+        for mode in modes:
+            row = measure(mode, seq, a, model_dir, bundle if mode.startswith("ort") else None)
+            rows.append(row)
+            print(f"{mode:>9} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
+                  f"step {row['step_s'] or 0:6.2f} s", file=sys.stderr, flush=True)
+    title = f"{Path(model_dir).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"
+    print(f"\n{title}\n\n{table(rows, modes)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if a.plot:
+        plot(rows, modes, a.plot, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
