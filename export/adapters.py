@@ -8,6 +8,7 @@ training artifacts (see onnx_export.zero_lora_b); `count_trainables` checks that
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from lars_artifacts import LarsError
@@ -34,7 +35,9 @@ def add_lora(model, config: ExportConfig):
                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)
     try:
-        peft_model = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # PEFT calls a deprecated transformers API; not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora)
     except ValueError as e:
         raise LarsError(f"cannot adapt --targets {','.join(config.targets)}: {str(e).splitlines()[0]}; "
                         f"choose among q,k,v,o,gate,up,down") from None

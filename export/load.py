@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,10 @@ def load_model(source: Source, config):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.name_or_path, dtype=torch.float32, attn_implementation="eager", **_kwargs(source))
+        with warnings.catch_warnings():  # transformers' own deprecation notices are not the user's business
+            warnings.simplefilter("ignore", FutureWarning)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.name_or_path, dtype=torch.float32, attn_implementation="eager", **_kwargs(source))
     except OSError as e:
         raise LarsError(f"cannot load the weights of {source.name_or_path} ({str(e).splitlines()[0]}); "
                         f"pass a local folder or .gguf file") from None
