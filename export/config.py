@@ -25,7 +25,15 @@ class ExportConfig:
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
         "help": "comma-separated modules to adapt: q,k,v,o,gate,up,down (or full names such as q_proj)"})
-    seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation"})
+    lars_basis: str = field(default="pca", metadata={
+        "help": "LARS projection of the saved adapter inputs: pca (principal subspace from calibration text), "
+                "random (seeded Gaussian, unbiased) or none (exact LoRA)", "choices": ("pca", "random", "none")})
+    lars_rank: int = field(default=32, metadata={"help": "LARS rank k: width of the kept projection of each adapter "
+                                                          "input (k >= the input width means exact)"})
+    calibration_data: str | None = field(default=None, metadata={
+        "help": "UTF-8 text for the pca basis (default: a built-in mix of prose, dialogue and code)"})
+    calibration_tokens: int = field(default=8192, metadata={"help": "tokens of calibration text to use"})
+    seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})
 

@@ -74,6 +74,18 @@ def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
             raise LarsError(f"onnxruntime-training wrote no {name}; please report this model and command")
 
 
+def rewrite_training_model(out_dir: Path, rewrite) -> list:
+    """Load training_model.onnx, let `rewrite` change it in place (it returns pass reports), save it back."""
+    import onnx
+
+    path = out_dir / TRAINING_MODEL
+    model = onnx.load(str(path))
+    reports = rewrite(model)
+    if any(r.changed for r in reports):
+        onnx.save_model(model, str(path))
+    return reports
+
+
 def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
     """Move the frozen initializers of both graphs into one external-data file; return its size in bytes.
 

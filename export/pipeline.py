@@ -19,7 +19,7 @@ from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS,
                             TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 
-from . import adapters, architectures, load, onnx_export, ort_artifacts, passes, preflight
+from . import adapters, architectures, basis, load, onnx_export, ort_artifacts, passes, preflight
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
     out = Path(config.out)
     if out.exists() and not config.force:
         raise LarsError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    phases = Phases(total=5, stream=stream)
+    phases = Phases(total=6, stream=stream)
     source = load.resolve(config.model)
     model_config = load.load_config(source)
 
@@ -91,6 +91,11 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
         peft_model, lora = adapters.add_lora(model, config)
         params = adapters.adapter_params(peft_model)
         n_base = sum(p.numel() for n, p in peft_model.named_parameters() if not p.requires_grad)
+
+    with phases(f"LARS basis: {config.lars_basis}" + (f", rank {config.lars_rank}" if config.lars_basis != "none"
+                                                       else " (exact LoRA)")):
+        bases = basis.build_bases(config.lars_basis, config.lars_rank, peft_model, tok, config.calibration_data,
+                                  config.calibration_tokens, config.seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -110,11 +115,14 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             onnx_export.zero_lora_b(graph, {p.onnx_name for p in params if ".lora_B." in p.onnx_name})
             checked = preflight.check_gradient_ops(graph, names, LOGITS)
             log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
-            reports = passes.run_passes(graph, passes.PassContext(trainable=names), stage="forward")
+            context = passes.PassContext(trainable=names, lars_bases=bases)
+            reports = passes.run_passes(graph, context, stage="forward")
 
         with phases("generating ORT training artifacts"):
             ort_artifacts.generate(graph, sorted(names), staging)
             del graph
+            reports += ort_artifacts.rewrite_training_model(
+                staging, lambda model: passes.run_passes(model, context, stage="training"))
             weight_bytes = ort_artifacts.share_weights(staging)
             trainable = set(ort_artifacts.trainable_names(staging / CHECKPOINT))
             if trainable != names:
@@ -130,6 +138,10 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                 adapter={"peft_type": "LORA", "r": config.lora_rank, "lora_alpha": config.lora_alpha,
                          "scaling": config.lora_alpha / config.lora_rank, "target_modules": config.target_modules(),
                          "init_seed": config.seed,
+                         "lars": {"basis": config.lars_basis,
+                                  "rank": config.lars_rank if config.lars_basis != "none" else None,
+                                  "calibration": (str(config.calibration_data or basis.DEFAULT_CALIBRATION)
+                                                  if config.lars_basis == "pca" else None)},
                          "peft_config": adapters.peft_config_dict(lora, _base_model_name(source, model_config)),
                          "parameters": [asdict(p) for p in params],
                          "trainable_parameters": sum(_numel(p.shape) for p in params),

@@ -12,7 +12,18 @@ from typing import Any
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (the OS's own high-water mark)."""
+    """Peak resident set size of this process so far, in MiB (the OS's own high-water mark).
+
+    On Linux this is VmHWM of this process's address space: getrusage's ru_maxrss survives exec, so a process
+    started by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 

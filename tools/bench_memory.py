@@ -28,9 +28,9 @@ MODES = ("peft", "ort-lora", "floor")
 
 # ----------------------------------------------------------------------------------------------------------- workers
 def _peak_mb() -> float:
-    import resource
+    from lars_ort.metrics import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def _tokens(vocab: int, batch: int, seq: int, step: int):
@@ -50,9 +50,11 @@ def worker_peft(a) -> list[float]:
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from lars_export.config import TARGET_ALIASES
+
     torch.set_num_threads(a.threads)
     model = get_peft_model(_torch_model(a.model_dir, "sdpa"), LoraConfig(
-        r=a.rank, lora_alpha=2 * a.rank, target_modules=a.targets.split(","), lora_dropout=0.0, task_type="CAUSAL_LM"))
+        r=a.rank, lora_alpha=2 * a.rank, target_modules=[TARGET_ALIASES.get(t, t) for t in a.targets.split(",")], lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times = []
@@ -115,9 +117,15 @@ def prepare_model(model: str | None, cache: Path) -> Path:
     folder = cache / "model"
     if (folder / "config.json").is_file():
         return folder
+    import torch
+    from transformers import AutoModelForCausalLM
+
     m = load.load_model(source, load.load_config(source))
     tok = load.load_tokenizer(source)
-    m.save_pretrained(folder)
+    # A GGUF-loaded model refuses save_pretrained: rebuild it from its (dequantized) config and copy the weights.
+    fresh = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
+    fresh.load_state_dict(m.state_dict())
+    fresh.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
             row = measure(mode, seq, a, model_dir, bundle if mode.startswith("ort") else None)
             rows.append(row)
             print(f"{mode:>9} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
-                  f"step {row['step_s'] or 0:6.2f} s", file=sys.stderr, flush=True)
+                  f"step {row['step_s'] or 0:6.2f} s {row.get('error', '')}", file=sys.stderr, flush=True)
     title = f"{Path(model_dir).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"
     print(f"\n{title}\n\n{table(rows, modes)}")
     if a.json:

@@ -10,11 +10,13 @@ go into the bundle manifest under "passes".
 from __future__ import annotations
 
 from ._base import GraphPass, PassContext, PassReport
+from .lars_projection import LARS_PROJECTION
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
 
 # The ordered list of passes. Adding a pass: a file in this folder, its test, and one line here.
 PASSES: list[GraphPass] = [
     PRETRANSPOSE_FROZEN,
+    LARS_PROJECTION,
 ]
 
 

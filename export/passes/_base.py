@@ -9,6 +9,8 @@ from typing import Callable
 @dataclass
 class PassContext:
     trainable: set[str]  # initializer names ORT will train (the adapters); passes must keep them as they are
+    # LARS: lora_A parameter name -> projection basis P [d, k] (float32); empty for exact LoRA.
+    lars_bases: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -19,17 +19,17 @@ log = logging.getLogger(__name__)
 
 
 def find(model, context: PassContext):
-    """Transpose nodes whose only input is a frozen initializer."""
+    """Transpose nodes whose only input is a frozen initializer (the adapters' transposes stay: ORT differentiates
+    through them)."""
     inits = initializer_map(model)
     for node in model.graph.node:
-        if node.op_type == "Transpose" and node.input and node.input[0] in inits:
+        if node.op_type == "Transpose" and node.input and node.input[0] in inits \
+                and node.input[0] not in context.trainable:
             yield node, inits[node.input[0]]
 
 
 def check(node, weight, context: PassContext) -> str | None:
     """None if the rewrite may apply, else why not."""
-    if weight.name in context.trainable:
-        return f"{weight.name} is trainable"
     if weight.data_type != 1:  # float32 only; other types are rare here and not worth the risk
         return f"{weight.name} is not float32"
     return None
