@@ -19,8 +19,10 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tiny_models, tmp_path_factory):
+    """Exact LoRA bundles (--lars-basis none) of the tiny models."""
     from lars_export import ExportConfig, export
 
     root = tmp_path_factory.mktemp("bundles")
-    return {arch: export(ExportConfig(model=str(path), out=str(root / arch), lora_rank=4, lora_alpha=8))
+    return {arch: export(ExportConfig(model=str(path), out=str(root / arch), lora_rank=4, lora_alpha=8,
+                                      lars_basis="none"))
             for arch, path in tiny_models.items()}

@@ -45,9 +45,9 @@ def _reference(model_dir, bundle, adapters, batch):
     return float(loss), grads
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles):
-    bundle = load_bundle(tiny_bundles[arch])
+def compare_with_peft(model_dir, bundle_dir):
+    """First-step loss and every LoRA gradient of the bundle against PyTorch + PEFT (B randomised in both)."""
+    bundle = load_bundle(bundle_dir)
     trainer = Trainer(bundle, eval=False)
     # B = 0 (PEFT's init) makes every dA zero; give B random values so that dA is tested too.
     rng = np.random.default_rng(1)
@@ -60,13 +60,18 @@ def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles
 
     ours = trainer.engine.forward_backward(batch)
     grads = trainer.engine.gradients()
-    ref_loss, ref_grads = _reference(tiny_models[arch], bundle, adapters, batch)
+    ref_loss, ref_grads = _reference(model_dir, bundle, adapters, batch)
 
     assert ours == pytest.approx(ref_loss, rel=1e-5)
     assert len(grads) == len(ref_grads) == 2 * 7 * 2  # layers x targets x (A, B)
     for name, ref in ref_grads.items():
         assert np.abs(ref).max() > 0, name
         np.testing.assert_allclose(grads[name], ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles):
+    compare_with_peft(tiny_models[arch], tiny_bundles[arch])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -108,5 +113,6 @@ def test_manifest_records_what_the_runtime_needs(tiny_bundles):
     assert m.exporter["versions"]["onnx"] == "1.17.0"
     on_disk = json.loads((bundle.path / "manifest.json").read_text())
     assert set(on_disk["files"]) >= {"training_model.onnx", "eval_model.onnx", "checkpoint", "weights.onnx_data"}
-    assert [p["name"] for p in m.passes] == ["pretranspose_frozen"]
+    assert [p["name"] for p in m.passes] == ["pretranspose_frozen", "lars_projection"]
+    assert m.adapter["lars"] == {"basis": "none", "rank": None, "calibration": None}
     assert m.passes[0]["changed"] == 2 * 7 + 1  # every frozen linear weight + the untied lm_head

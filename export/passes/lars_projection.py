@@ -73,6 +73,9 @@ def apply(model, context: PassContext) -> PassReport:
     from onnx import helper, numpy_helper
 
     report = PassReport("lars_projection")
+    if not context.lars_bases:
+        report.skipped.append("no bases: exact LoRA (--lars-basis none)")
+        return report
     projected: dict[str, tuple[str, str, int]] = {}  # x -> (x̃ name, P name, k)
     freed_widths: dict[str, int] = {}
     for name, x, grad, gemm, reshape in list(find(model, context)):

@@ -100,5 +100,8 @@ def test_rewritten_gradient_is_the_projected_formula(tmp_path, k):
 def test_skips_an_adapter_without_basis_and_says_why(tmp_path):
     _artifacts(tmp_path, np.random.default_rng(0))
     training = onnx.load(str(tmp_path / "training_model.onnx"))
-    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    other = {"k_proj.lora_A.default.weight": np.eye(D, dtype=np.float32)}
+    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}, lars_bases=other))
     assert report.changed == 0 and report.skipped == [f"{A_NAME}: no basis for this adapter"]
+    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    assert report.changed == 0 and report.skipped == ["no bases: exact LoRA (--lars-basis none)"]

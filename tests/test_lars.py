@@ -1,0 +1,107 @@
+"""LARS on whole models: k = d is exact LoRA, and after the pass no adapter input has a backward consumer."""
+
+import numpy as np
+import onnx
+import pytest
+
+from lars_artifacts import load_bundle
+from lars_ort import Trainer
+from test_numerics import compare_with_peft
+
+
+def _export(model_dir, out, **kw):
+    from lars_export import ExportConfig, export
+
+    return export(ExportConfig(model=str(model_dir), out=str(out), lora_rank=4, lora_alpha=8, **kw))
+
+
+@pytest.fixture(scope="module")
+def lars_bundles(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lars")
+    return {
+        # k >= every adapter input width (64, and 128 for down_proj): P is square and orthogonal, so exact
+        "full": _export(tiny_models["llama"], root / "full", lars_basis="pca", lars_rank=128),
+        "pca8": _export(tiny_models["llama"], root / "pca8", lars_basis="pca", lars_rank=8),
+        "random8": _export(tiny_models["qwen2"], root / "random8", lars_basis="random", lars_rank=8),
+    }
+
+
+def adapter_inputs(model) -> set[str]:
+    by_input = {}
+    for n in model.graph.node:
+        for i in n.input:
+            by_input.setdefault(i, []).append(n)
+    inputs = set()
+    for init in model.graph.input:
+        if ".lora_A." in init.name:
+            for t in by_input.get(init.name, []):
+                inputs.update(m.input[0] for m in by_input.get(t.output[0], []) if m.op_type == "MatMul")
+    return inputs
+
+
+def backward_nodes(model) -> list:
+    """Every node the forward outputs (loss, logits) do not need: the backward pass and what only it reads."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stack, forward = [model.graph.output[0].name, "logits"], set()
+    while stack:  # ORT's training graph is not stored in topological order: walk the producers
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in forward:
+            forward.add(id(node))
+            stack.extend(node.input)
+    return [n for n in model.graph.node if id(n) not in forward]
+
+
+def test_full_rank_lars_reproduces_exact_lora_gradients(tiny_models, lars_bundles):
+    compare_with_peft(tiny_models["llama"], lars_bundles["full"])
+
+
+@pytest.mark.parametrize("which", ["pca8", "random8"])
+def test_no_adapter_input_has_a_backward_consumer(lars_bundles, tiny_bundles, which):
+    lars = onnx.load(str(lars_bundles[which] / "training_model.onnx"), load_external_data=False)
+    inputs = adapter_inputs(lars)
+    assert len(inputs) == 2 * 4  # per layer: attention input, attention output, MLP input, MLP hidden
+    # The only non-forward reader of each x is the projection x·P, which needs x no longer than the forward does.
+    readers = {n.name for n in backward_nodes(lars) if inputs & set(n.input)}
+    assert readers and all(name.endswith("/Project") for name in readers), sorted(readers)
+    assert len(readers) == len(inputs)
+    # The check can fail: in the exact bundle every adapter input feeds its LoRA-A gradient.
+    exact = onnx.load(str(tiny_bundles["llama"] / "training_model.onnx"), load_external_data=False)
+    exact_inputs = adapter_inputs(exact)
+    assert exact_inputs and exact_inputs <= {i for n in backward_nodes(exact) for i in n.input}
+
+
+def test_low_rank_bundles_train_and_record_their_basis(lars_bundles):
+    for which, basis in (("pca8", "pca"), ("random8", "random")):
+        bundle = load_bundle(lars_bundles[which])
+        assert bundle.manifest.adapter["lars"]["basis"] == basis and bundle.manifest.adapter["lars"]["rank"] == 8
+        report = next(p for p in bundle.manifest.passes if p["name"] == "lars_projection")
+        assert report["changed"] == 2 * 7 and report["details"]["distinct_inputs"] == 8
+        trainer = Trainer(bundle)
+        batch = trainer.text_batch(["Who's there? Nay, answer me: stand, and unfold yourself."] * 2)
+        before = trainer.evaluate([batch])["eval_loss"]
+        for _ in range(6):
+            trainer.step(batch, lr=3e-3)
+        assert trainer.evaluate([batch])["eval_loss"] < before
+
+
+def test_pca_basis_is_orthonormal_and_ranked_by_variance(tiny_models):
+    """The exporter's pca basis: orthonormal columns, leading directions carry the most calibration energy."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lars_export import basis
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
+    moments = basis.second_moments(peft_model, basis.calibration_batches(tok, None, 1024))
+    assert len(bases) == 4
+    for name, p in bases.items():
+        np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
+        energy = np.einsum("dk,de,ek->k", p, moments[name], p)
+        assert (np.diff(energy) <= 1e-6 * energy[0]).all()  # descending
+        random = basis.random_basis(p.shape[0], 8, 0)
+        q = np.linalg.qr(random)[0]
+        assert energy.sum() > np.einsum("dk,de,ek->k", q, moments[name], q).sum()
