@@ -38,6 +38,8 @@ class TrainingArgs:
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     seed: int = _opt(0, "seed for the data order")
     threads: int = _opt(0, "ORT intra-op threads (0: ORT's default)")
+    memory_arena: bool = _opt(False, "ORT's CPU arena and memory patterns: a little faster, ~1.4 GB more at 1024 "
+                                     "tokens on SmolLM2 (README, Runtime memory settings)")
     resume: bool = _opt(False, "continue the run in --out from its latest checkpoint")
     progress: bool = _opt(True, "show a progress bar")
 

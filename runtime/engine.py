@@ -27,7 +27,7 @@ class Engine:
     """Module + Optimizer over one bundle. `eval=False` skips loading the eval graph (and its weight copy)."""
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
-                 threads: int = 0) -> None:
+                 threads: int = 0, memory_arena: bool = False, priority_order: bool = True) -> None:
         C = _capi()
         self.C, self.bundle = C, bundle
         manifest = bundle.manifest
@@ -41,6 +41,14 @@ class Engine:
         options = C.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # The CPU arena and memory patterns round and keep allocations for reuse: faster, but they hold memory a
+        # device cannot spare (measured: README "Runtime memory settings").
+        options.enable_cpu_mem_arena = memory_arena
+        options.enable_mem_pattern = memory_arena
+        if priority_order:
+            # ORT's priority-based order runs Shape/Size nodes as early as possible and forward nodes before
+            # backward ones, so tensors the backward only measures (or that LARS projects) die with the forward.
+            options.execution_order = C.ExecutionOrder.PRIORITY_BASED
         device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
         try:
             self.module = C.Module(bundle.file(TRAINING_MODEL), self.state,

@@ -15,7 +15,8 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "m.json").read_text())
-    assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in ("peft", "ort-lora", "floor") for s in (16, 32)}
+    modes = ("peft", "ort-lora", "lars", "lars-random", "floor")
+    assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in modes for s in (16, 32)}
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 0
@@ -29,7 +30,7 @@ def test_bench_quality_on_a_tiny_model(tiny_models, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "q.json").read_text())
-    for mode in ("peft", "ort-lora"):
+    for mode in ("peft", "ort-lora", "lars", "lars-random"):
         evals = [r["eval_loss"] for r in rows if r["mode"] == mode and r["eval_loss"] is not None]
         assert len(evals) == 3  # steps 0, 2, 4
     # Same start, same data, same optimizer: exact LoRA in ORT tracks PEFT closely.

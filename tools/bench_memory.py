@@ -4,7 +4,9 @@
 
 Modes (same model, batch, length, LoRA rank/targets and thread count):
   peft      PyTorch + PEFT LoRA, SDPA attention, AdamW (what a user would otherwise run)
-  ort-lora  our bundle with exact LoRA (no LARS rewrite)
+  ort-lora  our bundle with exact LoRA (--lars-basis none)
+  lars      our default bundle (LARS, pca basis)
+  lars-random  LARS with a random basis
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
 the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
@@ -23,7 +25,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("peft", "ort-lora", "floor")
+# Bundle modes: the export settings of each (everything else equal).
+BUNDLE_MODES = {
+    "ort-lora": {"lars_basis": "none"},
+    "lars": {},  # the exporter's defaults
+    "lars-random": {"lars_basis": "random"},
+}
+MODES = ("peft", *BUNDLE_MODES, "floor")
 
 
 # ----------------------------------------------------------------------------------------------------------- workers
@@ -98,7 +106,7 @@ def worker_ort(a) -> list[float]:
     return times[1:]
 
 
-WORKERS = {"peft": worker_peft, "floor": worker_floor, "ort-lora": worker_ort}
+WORKERS = {"peft": worker_peft, "floor": worker_floor, **{mode: worker_ort for mode in BUNDLE_MODES}}
 
 
 def run_worker(a) -> None:
@@ -130,13 +138,14 @@ def prepare_model(model: str | None, cache: Path) -> Path:
     return folder
 
 
-def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str) -> Path:
+def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: str = "ort-lora") -> Path:
+    """The bundle of a mode, exported once into the cache (a changed exporter means: clear the cache)."""
     from lars_export import ExportConfig, export
 
-    out = cache / f"bundle-r{rank}-{targets.replace(',', '-')}"
+    out = cache / f"bundle-{mode}-r{rank}-{targets.replace(',', '-')}"
     if not (out / "manifest.json").is_file():
         export(ExportConfig(model=str(model_dir), out=str(out), lora_rank=rank, lora_alpha=2 * rank,
-                            targets=tuple(targets.split(",")), force=True))
+                            targets=tuple(targets.split(",")), force=True, **BUNDLE_MODES[mode]))
     return out
 
 
@@ -146,7 +155,7 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
 
     # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
-    python = a.runtime_python if mode.startswith("ort") else sys.executable
+    python = a.runtime_python if mode in BUNDLE_MODES else sys.executable
     cmd = [python, __file__, "--worker", mode, "--seq-len", str(seq), "--batch-size", str(a.batch_size),
            "--steps", str(a.steps), "--threads", str(a.threads), "--rank", str(a.rank), "--targets", a.targets,
            "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
@@ -277,15 +286,16 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     print("preparing the model folder and the bundle ...", file=sys.stderr, flush=True)
     model_dir = prepare_model(a.model, cache)
-    bundle = prepare_bundle(model_dir, cache, a.rank, a.targets) if any(m.startswith("ort") for m in modes) else None
+    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, m) for m in modes if m in BUNDLE_MODES}
     rows = []
     for seq in [int(s) for s in a.seq_lens.split(",")]:
         for mode in modes:
-            row = measure(mode, seq, a, model_dir, bundle if mode.startswith("ort") else None)
+            row = measure(mode, seq, a, model_dir, bundles.get(mode))
             rows.append(row)
             print(f"{mode:>9} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
                   f"step {row['step_s'] or 0:6.2f} s {row.get('error', '')}", file=sys.stderr, flush=True)
-    title = f"{Path(model_dir).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"
+    name = a.model or "SmolLM2-135M-Instruct (embedded default)"
+    title = f"{Path(name).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"
     print(f"\n{title}\n\n{table(rows, modes)}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -4,7 +4,8 @@ mode; held-out loss every --eval-every steps.
     python tools/bench_quality.py --data shakespeare --steps 200 --json quality.json --plot quality.png
     python tools/bench_quality.py --data excerpt --steps 40          # the repo's excerpt, a quick run
 
-Modes: peft (PyTorch + PEFT, the reference) and ort-lora (our bundle, exact LoRA). Both use AdamW with ORT's
+Modes: peft (PyTorch + PEFT, the reference), ort-lora (our bundle, exact LoRA), lars (LARS, pca basis) and
+lars-random (LARS, random basis). Both use AdamW with ORT's
 settings (betas 0.9/0.999, eps 1e-6, no weight decay), the same warm-up + cosine schedule, and start from the
 bundle's initial adapters (A from its checkpoint, B = 0).
 """
@@ -21,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import REPO, prepare_bundle, prepare_model  # noqa: E402
+from bench_memory import BUNDLE_MODES, REPO, prepare_bundle, prepare_model  # noqa: E402
 
-MODES = ("peft", "ort-lora")
+MODES = ("peft", *BUNDLE_MODES)
 EXCERPT_TRAIN = REPO / "tests" / "data" / "hamlet_act1.txt"
 EXCERPT_EVAL = REPO / "tests" / "data" / "macbeth_act1_eval.txt"
 SHAKESPEARE_TRAIN = ("hamlet", "macbeth", "othello", "lear", "romeo_and_juliet", "julius_caesar")
@@ -66,7 +67,7 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
                                     schedule="cosine", min_lr_ratio=0.1)
     rows = []
 
-    if mode == "ort-lora":
+    if mode in BUNDLE_MODES:
         trainer = Trainer(bundle, threads=a.threads)
         evaluate = lambda: trainer.evaluate(held)["eval_loss"]  # noqa: E731
         step_fn = lambda batch, lr: trainer.step(batch, lr)  # noqa: E731
@@ -150,11 +151,12 @@ def main(argv=None) -> int:
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(a.model, cache)
-    bundle = prepare_bundle(model_dir, cache, a.rank, a.targets)
     train_file, eval_file = (EXCERPT_TRAIN, EXCERPT_EVAL) if a.data == "excerpt" else shakespeare_files(cache)
     modes = a.modes.split(",")
     rows = []
     for mode in modes:
+        # peft starts from the exact bundle's initial adapters (the same A for every mode: same seed)
+        bundle = prepare_bundle(model_dir, cache, a.rank, a.targets, mode if mode in BUNDLE_MODES else "ort-lora")
         rows += run_mode(mode, a, model_dir, bundle, train_file, eval_file)
     final = {m: next(r["eval_loss"] for r in reversed(rows) if r["mode"] == m and r["eval_loss"] is not None)
              for m in modes}
