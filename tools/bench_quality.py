@@ -28,7 +28,7 @@ MODES = ("peft", *BUNDLE_MODES)
 EXCERPT_TRAIN = REPO / "tests" / "data" / "hamlet_act1.txt"
 EXCERPT_EVAL = REPO / "tests" / "data" / "macbeth_act1_eval.txt"
 SHAKESPEARE_TRAIN = ("hamlet", "macbeth", "othello", "lear", "romeo_and_juliet", "julius_caesar")
-SHAKESPEARE_EVAL = "the_tempest"
+SHAKESPEARE_EVAL = "tempest"
 
 
 def shakespeare_files(cache: Path) -> tuple[Path, Path]:
