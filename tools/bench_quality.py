@@ -180,9 +180,10 @@ def main(argv=None) -> int:
             ev = [(r["step"], r["eval_loss"]) for r in rows if r["mode"] == m and r["eval_loss"] is not None]
             line, = ax.plot(*zip(*pts), alpha=0.35, label=f"{m} train")
             ax.plot(*zip(*ev), marker="o", color=line.get_color(), label=f"{m} held-out")
-        ax.set(xlabel="step", ylabel="loss", title=f"{Path(model_dir).name}: {a.data}, batch {a.batch_size} x {a.seq_len}")
+        name = Path(a.model).name if a.model else "SmolLM2-135M-Instruct"
+        ax.set(xlabel="step", ylabel="loss", title=f"{name}: {a.data}, batch {a.batch_size} x {a.seq_len}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
         fig.savefig(a.plot, dpi=120)
     return 0
