@@ -51,20 +51,32 @@ def second_moments(peft_model, batches) -> dict[str, np.ndarray]:
 
     modules = lora_modules(peft_model)
     sums: dict[str, torch.Tensor] = {}
+    alias: dict[str, str] = {}      # module -> the module whose identical input was accumulated
+    # (storage, shape) of an input in the current batch -> (first module reading it, the tensor). Holding the tensor
+    # keeps its storage from being reused by a later layer's input within the batch.
+    seen: dict[tuple, tuple] = {}
     hooks = []
     for name, module in modules.items():
         def hook(mod, args, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if key in seen:  # q/k/v (and gate/up) read the same tensor: accumulate it once
+                alias[name] = seen[key][0]
+                return
+            seen[key] = (name, x)
+            alias[name] = name
+            x2 = x.detach().reshape(-1, x.shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x2.T @ x2
         hooks.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad(), peft_model.disable_adapter():
             for ids in batches:
+                seen.clear()
                 peft_model(input_ids=torch.tensor([ids]), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return {name: m.numpy() for name, m in sums.items()}
+    return {name: sums[alias[name]].numpy() for name in modules}
 
 
 def pca_basis(moment: np.ndarray, k: int) -> np.ndarray:

@@ -93,11 +93,25 @@ def test_pca_basis_is_orthonormal_and_ranked_by_variance(tiny_models):
     from lars_export import basis
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"],
+                                                  task_type="CAUSAL_LM"))
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
     moments = basis.second_moments(peft_model, basis.calibration_batches(tok, None, 1024))
-    assert len(bases) == 4
+    assert len(bases) == 6
+    q = [n for n in moments if ".q_proj." in n]
+    assert len(q) == 2 and not np.allclose(moments[q[0]], moments[q[1]])  # layers do not share inputs
+    # q and k read the same tensor: one accumulation serves both, and it is the same matrix
+    for qn in q:
+        np.testing.assert_array_equal(moments[qn], moments[qn.replace(".q_proj.", ".k_proj.")])
+    # and it equals the moment computed without the sharing shortcut (a hook on k alone)
+    k_only = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32),
+                            LoraConfig(r=4, target_modules=["k_proj"], task_type="CAUSAL_LM"))
+    alone = basis.second_moments(k_only, basis.calibration_batches(tok, None, 1024))
+    for name, m in alone.items():
+        np.testing.assert_allclose(moments[name], m, rtol=1e-10)
+    down = [n for n in moments if ".down_proj." in n]
+    assert moments[down[0]].shape == (128, 128)
     for name, p in bases.items():
         np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
         energy = np.einsum("dk,de,ek->k", p, moments[name], p)
