@@ -15,7 +15,7 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS, MODEL_CONFIG,
+from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                             TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 

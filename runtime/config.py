@@ -7,7 +7,7 @@ the command line override the file (torchtune / mlx-lm style).
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,6 @@ class TrainingArgs:
             raise LarsError(f"--lr must be positive, got {self.lr}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise LarsError(f"--schedule {self.schedule!r} is unknown; use cosine, linear or constant")
-
-
-def defaults() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(TrainingArgs) if f.default is not MISSING}
 
 
 def load_config_file(path: str) -> dict[str, Any]:

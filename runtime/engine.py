@@ -7,7 +7,6 @@ Module, Optimizer) directly, so nothing here needs torch, transformers or optimu
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -81,9 +80,7 @@ class Engine:
         """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss."""
         if batch.label_tokens == 0:
             raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
-        out = self.C.OrtValueVector()
-        self.module.train_step(self._feeds(batch), out)
-        loss = float(out[0].numpy())
+        loss = self.forward_backward(batch)
         self.optimizer.set_learning_rate(lr)
         self.optimizer.optimizer_step()
         self.module.lazy_reset_grad()

@@ -28,15 +28,6 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def rss_mb() -> float:
-    """Current resident set size in MiB (Linux /proc; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
-    except OSError:
-        return peak_rss_mb()
-
-
 class Stopwatch:
     def __init__(self) -> None:
         self.start = time.perf_counter()
