@@ -37,6 +37,10 @@ def initializer_map(model) -> dict:
     return {init.name: init for init in model.graph.initializer}
 
 
+def producers(model) -> dict:
+    return {o: n for n in model.graph.node for o in n.output}
+
+
 def consumers(model) -> dict[str, list]:
     out: dict[str, list] = {}
     for node in model.graph.node:

@@ -22,13 +22,9 @@ import logging
 
 import numpy as np
 
-from ._base import GraphPass, PassContext, PassReport, consumers
+from ._base import GraphPass, PassContext, PassReport, consumers, producers
 
 log = logging.getLogger(__name__)
-
-
-def producers(model) -> dict:
-    return {o: n for n in model.graph.node for o in n.output}
 
 
 def find(model, context: PassContext):
