@@ -23,7 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "model":
             parser.add_argument("model", nargs="?", default=None, help=helps[f.name])
         elif f.type == "bool" or isinstance(default, bool):
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=helps[f.name])
+            # A flag that is on by default needs its --no- form to turn it off.
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=action, default=bool(default),
+                                help=helps[f.name])
         elif isinstance(default, tuple):
             parser.add_argument(f"--{f.name.replace('_', '-')}", default=",".join(default),
                                 help=f"{helps[f.name]} (default: {','.join(default)})")

@@ -33,6 +33,9 @@ class ExportConfig:
     calibration_data: str | None = field(default=None, metadata={
         "help": "UTF-8 text for the pca basis (default: a built-in mix of prose, dialogue and code)"})
     calibration_tokens: int = field(default=8192, metadata={"help": "tokens of calibration text to use"})
+    recompute_attention: bool = field(default=True, metadata={
+        "help": "recompute each layer's attention probabilities in the backward instead of keeping them (exact; "
+                "frees heads x T^2 floats per layer)"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})

@@ -116,13 +116,14 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             checked = preflight.check_gradient_ops(graph, names, LOGITS)
             log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
             context = passes.PassContext(trainable=names, lars_bases=bases)
-            reports = passes.run_passes(graph, context, stage="forward")
+            enabled = passes.enabled_passes(config)
+            reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 
         with phases("generating ORT training artifacts"):
             ort_artifacts.generate(graph, sorted(names), staging)
             del graph
             reports += ort_artifacts.rewrite_training_model(
-                staging, lambda model: passes.run_passes(model, context, stage="training"))
+                staging, lambda model: passes.run_passes(model, context, stage="training", enabled=enabled))
             weight_bytes = ort_artifacts.share_weights(staging)
             trainable = set(ort_artifacts.trainable_names(staging / CHECKPOINT))
             if trainable != names:

@@ -5,17 +5,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model", str(tiny_models["llama"]),
                           "--seq-lens", "16,32", "--steps", "1", "--cache", str(tmp_path / "cache"),
+                          "--modes", "peft,ort-lora,ort-lora@reuse,lars,lars-random,recompute,default,floor",
                           "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "m.json").read_text())
-    modes = ("peft", "ort-lora", "lars", "lars-random", "floor")
+    modes = ("peft", "ort-lora", "ort-lora@reuse", "lars", "lars-random", "recompute", "default", "floor")
     assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in modes for s in (16, 32)}
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
@@ -38,3 +41,29 @@ def test_bench_quality_on_a_tiny_model(tiny_models, tmp_path):
     ours = [r["eval_loss"] for r in rows if r["mode"] == "ort-lora" and r["eval_loss"] is not None]
     assert abs(peft[0] - ours[0]) < 1e-4 and abs(peft[-1] - ours[-1]) / peft[-1] < 1e-2
     assert "| ort-lora |" in out.stdout
+
+
+def test_memory_breakdown_counts_what_each_pass_frees(tiny_models, tmp_path):
+    """The saved-tensor table of exact LoRA, LARS and attention recompute bundles of the tiny Llama (2 layers,
+    4 heads, hidden 64, MLP 128): exact sizes where the arithmetic is simple."""
+    from lars_export import ExportConfig, export
+
+    bundles = {name: export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / name), lora_rank=4,
+                                         lora_alpha=8, **kw))
+               for name, kw in {"exact": dict(lars_basis="none", recompute_attention=False),
+                                "lars": dict(lars_basis="random", lars_rank=8, recompute_attention=False),
+                                "recompute": dict(lars_basis="none")}.items()}
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "memory_breakdown.py"), *map(str, bundles.values()),
+                          "--seq-lens", "64,128", "--json", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    exact, lars, recompute = (r["rows"] for r in json.loads((tmp_path / "b.json").read_text()))
+    mb = lambda floats: floats * 4 / 2**20  # noqa: E731
+    probs = "attention probabilities (T²)"
+    assert exact[probs]["128"] == pytest.approx(mb(2 * 4 * 128 * 128))  # layers x heads x T²
+    assert probs not in recompute
+    # Per layer the adapters read 4 distinct inputs: attention in (64), o_proj in (64), MLP in (64), down in (128).
+    assert exact["adapter inputs x"]["128"] == pytest.approx(mb(2 * 128 * (64 + 64 + 64 + 128)))
+    assert "adapter inputs x" not in lars
+    assert lars["LARS projections x·P"]["128"] == pytest.approx(mb(2 * 4 * 128 * 8))
+    assert "| attention probabilities (T²) | 2 |" in out.stdout

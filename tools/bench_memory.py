@@ -4,10 +4,16 @@
 
 Modes (same model, batch, length, LoRA rank/targets and thread count):
   peft      PyTorch + PEFT LoRA, SDPA attention, AdamW (what a user would otherwise run)
-  ort-lora  our bundle with exact LoRA (--lars-basis none)
-  lars      our default bundle (LARS, pca basis)
-  lars-random  LARS with a random basis
+  ort-lora  our bundle with exact LoRA and no memory passes (--lars-basis none --no-recompute-attention)
+  lars      LARS alone (pca basis, --no-recompute-attention)
+  lars-random  LARS with a random basis, alone
+  recompute exact LoRA with attention recompute (--lars-basis none)
+  default   the exporter's defaults: LARS + attention recompute
   floor     PyTorch no-grad forward of the same model and length: the physical floor
+A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
+  @reuse    ORT's buffer reuse on (arena and memory patterns still off)
+  @arena    ORT's defaults: CPU arena, memory patterns and buffer reuse on
+  e.g. --modes ort-lora,ort-lora@reuse,lars,lars@reuse
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
 the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
 """
@@ -26,11 +32,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # Bundle modes: the export settings of each (everything else equal).
 BUNDLE_MODES = {
-    "ort-lora": {"lars_basis": "none"},
-    "lars": {},  # the exporter's defaults
-    "lars-random": {"lars_basis": "random"},
+    "ort-lora": {"lars_basis": "none", "recompute_attention": False},
+    "lars": {"recompute_attention": False},
+    "lars-random": {"lars_basis": "random", "recompute_attention": False},
+    "recompute": {"lars_basis": "none"},
+    "default": {},  # the exporter's defaults
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
+# Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
+RUNTIME_SETTINGS = {"": {}, "reuse": {"memory_reuse": True}, "arena": {"memory_arena": True, "memory_reuse": True}}
+
+
+def split_mode(mode: str) -> tuple[str, str]:
+    base, _, setting = mode.partition("@")
+    return base, setting
 
 
 # ----------------------------------------------------------------------------------------------------------- workers
@@ -94,7 +109,7 @@ def worker_floor(a) -> list[float]:
 def worker_ort(a) -> list[float]:
     from lars_ort import Trainer
 
-    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False)
+    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, **RUNTIME_SETTINGS[a.setting])
     vocab = trainer.bundle.manifest.vocab_size
     times = []
     for step in range(a.steps + 1):
@@ -109,7 +124,7 @@ WORKERS = {"peft": worker_peft, "floor": worker_floor, **{mode: worker_ort for m
 
 
 def run_worker(a) -> None:
-    times = WORKERS[a.worker](a)
+    times = WORKERS[split_mode(a.worker)[0]](a)
     print("RESULT " + json.dumps({"step_s": statistics.median(times), "peak_rss_mb": _peak_mb()}), flush=True)
 
 
@@ -154,8 +169,8 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
 
     # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
-    python = a.runtime_python if mode in BUNDLE_MODES else sys.executable
-    cmd = [python, __file__, "--worker", mode, "--seq-len", str(seq), "--batch-size", str(a.batch_size),
+    python = a.runtime_python if split_mode(mode)[0] in BUNDLE_MODES else sys.executable
+    cmd = [python, __file__, "--worker", mode, "--setting", split_mode(mode)[1], "--seq-len", str(seq), "--batch-size", str(a.batch_size),
            "--steps", str(a.steps), "--threads", str(a.threads), "--rank", str(a.rank), "--targets", a.targets,
            "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
@@ -268,7 +283,8 @@ def main(argv=None) -> int:
                    help="python of the torch-free runtime environment for the ORT modes (default: .venv-runtime)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write a PNG here")
-    p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="", help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
@@ -278,20 +294,23 @@ def main(argv=None) -> int:
         return 0
 
     modes = [m for m in a.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
+    unknown = [m for m in modes if split_mode(m)[0] not in MODES or split_mode(m)[1] not in RUNTIME_SETTINGS
+               or (split_mode(m)[1] and split_mode(m)[0] not in BUNDLE_MODES)]
     if unknown:
-        p.error(f"unknown modes {sorted(unknown)}; choose from {', '.join(MODES)}")
+        p.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}, bundle modes optionally with "
+                f"@{', @'.join(s for s in RUNTIME_SETTINGS if s)}")
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     print("preparing the model folder and the bundle ...", file=sys.stderr, flush=True)
     model_dir = prepare_model(a.model, cache)
-    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, m) for m in modes if m in BUNDLE_MODES}
+    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0]) for m in modes
+               if split_mode(m)[0] in BUNDLE_MODES}
     rows = []
     for seq in [int(s) for s in a.seq_lens.split(",")]:
         for mode in modes:
             row = measure(mode, seq, a, model_dir, bundles.get(mode))
             rows.append(row)
-            print(f"{mode:>9} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
+            print(f"{mode:>14} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
                   f"step {row['step_s'] or 0:6.2f} s {row.get('error', '')}", file=sys.stderr, flush=True)
     name = a.model or "SmolLM2-135M-Instruct (embedded default)"
     title = f"{Path(name).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"

@@ -10,6 +10,7 @@ go into the bundle manifest under "passes".
 from __future__ import annotations
 
 from ._base import GraphPass, PassContext, PassReport
+from .attention_recompute import ATTENTION_RECOMPUTE
 from .lars_projection import LARS_PROJECTION
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
 
@@ -17,7 +18,13 @@ from .pretranspose_frozen import PRETRANSPOSE_FROZEN
 PASSES: list[GraphPass] = [
     PRETRANSPOSE_FROZEN,
     LARS_PROJECTION,
+    ATTENTION_RECOMPUTE,
 ]
+
+
+def enabled_passes(config) -> set[str]:
+    """Names of the passes an ExportConfig turns on."""
+    return {p.name for p in PASSES if p.switch is None or getattr(config, p.switch)}
 
 
 def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None = None) -> list[PassReport]:
@@ -28,4 +35,4 @@ def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None
     return reports
 
 
-__all__ = ["PASSES", "GraphPass", "PassContext", "PassReport", "run_passes"]
+__all__ = ["PASSES", "GraphPass", "PassContext", "PassReport", "enabled_passes", "run_passes"]

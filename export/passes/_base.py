@@ -31,6 +31,7 @@ class GraphPass:
     stage: str  # "forward" | "training"
     apply: Callable  # (onnx.ModelProto, PassContext) -> PassReport
     help: str = ""
+    switch: str | None = None  # the ExportConfig field that turns the pass on (None: always runs)
 
 
 def initializer_map(model) -> dict:
@@ -46,4 +47,58 @@ def consumers(model) -> dict[str, list]:
     for node in model.graph.node:
         for name in node.input:
             out.setdefault(name, []).append(node)
+    return out
+
+
+# Ops whose only use of a tensor is its shape: ORT's priority-based order runs them as soon as the tensor exists,
+# so a backward Shape does not keep a forward tensor alive.
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def backward_nodes(model) -> list:
+    """Nodes of an ORT training graph that run after the turn: everything downstream of the loss gradient.
+
+    ORT seeds the backward with an initializer named "<loss>_grad". Nodes that neither the forward outputs need nor
+    depend on that seed (Shape nodes, the LARS projection x·P) can run during the forward and are not counted here.
+    The training graph is not stored in topological order, so this walks consumers from the seed.
+    """
+    cons = consumers(model)
+    stack, seen, order = [f"{model.graph.output[0].name}_grad"], set(), []
+    while stack:
+        for node in cons.get(stack.pop(), []):
+            if id(node) not in seen:
+                seen.add(id(node))
+                order.append(node)
+                stack.extend(node.output)
+    return [n for n in model.graph.node if id(n) in seen]
+
+
+# Ops whose output is a view of their input in ORT (same buffer): reading the view keeps the input alive.
+VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
+
+
+def view_chain(name: str, producer: dict, stop: set | None = None) -> list[str]:
+    """[name, its view source, ..., the tensor that owns the buffer]; `stop` holds ids of nodes not to walk into."""
+    chain = [name]
+    node = producer.get(name)
+    while node is not None and node.op_type in VIEW_OPS and (stop is None or id(node) not in stop):
+        chain.append(node.input[0])
+        node = producer.get(node.input[0])
+    return chain
+
+
+def saved_for_backward(model) -> dict[str, list]:
+    """Tensor made before the turn -> the backward nodes that read it (or a view of it), ignoring readers that only
+    take its shape. These are the tensors alive at the turn from forward to backward."""
+    backward = backward_nodes(model)
+    backward_ids = {id(n) for n in backward}
+    producer = producers(model)
+    before_turn = {o for n in model.graph.node if id(n) not in backward_ids for o in n.output}
+    out: dict[str, list] = {}
+    for node in backward:
+        if node.op_type in SHAPE_OPS:
+            continue
+        for name in node.input:
+            if name in before_turn:
+                out.setdefault(view_chain(name, producer, backward_ids)[-1], []).append(node)
     return out

@@ -1,0 +1,155 @@
+"""Attention recompute on a causal attention block exported like the real models (TorchScript), differentiated by
+ORT itself: gradients equal PyTorch autograd's, and no attention probability outlives the forward, in the stored
+graph and in the graph ORT optimises and runs."""
+
+import numpy as np
+import onnx
+import pytest
+
+from lars_export.passes import PassContext
+from lars_export.passes._base import producers, saved_for_backward
+from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
+
+D, H, R, V, T = 8, 2, 2, 11, 6
+A_NAME, B_NAME = "attn.q_proj.lora_A.default.weight", "attn.q_proj.lora_B.default.weight"
+
+
+def _model(rng, squash: bool = False):
+    import torch
+
+    class LoraLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_layer = torch.nn.Linear(D, D, bias=False)
+            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(D, R, bias=False)})
+            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, D, bias=False)})
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
+
+    class Attention(torch.nn.Module):
+        """Eager attention as transformers writes it: (Q·Kᵀ)·scale + mask -> softmax -> ·V."""
+
+        def __init__(self):
+            super().__init__()
+            self.q_proj = LoraLinear()
+            self.k_proj = torch.nn.Linear(D, D, bias=False)
+            self.v_proj = torch.nn.Linear(D, D, bias=False)
+
+        def forward(self, x, mask):
+            t = x.shape[0]
+            q, k, v = (p(x).view(t, H, D // H).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+            scores = torch.matmul(q, k.transpose(1, 2)) * (D // H) ** -0.5 + mask
+            if squash:  # an op the pass does not recompute: it must leave the layer alone and say why
+                scores = torch.tanh(scores)
+            probs = torch.softmax(scores, dim=-1)
+            return torch.matmul(probs, v).transpose(0, 1).reshape(t, D)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, D)
+            self.attn = Attention()
+            self.head = torch.nn.Linear(D, V, bias=False)
+
+        def forward(self, ids):
+            t = ids.shape[0]
+            causal = torch.triu(torch.full((t, t), -1e9), diagonal=1)  # computed outside the attention module
+            return self.head(self.attn(self.embed(ids), causal))
+
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
+    return model
+
+
+def _artifacts(tmp_path, model):
+    import torch
+
+    from lars_export import ort_artifacts
+
+    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
+                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
+                      do_constant_folding=False, dynamo=False)
+    ort_artifacts.generate(onnx.load(str(tmp_path / "fwd.onnx")), [A_NAME, B_NAME], tmp_path)
+
+
+def _module(directory, optimized_to=None):
+    from onnxruntime.capi import _pybind_state as C
+
+    state = C.load_checkpoint(str(directory / "checkpoint"))
+    options = C.SessionOptions()
+    options.execution_order = C.ExecutionOrder.PRIORITY_BASED  # what the runtime uses
+    if optimized_to:
+        options.optimized_model_filepath = str(optimized_to)
+    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
+
+
+def _grads(directory, ids, labels):
+    C, state, module = _module(directory)
+    out = C.OrtValueVector()
+    module.train_step([ids, labels], out)
+    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in (A_NAME, B_NAME)}
+
+
+def _saved_softmax(model) -> list[str]:
+    prod = producers(model)
+    return sorted(t for t in saved_for_backward(model) if prod[t].op_type == "Softmax")
+
+
+def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabilities(tmp_path):
+    import torch
+
+    rng = np.random.default_rng(0)
+    model = _model(rng)
+    _artifacts(tmp_path, model)
+    ids = rng.integers(0, 20, size=T).astype(np.int64)
+    labels = rng.integers(0, V, size=T).astype(np.int64)
+    exact_loss, exact = _grads(tmp_path, ids, labels)
+
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    assert len(_saved_softmax(training)) == 1  # the exact graph keeps the probabilities for the backward
+    report = ATTENTION_RECOMPUTE.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    assert report.changed == 1 and report.skipped == []
+    assert _saved_softmax(training) == []
+    onnx.save(training, str(tmp_path / "training_model.onnx"))
+    loss, grads = _grads(tmp_path, ids, labels)
+
+    # Independent reference: PyTorch autograd on the same module and batch.
+    logits = model(torch.from_numpy(ids))
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)).backward()
+    params = dict(model.named_parameters())
+    for name in (A_NAME, B_NAME):
+        reference = params[name].grad.numpy()
+        np.testing.assert_allclose(grads[name], reference, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(grads[name], exact[name])  # same kernels, same values
+    assert loss == exact_loss
+
+    # The graph ORT actually runs: its optimisations (fusion, common-subexpression elimination) must neither merge
+    # the copy back into the forward nor leave a forward Softmax read by the backward.
+    _module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2  # forward + recompute
+    assert _saved_softmax(optimized) == []
+
+
+def test_leaves_an_unrecognised_chain_alone_and_says_why(tmp_path):
+    _artifacts(tmp_path, _model(np.random.default_rng(0), squash=True))
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    report = ATTENTION_RECOMPUTE.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    assert report.changed == 0 and len(report.skipped) == 1
+    assert "Tanh between the scores and the Softmax is not recomputable" in report.skipped[0]
+    assert len(_saved_softmax(training)) == 1
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-recompute-attention"], False)])
+def test_export_flag_switches_the_pass(flag, expected):
+    from lars_export.cli import build_parser
+    from lars_export.config import ExportConfig
+    from lars_export.passes import enabled_passes
+
+    args = build_parser().parse_args(["model", *flag])
+    assert args.recompute_attention is expected
+    assert ("attention_recompute" in enabled_passes(ExportConfig(recompute_attention=expected))) is expected

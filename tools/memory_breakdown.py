@@ -1,0 +1,183 @@
+"""What a bundle's training graph keeps alive for the backward: the tensors the forward saves, by kind, in MB.
+
+    python tools/memory_breakdown.py BUNDLE [BUNDLE ...] --seq-lens 512,1024,2048 [--json out.json]
+
+The training graph is split into forward and backward (backward = every node the loss and logits do not need); a
+tensor is *saved* when a forward node produces it and a backward node reads more than its shape. Those tensors are all alive at the
+turn from forward to backward, which is where a LoRA step peaks (plus the loss' transient [T, vocab] tensors and the
+frozen weights, reported on their own rows). Shapes are measured, not guessed: the graph runs once in onnxruntime
+at a probe length with every saved tensor as an extra output, and each dimension equal to the probe length is then
+scaled to the requested lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT
+and are counted once. The definitions (backward, saved, views) are the passes' own, from lars_export.passes._base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = 97  # a prime, so a dimension equal to it is the sequence length and nothing else
+
+# (kind, test on the saved tensor's name and producer) in priority order; the first match wins.
+KINDS = [
+    ("attention probabilities (T²)", lambda name, op: op == "Softmax"),
+    ("LARS projections x·P", lambda name, op: name.endswith(".lars_xP")),
+    ("adapter inputs x", lambda name, op: name.endswith("input_layernorm/Mul_1_output_0")
+     or name.endswith("post_attention_layernorm/Mul_1_output_0")
+     or "self_attn/Reshape_7_output_0" in name or name.endswith("mlp/Mul_output_0")),
+    ("LoRA hidden x·Aᵀ (rank r)", lambda name, op: "/default/MatMul_output_0" in name),
+    ("loss (log-probabilities, T×vocab)", lambda name, op: op.startswith("SoftmaxCrossEntropy")),
+    ("attention Q, K, V", lambda name, op: "self_attn" in name),
+    ("MLP activations", lambda name, op: "/mlp/" in name),
+    ("norms and residuals", lambda name, op: "norm" in name or "/Add" in name),
+]
+
+
+def saved_tensors(model) -> dict[str, tuple[str, set[str]]]:
+    """Saved buffer -> (op type of its producer, every name it is read by: views share their input's buffer)."""
+    from lars_export.passes._base import backward_nodes, producers, saved_for_backward, view_chain
+
+    producer = producers(model)
+    backward = {id(n) for n in backward_nodes(model)}
+    out: dict[str, tuple[str, set[str]]] = {}
+    for root, readers in saved_for_backward(model).items():
+        op = producer[root].op_type
+        if op in {"Shape", "Size"}:
+            continue
+        aliases = {root}
+        for reader in readers:
+            for name in reader.input:
+                chain = view_chain(name, producer, backward)
+                if chain[-1] == root:
+                    aliases.update(chain)
+        out[root] = (op, aliases)
+    return out
+
+
+def kind_of(aliases: set[str], op: str) -> str:
+    return next((kind for kind, test in KINDS if any(test(name, op) for name in sorted(aliases))), "other")
+
+
+def probe_shapes(bundle: Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Run the training graph once at the probe length; return each tensor's shape and item size."""
+    import onnx
+    from onnxruntime.capi import _pybind_state as C
+
+    from lars_artifacts import TRAINING_MODEL
+
+    C.set_default_logger_severity(3)
+    model = onnx.load(str(bundle / TRAINING_MODEL), load_external_data=False)
+    known = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in known:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    probe = bundle / ".probe_training_model.onnx"  # beside the weights file, which the graph names relatively
+    onnx.save_model(model, str(probe))
+    try:
+        options = C.SessionOptions()
+        options.graph_optimization_level = C.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every name
+        sess = C.InferenceSession(options, str(probe), True, False)
+        sess.initialize_session(["CPUExecutionProvider"], [{}], set())
+        feeds = {}
+        for arg in sess.inputs_meta:
+            shape = [d if isinstance(d, int) else 1 for d in arg.shape]
+            if arg.name in ("input_ids", "attention_mask"):
+                feeds[arg.name] = np.ones((1, PROBE), np.int64)
+            elif arg.name == "labels":  # flattened like the logits: [batch * sequence]
+                feeds[arg.name] = np.ones((PROBE,), np.int64)
+            elif arg.type == "tensor(bool)":
+                feeds[arg.name] = np.array(True) if not shape else np.ones(shape, bool)
+            else:
+                feeds[arg.name] = np.zeros(shape, np.float32)
+        values = sess.run(names, feeds, None)
+    finally:
+        probe.unlink(missing_ok=True)
+    return {n: (tuple(v.shape), v.dtype.itemsize) for n, v in zip(names, values)}
+
+
+def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
+    import onnx
+
+    from lars_artifacts import TRAINING_MODEL, load_bundle
+
+    manifest = load_bundle(bundle).manifest
+    model = onnx.load(str(bundle / TRAINING_MODEL), load_external_data=False)
+    saved = saved_tensors(model)
+    shapes = probe_shapes(bundle, sorted(saved))
+    vocab = manifest.vocab_size
+    rows: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    counts: dict[str, int] = defaultdict(int)
+    for name, (op, aliases) in saved.items():
+        shape, itemsize = shapes[name]
+        kind = kind_of(aliases, op)
+        counts[kind] += 1
+        for seq in seq_lens:
+            rows[kind][seq] += float(np.prod([seq if d == PROBE else d for d in shape])) * itemsize / 2**20
+    for seq in seq_lens:
+        # The loss turns [T, vocab] logits into log-probabilities (saved, counted above) and, in the backward,
+        # into their gradient: two more [T, vocab] float32 tensors at the turn. Not saved, but alive at the peak.
+        rows["loss transients (logits, their gradient)"][seq] = 2 * seq * vocab * 4 / 2**20
+    counts["loss transients (logits, their gradient)"] = 2
+    names = defaultdict(list)
+    for name, (op, aliases) in sorted(saved.items()):
+        names[kind_of(aliases, op)].append(f"{name} {op} {list(shapes[name][0])}")
+    return {"bundle": str(bundle), "lars": manifest.adapter.get("lars", {}),
+            "frozen_weight_mb": manifest.adapter["frozen_weight_bytes"] / 2**20,
+            "rows": {k: {str(s): v for s, v in by_len.items()} for k, by_len in rows.items()},
+            "tensors": dict(counts), "names": dict(names)}
+
+
+def _mb(v: float) -> str:
+    return f"{v:,.0f}" if v >= 10 else f"{v:.2f}"
+
+
+def table(result: dict, seq_lens: list[int]) -> str:
+    head = "| saved for the backward | tensors | " + " | ".join(f"{s} tok MB" for s in seq_lens) + " |"
+    lines = [head, "|" + "---|" * (len(seq_lens) + 2)]
+    order = [k for k, _ in KINDS] + ["other", "loss transients (logits, their gradient)"]
+    total = defaultdict(float)
+    for kind in order:
+        if kind not in result["rows"]:
+            continue
+        vals = [result["rows"][kind][str(s)] for s in seq_lens]
+        for s, v in zip(seq_lens, vals):
+            total[s] += v
+        lines.append(f"| {kind} | {result['tensors'][kind]} | " + " | ".join(_mb(v) for v in vals) + " |")
+    lines.append("| **total at the turn** | | " + " | ".join(f"**{_mb(total[s])}**" for s in seq_lens) + " |")
+    lines.append(f"| frozen weights (file, held once) | | " +
+                 " | ".join(f"{result['frozen_weight_mb']:,.0f}" for _ in seq_lens) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(REPO))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundles", nargs="+", type=Path)
+    p.add_argument("--seq-lens", default="512,1024,2048")
+    p.add_argument("--json", help="write the breakdowns here")
+    p.add_argument("--list", action="store_true", help="print every saved tensor with its kind and probe shape")
+    a = p.parse_args(argv)
+    seq_lens = [int(s) for s in a.seq_lens.split(",")]
+    results = []
+    for bundle in a.bundles:
+        result = breakdown(bundle, seq_lens)
+        results.append(result)
+        lars = result["lars"]
+        print(f"\n{bundle} (LARS basis {lars.get('basis')}, rank {lars.get('rank')}), batch 1\n")
+        print(table(result, seq_lens))
+        if a.list:
+            for kind, names in result["names"].items():
+                print(f"\n{kind}:\n  " + "\n  ".join(names))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
