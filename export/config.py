@@ -36,6 +36,9 @@ class ExportConfig:
     recompute_attention: bool = field(default=True, metadata={
         "help": "recompute each layer's attention probabilities in the backward instead of keeping them (exact; "
                 "frees heads x T^2 floats per layer)"})
+    loss_chunks: int = field(default=8, metadata={
+        "help": "compute the vocabulary projection and cross-entropy in this many row chunks, recomputed chunk by "
+                "chunk in the backward, so [tokens, vocab] is never whole (exact; < 2: the whole loss at once)"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})

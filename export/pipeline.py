@@ -115,7 +115,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             onnx_export.zero_lora_b(graph, {p.onnx_name for p in params if ".lora_B." in p.onnx_name})
             checked = preflight.check_gradient_ops(graph, names, LOGITS)
             log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
-            context = passes.PassContext(trainable=names, lars_bases=bases)
+            context = passes.PassContext(trainable=names, lars_bases=bases, loss_chunks=config.loss_chunks)
             enabled = passes.enabled_passes(config)
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 
@@ -130,6 +130,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                 raise LarsError(f"the ORT checkpoint holds {len(trainable)} trainable tensors, expected {len(names)}; "
                                 f"please report this model")
 
+        applied = {r.name for r in reports if r.changed}
         with phases("writing tokenizer and manifest"):
             tokens = _save_tokenizer(tok, staging)
             model_config.save_pretrained(staging)  # config.json (no quantization_config: see load.load_model)
@@ -147,7 +148,10 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                          "parameters": [asdict(p) for p in params],
                          "trainable_parameters": sum(_numel(p.shape) for p in params),
                          "frozen_parameters": n_base, "frozen_weight_bytes": weight_bytes},
-                io={"inputs": [INPUT_IDS, ATTENTION_MASK, LABELS], "outputs": ["loss", LOGITS],
+                io={"inputs": [INPUT_IDS, ATTENTION_MASK, LABELS],
+                    # the chunked loss never forms whole logits in training; the eval graph always outputs them
+                    "training_outputs": ["loss"] if "chunked_loss" in applied else ["loss", LOGITS],
+                    "eval_outputs": ["loss", LOGITS],
                     "logits_layout": "[batch*sequence, vocab]", "ignore_index": IGNORE_INDEX,
                     "opset": config.opset},
                 tokens=tokens,

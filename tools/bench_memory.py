@@ -4,11 +4,13 @@
 
 Modes (same model, batch, length, LoRA rank/targets and thread count):
   peft      PyTorch + PEFT LoRA, SDPA attention, AdamW (what a user would otherwise run)
-  ort-lora  our bundle with exact LoRA and no memory passes (--lars-basis none --no-recompute-attention)
-  lars      LARS alone (pca basis, --no-recompute-attention)
+  ort-lora  our bundle with exact LoRA and no memory pass (--lars-basis none --no-recompute-attention
+            --loss-chunks 0)
+  lars      LARS alone (pca basis)
   lars-random  LARS with a random basis, alone
-  recompute exact LoRA with attention recompute (--lars-basis none)
-  default   the exporter's defaults: LARS + attention recompute
+  recompute exact LoRA + attention recompute alone
+  chunked-loss exact LoRA + the chunked loss alone
+  default   the exporter's defaults: LARS + attention recompute + chunked loss
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @reuse    ORT's buffer reuse on (arena and memory patterns still off)
@@ -31,11 +33,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Bundle modes: the export settings of each (everything else equal).
+_NO_PASSES = {"lars_basis": "none", "recompute_attention": False, "loss_chunks": 0}
 BUNDLE_MODES = {
-    "ort-lora": {"lars_basis": "none", "recompute_attention": False},
-    "lars": {"recompute_attention": False},
-    "lars-random": {"lars_basis": "random", "recompute_attention": False},
-    "recompute": {"lars_basis": "none"},
+    "ort-lora": _NO_PASSES,
+    "lars": {**_NO_PASSES, "lars_basis": "pca"},
+    "lars-random": {**_NO_PASSES, "lars_basis": "random"},
+    "recompute": {**_NO_PASSES, "recompute_attention": True},
+    "chunked-loss": {**_NO_PASSES, "loss_chunks": 8},
     "default": {},  # the exporter's defaults
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")

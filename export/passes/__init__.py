@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ._base import GraphPass, PassContext, PassReport
 from .attention_recompute import ATTENTION_RECOMPUTE
+from .chunked_loss import CHUNKED_LOSS
 from .lars_projection import LARS_PROJECTION
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
 
@@ -19,6 +20,7 @@ PASSES: list[GraphPass] = [
     PRETRANSPOSE_FROZEN,
     LARS_PROJECTION,
     ATTENTION_RECOMPUTE,
+    CHUNKED_LOSS,
 ]
 
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
+
 
 @dataclass
 class PassContext:
     trainable: set[str]  # initializer names ORT will train (the adapters); passes must keep them as they are
     # LARS: lora_A parameter name -> projection basis P [d, k] (float32); empty for exact LoRA.
     lars_bases: dict = field(default_factory=dict)
+
+
+    loss_chunks: int = 0  # chunked_loss: row chunks of the vocabulary projection + cross-entropy (< 2: whole)
 
 
 @dataclass
@@ -102,3 +107,28 @@ def saved_for_backward(model) -> dict[str, list]:
             if name in before_turn:
                 out.setdefault(view_chain(name, producer, backward_ids)[-1], []).append(node)
     return out
+
+
+GATE_ZERO = "passes.gate.zero"  # the float 0 every gate multiplies by (one shared initializer)
+
+
+def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
+    """Nodes computing tensor + 0·Size(after), and the gated name: the same values, available only once `after` is.
+
+    Recompute passes use it so ORT cannot schedule a recomputation before the backward reaches it, and so its
+    common-subexpression elimination cannot merge the copy back into the forward (the gated input differs). `after`
+    must have a dynamic shape: ORT constant-folds Size of a static one, which would drop the dependency.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    if GATE_ZERO not in {i.name for i in model.graph.initializer}:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), GATE_ZERO))
+    gated = f"{prefix}/gated"
+    return [
+        helper.make_node("Size", [after], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
+        helper.make_node("Cast", [f"{prefix}/gate_size"], [f"{prefix}/gate_float"], name=f"{prefix}/GateCast",
+                         to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{prefix}/gate_float", GATE_ZERO], [f"{prefix}/gate_zero"],
+                         name=f"{prefix}/GateZero"),
+        helper.make_node("Add", [tensor, f"{prefix}/gate_zero"], [gated], name=f"{prefix}/Gate"),
+    ], gated

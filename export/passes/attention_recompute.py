@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
-from ._base import GraphPass, PassContext, PassReport, consumers, producers, saved_for_backward
+from ._base import GraphPass, PassContext, PassReport, consumers, gate_after, producers, saved_for_backward
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +55,12 @@ def find_chain(softmax, prod) -> tuple[list, str | None]:
 
 
 def apply(model, context: PassContext) -> PassReport:
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     report = PassReport("attention_recompute")
     prod, cons = producers(model), consumers(model)
     saved = saved_for_backward(model)
     graph_names = {o for n in model.graph.node for o in n.output}
-    zero_name = "attention_recompute.zero"
-    freed_heads = 0
     for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
         probs = softmax.output[0]
         readers = saved.get(probs, [])
@@ -85,16 +81,8 @@ def apply(model, context: PassContext) -> PassReport:
 
         prefix = _scope(softmax.name) + "/Recompute"
         matmul = chain[0]
-        gate = [
-            helper.make_node("Size", [d_out], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
-            helper.make_node("Cast", [f"{prefix}/gate_size"], [f"{prefix}/gate_float"], name=f"{prefix}/GateCast",
-                             to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{prefix}/gate_float", zero_name], [f"{prefix}/gate_zero"],
-                             name=f"{prefix}/GateZero"),
-            helper.make_node("Add", [matmul.input[0], f"{prefix}/gate_zero"], [f"{prefix}/q_gated"],
-                             name=f"{prefix}/GateQ"),
-        ]
-        renamed = {matmul.input[0]: f"{prefix}/q_gated"}
+        gate, q_gated = gate_after(model, prefix, matmul.input[0], d_out)
+        renamed = {matmul.input[0]: q_gated}
         copies = []
         for node in chain:
             copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
@@ -115,9 +103,6 @@ def apply(model, context: PassContext) -> PassReport:
         for offset, node in enumerate(gate + copies):
             model.graph.node.insert(at + offset, node)
         report.changed += 1
-        freed_heads += 1
-    if report.changed:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), zero_name))
     # What it frees depends on batch, heads and length: record per layer and let the caller scale it.
     report.details = {"layers": report.changed, "frees": "one [batch, heads, T, T] float32 tensor per layer"}
     return report

@@ -1,0 +1,203 @@
+"""Chunked loss: the vocabulary projection and cross-entropy run in row chunks, so [tokens, vocab] is never whole.
+
+ORT's training graph computes logits = h·Wᵀ ([tokens, vocab], 196 KB per token on a 49k vocabulary), keeps them as
+a graph output, saves the log-probabilities for the backward and builds their gradient: three [tokens, vocab]
+tensors alive at the turn from forward to backward, which is where the step peaks. The pass replaces that tail:
+
+    forward   h (rows padded to C·c) -> C chunks; per chunk: z = h_i·Wᵀ, Σ CE(z, labels_i)   (z dies at once)
+              loss = Σ_i CE_i / (labels != ignore_index).count            (exactly ORT's "mean" reduction)
+    backward  per chunk, one after the other: z = h_i·Wᵀ again, log p = LogSoftmax(z),
+              dz = SoftmaxCrossEntropyLossGrad(dloss / count, log p, labels_i), dh_i = dz·W
+              dh = Concat(dh_i)[:rows]
+
+Only h (tokens × hidden) is kept; at any time one chunk's [c, vocab] tensors exist. The training graph no longer
+outputs logits (the runtime never fetches them in training; the eval graph keeps them). Loss and gradients equal
+the unchunked ones up to float summation order.
+
+The backward chunks are chained (chunk i's recompute waits for chunk i-1's dh through a Size gate), and the first
+waits for the forward's last chunk, so ORT cannot schedule them early or together.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from lars_artifacts import LOGITS
+
+from ._base import (GATE_ZERO, GraphPass, PassContext, PassReport, consumers, gate_after, initializer_map,
+                    producers)
+
+log = logging.getLogger(__name__)
+
+MS = "com.microsoft"
+
+
+def find(model):
+    """(sce, sce_grad, lm_head MatMul, logits Reshape, nodes of the old gradient tail) or (None, why not)."""
+    prod, cons = producers(model), consumers(model)
+    inits = initializer_map(model)
+    sce = [n for n in model.graph.node if n.op_type == "SoftmaxCrossEntropyLoss"]
+    if len(sce) != 1:
+        return None, f"{len(sce)} SoftmaxCrossEntropyLoss nodes (expected the one loss)"
+    sce = sce[0]
+    reshape = prod.get(sce.input[0])
+    matmul = prod.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
+    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in inits:
+        return None, "the logits are not Reshape(MatMul(h, frozen Wᵀ))"
+    if len(sce.output) < 2:
+        return None, "the loss saves no log-probabilities (no backward to rewrite)"
+    grads = [n for n in cons.get(sce.output[1], []) if n.op_type == "SoftmaxCrossEntropyLossGrad"]
+    h_grad = f"{matmul.input[0]}_grad"
+    tail = [n for n in model.graph.node if h_grad in n.output]
+    if len(grads) != 1 or len(tail) != 1:
+        return None, "no SoftmaxCrossEntropyLossGrad -> dh path to replace"
+    return (sce, grads[0], matmul, reshape, tail[0]), None
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def apply(model, context: PassContext) -> PassReport:
+    from onnx import TensorProto, helper, numpy_helper
+
+    report = PassReport("chunked_loss")
+    chunks = context.loss_chunks
+    if chunks < 2:
+        report.skipped.append(f"--loss-chunks {chunks}: the loss runs whole")
+        return report
+    found, why_not = find(model)
+    if found is None:
+        report.skipped.append(why_not)
+        return report
+    sce, sce_grad, matmul, reshape, old_dh = found
+    h, w_t = matmul.input  # h [.., d]; w_t [d, vocab], a frozen initializer
+    labels, loss = sce.input[1], sce.output[0]
+    ignore = int(_attr(sce, "ignore_index", -100))
+    if (_attr(sce, "reduction", b"mean") or b"mean") not in (b"mean", "mean"):
+        report.skipped.append("the loss reduction is not mean")
+        return report
+    loss_grad = sce_grad.input[0]
+    h_grad = old_dh.output[0]
+    p = "/ChunkedLoss"
+    n = lambda s: f"{p}/{s}"  # noqa: E731
+    consts = {
+        n("zero_i"): np.array([0], np.int64), n("C"): np.array([chunks], np.int64),
+        n("C_minus_1"): np.array([chunks - 1], np.int64), n("minus_one"): np.array([-1], np.int64),
+        n("ignore"): np.array(ignore, np.int64),
+    }
+    nodes = [
+        # rows M, chunk c = ceil(M / C), padding C·c - M rows (ignored labels, zero hidden states)
+        helper.make_node("Shape", [h], [n("h_shape")], name=n("HShape")),
+        helper.make_node("Slice", [n("h_shape"), n("minus_one"), n("h_shape_end")], [n("d")], name=n("HiddenDim")),
+        helper.make_node("Concat", [n("minus_one"), n("d")], [n("rows_by_d")], name=n("RowsByD"), axis=0),
+        helper.make_node("Reshape", [h, n("rows_by_d")], [n("h_rows")], name=n("Flatten")),
+        helper.make_node("Shape", [labels], [n("M")], name=n("Rows")),
+        helper.make_node("Add", [n("M"), n("C_minus_1")], [n("M_up")], name=n("RoundUp")),
+        helper.make_node("Div", [n("M_up"), n("C")], [n("c")], name=n("ChunkRows")),
+        helper.make_node("Mul", [n("c"), n("C")], [n("M_pad")], name=n("PaddedRows")),
+        helper.make_node("Sub", [n("M_pad"), n("M")], [n("pad")], name=n("PadRows")),
+        helper.make_node("Concat", [n("zero_i"), n("zero_i"), n("pad"), n("zero_i")], [n("h_pads")],
+                         name=n("HPads"), axis=0),
+        helper.make_node("Pad", [n("h_rows"), n("h_pads")], [n("h_pad")], name=n("PadH")),
+        helper.make_node("Concat", [n("zero_i"), n("pad")], [n("l_pads")], name=n("LPads"), axis=0),
+        helper.make_node("Pad", [labels, n("l_pads"), n("ignore")], [n("l_pad")], name=n("PadLabels")),
+        helper.make_node("Expand", [n("c"), n("C")], [n("sizes")], name=n("Sizes")),
+        helper.make_node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)], name=n("SplitH"),
+                         axis=0),
+        helper.make_node("Split", [n("l_pad"), n("sizes")], [n(f"labels_chunk{i}") for i in range(chunks)],
+                         name=n("SplitLabels"), axis=0),
+        # count of labelled tokens, as ORT's mean reduction divides by it
+        helper.make_node("Equal", [labels, n("ignore")], [n("ignored")], name=n("Ignored")),
+        helper.make_node("Not", [n("ignored")], [n("kept")], name=n("Kept")),
+        helper.make_node("Cast", [n("kept")], [n("kept_f")], name=n("KeptFloat"), to=TensorProto.FLOAT),
+        helper.make_node("ReduceSum", [n("kept_f")], [n("count")], name=n("Count"), keepdims=0),
+    ]
+    consts[n("h_shape_end")] = np.array([np.iinfo(np.int64).max], np.int64)
+    # forward: one chunk after another (chunk i waits for chunk i-1's logits through a Size gate)
+    sums, prev_z = [], None
+    for i in range(chunks):
+        h_i = n(f"h_chunk{i}")
+        if prev_z is not None:
+            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, prev_z)
+            nodes += gate
+        z = n(f"z_chunk{i}")
+        nodes.append(helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"Logits{i}")))
+        nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}")], name=n(f"CE{i}"),
+                                      reduction="sum", ignore_index=ignore))
+        sums.append(n(f"ce_chunk{i}"))
+        prev_z = z
+    nodes += [helper.make_node("Sum", sums, [n("ce_sum")], name=n("SumCE")),
+              helper.make_node("Div", [n("ce_sum"), n("count")], [loss], name=n("MeanCE"))]
+    forward = nodes
+
+    # backward: dloss / count, then per chunk recompute -> grad -> dh_i, chained
+    nodes = [helper.make_node("Div", [loss_grad, n("count")], [n("dce")], name=n("dCE"))]
+    gate_on, dhs = prev_z, []
+    for i in range(chunks):
+        gate, h_i = gate_after(model, n(f"bwd{i}"), n(f"h_chunk{i}"), gate_on)
+        nodes += gate
+        if i == 0:  # and on the loss gradient itself (a scalar: gated by value, it is finite), so the backward
+            # starts from the seed like every other gradient node
+            nodes += [helper.make_node("Mul", [n("dce"), GATE_ZERO], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
+                      helper.make_node("Add", [h_i, n("bwd0/seed_zero")], [n("bwd0/seeded")], name=n("bwd0/Seed"))]
+            h_i = n("bwd0/seeded")
+        z, logp, dz, dh = n(f"bwd{i}/z"), n(f"bwd{i}/logp"), n(f"bwd{i}/dz"), n(f"bwd{i}/dh")
+        nodes += [
+            helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"bwd{i}/Logits")),
+            helper.make_node("LogSoftmax", [z], [logp], name=n(f"bwd{i}/LogSoftmax"), axis=-1),
+            helper.make_node("SoftmaxCrossEntropyLossGrad", [n("dce"), logp, n(f"labels_chunk{i}")], [dz],
+                             name=n(f"bwd{i}/CEGrad"), domain=MS, reduction="sum", ignore_index=ignore),
+            helper.make_node("FusedMatMul", [dz, w_t], [dh], name=n(f"bwd{i}/dH"), domain=MS, transA=0, transB=1,
+                             alpha=1.0),
+        ]
+        dhs.append(dh)
+        gate_on = dh
+    nodes += [
+        helper.make_node("Concat", dhs, [n("dh_pad")], name=n("ConcatDH"), axis=0),
+        helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_rows")], name=n("Unpad")),
+        helper.make_node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad], name=n("UnflattenDH")),
+    ]
+    backward = nodes
+
+    # Drop the old tail: logits, the whole-vocabulary loss, its gradient and the logits' shape bookkeeping.
+    old = {id(x) for x in (sce, sce_grad, matmul, reshape, old_dh)}
+    logits_grad_path = set()
+    frontier = list(sce_grad.output)
+    cons = consumers(model)
+    while frontier:  # logits_grad -> Reshape -> dY -> (old_dh): remove those in between too
+        for node in cons.get(frontier.pop(), []):
+            if id(node) not in old and id(node) not in logits_grad_path and h_grad not in node.output:
+                logits_grad_path.add(id(node))
+                frontier.extend(node.output)
+    old |= logits_grad_path
+    removed_outputs = {o for x in model.graph.node if id(x) in old for o in x.output}
+    # Shape bookkeeping of the removed tensors (ORT's Reshape gradient measures the logits) goes with them.
+    old |= {id(x) for x in model.graph.node if x.op_type == "Shape" and x.input[0] in removed_outputs}
+    kept = [x for x in model.graph.node if id(x) not in old]
+    at_fwd = next(i for i, x in enumerate(model.graph.node) if x is matmul)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    # Insert forward where the lm_head was, backward before the first reader of dh.
+    for offset, node in enumerate(forward):
+        model.graph.node.insert(min(at_fwd, len(model.graph.node)) + offset, node)
+    readers = [i for i, x in enumerate(model.graph.node) if h_grad in x.input]
+    at_bwd = min(readers) if readers else len(model.graph.node)
+    for offset, node in enumerate(backward):
+        model.graph.node.insert(at_bwd + offset, node)
+    for name, value in consts.items():
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    outputs = [o for o in model.graph.output if o.name != LOGITS]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    report.changed = 1
+    report.details = {"chunks": chunks, "frees": "three [tokens, vocab] float32 tensors at the turn, less one chunk's",
+                      "logits_output_dropped": True}
+    return report
+
+
+CHUNKED_LOSS = GraphPass("chunked_loss", "training", apply, help=__doc__.splitlines()[0], switch="loss_chunks")
