@@ -36,6 +36,9 @@ class ExportConfig:
     recompute_attention: bool = field(default=True, metadata={
         "help": "recompute each layer's attention probabilities in the backward instead of keeping them (exact; "
                 "frees heads x T^2 floats per layer)"})
+    recompute_layers: bool = field(default=False, metadata={
+        "help": "keep only each decoder block's input and recompute the block in the backward (exact; one more "
+                "forward per step; LARS then saves nothing more: pair it with --lars-basis none)"})
     loss_chunks: int = field(default=8, metadata={
         "help": "compute the vocabulary projection and cross-entropy in this many row chunks, recomputed chunk by "
                 "chunk in the backward, so [tokens, vocab] is never whole (exact; < 2: the whole loss at once)"})

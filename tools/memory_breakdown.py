@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+TRANSIENTS = "loss transients at the turn (not saved)"
 PROBE = 97  # a prime, so a dimension equal to it is the sequence length and nothing else
 
 # (kind, test on the saved tensor's name and producer) in priority order; the first match wins.
@@ -119,11 +120,14 @@ def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
         counts[kind] += 1
         for seq in seq_lens:
             rows[kind][seq] += float(np.prod([seq if d == PROBE else d for d in shape])) * itemsize / 2**20
+    chunked = next((p["details"]["chunks"] for p in manifest.passes if p["name"] == "chunked_loss" and p["changed"]),
+                   None)
     for seq in seq_lens:
-        # The loss turns [T, vocab] logits into log-probabilities (saved, counted above) and, in the backward,
-        # into their gradient: two more [T, vocab] float32 tensors at the turn. Not saved, but alive at the peak.
-        rows["loss transients (logits, their gradient)"][seq] = 2 * seq * vocab * 4 / 2**20
-    counts["loss transients (logits, their gradient)"] = 2
+        # Not saved but alive at the turn. Whole loss: the logits (a graph output) and their gradient, two more
+        # [T, vocab] tensors. Chunked loss: one chunk's recomputed logits, log-probabilities and gradient.
+        whole = 2 * seq * vocab * 4 / 2**20
+        rows[TRANSIENTS][seq] = whole if chunked is None else 3 * -(-seq // chunked) * vocab * 4 / 2**20
+    counts[TRANSIENTS] = 2 if chunked is None else 3
     names = defaultdict(list)
     for name, (op, aliases) in sorted(saved.items()):
         names[kind_of(aliases, op)].append(f"{name} {op} {list(shapes[name][0])}")
@@ -140,7 +144,7 @@ def _mb(v: float) -> str:
 def table(result: dict, seq_lens: list[int]) -> str:
     head = "| saved for the backward | tensors | " + " | ".join(f"{s} tok MB" for s in seq_lens) + " |"
     lines = [head, "|" + "---|" * (len(seq_lens) + 2)]
-    order = [k for k, _ in KINDS] + ["other", "loss transients (logits, their gradient)"]
+    order = [k for k, _ in KINDS] + ["other", TRANSIENTS]
     total = defaultdict(float)
     for kind in order:
         if kind not in result["rows"]:

@@ -13,6 +13,7 @@ from ._base import GraphPass, PassContext, PassReport
 from .attention_recompute import ATTENTION_RECOMPUTE
 from .chunked_loss import CHUNKED_LOSS
 from .lars_projection import LARS_PROJECTION
+from .layer_recompute import LAYER_RECOMPUTE
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
 
 # The ordered list of passes. Adding a pass: a file in this folder, its test, and one line here.
@@ -21,6 +22,7 @@ PASSES: list[GraphPass] = [
     LARS_PROJECTION,
     ATTENTION_RECOMPUTE,
     CHUNKED_LOSS,
+    LAYER_RECOMPUTE,
 ]
 
 

@@ -109,26 +109,25 @@ def saved_for_backward(model) -> dict[str, list]:
     return out
 
 
-GATE_ZERO = "passes.gate.zero"  # the float 0 every gate multiplies by (one shared initializer)
+GATE_FLOOR = "passes.gate.floor"  # int64 -1: Size(t) > -1 is always true (one shared initializer)
 
 
 def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
-    """Nodes computing tensor + 0·Size(after), and the gated name: the same values, available only once `after` is.
+    """Nodes computing Where(Size(after) > -1, tensor, tensor), and its name: the same values (any dtype), available
+    only once `after` exists.
 
     Recompute passes use it so ORT cannot schedule a recomputation before the backward reaches it, and so its
     common-subexpression elimination cannot merge the copy back into the forward (the gated input differs). `after`
     must have a dynamic shape: ORT constant-folds Size of a static one, which would drop the dependency.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    if GATE_ZERO not in {i.name for i in model.graph.initializer}:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), GATE_ZERO))
+    if GATE_FLOOR not in {i.name for i in model.graph.initializer}:
+        model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), GATE_FLOOR))
     gated = f"{prefix}/gated"
     return [
         helper.make_node("Size", [after], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
-        helper.make_node("Cast", [f"{prefix}/gate_size"], [f"{prefix}/gate_float"], name=f"{prefix}/GateCast",
-                         to=TensorProto.FLOAT),
-        helper.make_node("Mul", [f"{prefix}/gate_float", GATE_ZERO], [f"{prefix}/gate_zero"],
-                         name=f"{prefix}/GateZero"),
-        helper.make_node("Add", [tensor, f"{prefix}/gate_zero"], [gated], name=f"{prefix}/Gate"),
+        helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
+                         name=f"{prefix}/GateOpen"),
+        helper.make_node("Where", [f"{prefix}/gate_open", tensor, tensor], [gated], name=f"{prefix}/Gate"),
     ], gated

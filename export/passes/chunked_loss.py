@@ -26,8 +26,7 @@ import numpy as np
 
 from lars_artifacts import LOGITS
 
-from ._base import (GATE_ZERO, GraphPass, PassContext, PassReport, consumers, gate_after, initializer_map,
-                    producers)
+from ._base import GraphPass, PassContext, PassReport, consumers, gate_after, initializer_map, producers
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def apply(model, context: PassContext) -> PassReport:
     consts = {
         n("zero_i"): np.array([0], np.int64), n("C"): np.array([chunks], np.int64),
         n("C_minus_1"): np.array([chunks - 1], np.int64), n("minus_one"): np.array([-1], np.int64),
-        n("ignore"): np.array(ignore, np.int64),
+        n("ignore"): np.array(ignore, np.int64), n("zero_f"): np.array(0.0, np.float32),
     }
     nodes = [
         # rows M, chunk c = ceil(M / C), padding C·c - M rows (ignored labels, zero hidden states)
@@ -141,9 +140,9 @@ def apply(model, context: PassContext) -> PassReport:
     for i in range(chunks):
         gate, h_i = gate_after(model, n(f"bwd{i}"), n(f"h_chunk{i}"), gate_on)
         nodes += gate
-        if i == 0:  # and on the loss gradient itself (a scalar: gated by value, it is finite), so the backward
-            # starts from the seed like every other gradient node
-            nodes += [helper.make_node("Mul", [n("dce"), GATE_ZERO], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
+        if i == 0:  # and on the loss gradient itself, so the backward starts from the seed like every other
+            # gradient node (dce is a scalar, whose Size ORT would fold: gate on its value, which is finite)
+            nodes += [helper.make_node("Mul", [n("dce"), n("zero_f")], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
                       helper.make_node("Add", [h_i, n("bwd0/seed_zero")], [n("bwd0/seeded")], name=n("bwd0/Seed"))]
             h_i = n("bwd0/seeded")
         z, logp, dz, dh = n(f"bwd{i}/z"), n(f"bwd{i}/logp"), n(f"bwd{i}/dz"), n(f"bwd{i}/dh")

@@ -1,0 +1,112 @@
+"""Layer recompute (checkpointing): each decoder block keeps only its input; the backward recomputes the rest.
+
+For block L, every tensor the block's forward makes and its backward reads (attention Q/K/V and probabilities, MLP
+activations, norm statistics, adapter inputs or their LARS projections) is replaced, for the backward, by a copy
+computed from the block's input when the backward reaches the block. What stays alive from forward to backward is
+one [batch, T, hidden] residual per block (plus what all blocks share: the mask, the rotary tables). The cost is
+one more forward of every block per step.
+
+How it composes with the other passes:
+- attention recompute: subsumed (the block copy recomputes the probabilities too); both may be on.
+- LARS: with blocks recomputed, the adapter inputs exist again in the backward, so LARS no longer saves memory; its
+  projection is recomputed like any other tensor and the gradient stays the LARS approximation. Use exact LoRA
+  (--lars-basis none) with --recompute-layers unless the approximation is wanted for itself.
+
+The copy's inputs from outside the block (the residual stream) pass through a gate on the gradient of the block's
+output, so ORT cannot run the copy early, and common-subexpression elimination cannot merge it into the forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from ._base import SHAPE_OPS, GraphPass, PassContext, PassReport, backward_nodes, gate_after, producers
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"layers\.(\d+)[./]")
+
+
+def _layer_of(node) -> int | None:
+    m = _LAYER.search(node.name)
+    return int(m.group(1)) if m else None
+
+
+def apply(model, context: PassContext) -> PassReport:
+    from onnx import helper
+
+    report = PassReport("layer_recompute")
+    backward = backward_nodes(model)
+    backward_ids = {id(n) for n in backward}
+    prod = producers(model)
+    graph_inputs = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    graph_names = {o for n in model.graph.node for o in n.output}
+    blocks: dict[int, list] = {}
+    for node in model.graph.node:
+        layer = _layer_of(node)
+        if layer is not None and id(node) not in backward_ids:
+            blocks.setdefault(layer, []).append(node)
+    position = {id(n): i for i, n in enumerate(model.graph.node)}
+    inserts = []  # (index, nodes)
+    for layer in sorted(blocks):
+        members = {id(n) for n in blocks[layer]}
+        # The block's output: the last tensor it makes that later blocks (or the final norm) read, with a gradient.
+        # (Exporters share constants across blocks, so "read outside the block" alone is not enough.)
+        later = [n for n in model.graph.node if id(n) not in backward_ids and id(n) not in members
+                 and (_layer_of(n) is None or _layer_of(n) > layer)]
+        outputs = [t for t in {t for n in later for t in n.input if t in prod and id(prod[t]) in members}
+                   if f"{t}_grad" in graph_names]
+        grads = [f"{max(outputs, key=lambda t: position[id(prod[t])])}_grad"] if outputs else []
+        # Tensors of this block that the backward reads (by value), except what later blocks read anyway (the
+        # residual out is the next block's kept input; recomputing it would also make the gate wait on itself).
+        handed_on = {t for n in later for t in n.input}
+        read = {t for n in backward if n.op_type not in SHAPE_OPS for t in n.input
+                if t in prod and id(prod[t]) in members and t not in handed_on}
+        if not read:
+            continue
+        # Their ancestors inside the block: what the copy recomputes.
+        needed, stack = set(), list(read)
+        while stack:
+            node = prod.get(stack.pop())
+            if node is not None and id(node) in members and id(node) not in needed:
+                needed.add(id(node))
+                stack.extend(node.input)
+        copy_nodes = [n for n in blocks[layer] if id(n) in needed]  # stored order
+        # What comes in from outside the block (the residual stream, the mask, rotary tables, shapes): all gated.
+        external = sorted({t for n in copy_nodes for t in n.input
+                           if t and t not in graph_inputs and t in prod and id(prod[t]) not in members
+                           and id(prod[t]) not in backward_ids})
+        if not grads or not external:
+            why = "no gradient of the block output to gate on" if not grads else "no input from outside the block"
+            report.skipped.append(f"layers.{layer}: {why}")
+            continue
+        prefix = f"/layer_recompute/layers.{layer}"
+        renamed, new_nodes = {}, []
+        for k, t in enumerate(external):
+            gate, gated = gate_after(model, f"{prefix}/in{k}", t, grads[0])
+            new_nodes += gate
+            renamed[t] = gated
+        for node in copy_nodes:
+            copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                                    [f"{o}.layer_recompute" if o else "" for o in node.output],
+                                    name=f"{prefix}/{node.name}", domain=node.domain or None)
+            copy.attribute.extend(node.attribute)
+            renamed.update({o: c for o, c in zip(node.output, copy.output) if o})
+            new_nodes.append(copy)
+        readers = [n for n in backward if n.op_type not in SHAPE_OPS and any(t in read for t in n.input)]
+        for reader in readers:
+            for k, t in enumerate(reader.input):
+                if t in read:
+                    reader.input[k] = renamed[t]
+        inserts.append((min(position[id(r)] for r in readers), new_nodes))
+        report.changed += 1
+    for at, new_nodes in sorted(inserts, key=lambda x: -x[0]):  # from the end, so indices stay valid
+        for offset, node in enumerate(new_nodes):
+            model.graph.node.insert(at + offset, node)
+    report.details = {"blocks": report.changed, "keeps": "each block's input (residual stream)"}
+    return report
+
+
+LAYER_RECOMPUTE = GraphPass("layer_recompute", "training", apply, help=__doc__.splitlines()[0],
+                            switch="recompute_layers")

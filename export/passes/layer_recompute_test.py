@@ -1,0 +1,120 @@
+"""Layer recompute on a two-block residual model exported like the real ones (TorchScript, blocks named layers.N):
+gradients equal PyTorch autograd's, and after the pass the backward keeps only what enters and leaves each block,
+in the stored graph and in the graph ORT optimises and runs."""
+
+import numpy as np
+import onnx
+
+from lars_export.passes import PassContext
+from lars_export.passes._base import producers, saved_for_backward
+from lars_export.passes.layer_recompute import LAYER_RECOMPUTE, _layer_of
+
+D, F, R, V, T = 6, 10, 2, 9, 5
+TRAINABLE = {f"layers.{i}.{m}.lora_{ab}.default.weight" for i in (0, 1) for m in ("up", "down") for ab in "AB"}
+
+
+def _model(rng):
+    import torch
+
+    class LoraLinear(torch.nn.Module):
+        def __init__(self, d_in, d_out):
+            super().__init__()
+            self.base_layer = torch.nn.Linear(d_in, d_out, bias=False)
+            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(d_in, R, bias=False)})
+            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, d_out, bias=False)})
+
+        def forward(self, x):
+            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
+
+    class Block(torch.nn.Module):  # x + down(silu(up(x)) * x·G): activations the backward needs
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = LoraLinear(D, F), LoraLinear(F, D)
+            self.gate = torch.nn.Linear(D, F, bias=False)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.silu(self.up(x)) * self.gate(x))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, D)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.head = torch.nn.Linear(D, V, bias=False)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32) * 0.5))
+    return model
+
+
+def _module(directory, optimized_to=None):
+    from onnxruntime.capi import _pybind_state as C
+
+    state = C.load_checkpoint(str(directory / "checkpoint"))
+    options = C.SessionOptions()
+    options.execution_order = C.ExecutionOrder.PRIORITY_BASED
+    if optimized_to:
+        options.optimized_model_filepath = str(optimized_to)
+    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
+
+
+def _kept_inside_blocks(model) -> list[str]:
+    """Saved tensors made inside a block other than the block's output (what flows to the next block)."""
+    prod = producers(model)
+    later_readers = {}
+    for node in model.graph.node:
+        for t in node.input:
+            later_readers.setdefault(t, set()).add(_layer_of(node))
+    out = []
+    for t in saved_for_backward(model):
+        layer = _layer_of(prod[t])
+        if layer is None or prod[t].op_type in ("Transpose",):  # weight transposes of the adapters: [d, r]
+            continue
+        if not any(other is None or other > layer for other in later_readers.get(t, ())):
+            out.append(t)
+    return sorted(out)
+
+
+def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tmp_path):
+    import torch
+
+    from lars_export import ort_artifacts
+
+    rng = np.random.default_rng(0)
+    model = _model(rng)
+    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
+                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
+                      do_constant_folding=False, dynamo=False)
+    ort_artifacts.generate(onnx.load(str(tmp_path / "fwd.onnx")), sorted(TRAINABLE), tmp_path)
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    assert len(_kept_inside_blocks(training)) >= 4  # the check can fail: each block keeps its activations
+    report = LAYER_RECOMPUTE.apply(training, PassContext(trainable=TRAINABLE))
+    assert report.changed == 2 and report.skipped == []
+    assert _kept_inside_blocks(training) == []
+    onnx.save(training, str(tmp_path / "training_model.onnx"))
+
+    ids = rng.integers(0, 20, size=T).astype(np.int64)
+    labels = rng.integers(0, V, size=T).astype(np.int64)
+    C, state, module = _module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    out = C.OrtValueVector()
+    module.train_step([ids, labels], out)
+    loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(ids)), torch.from_numpy(labels))
+    loss.backward()
+    params = dict(model.named_parameters())
+    np.testing.assert_allclose(float(out[0].numpy()), loss.item(), rtol=1e-5)
+    for name in sorted(TRAINABLE):
+        np.testing.assert_allclose(state.get_parameter(name).grad.numpy(), params[name].grad.numpy(),
+                                   rtol=1e-4, atol=1e-6, err_msg=name)
+
+    # The graph ORT runs: the copies survived its common-subexpression elimination.
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    assert _kept_inside_blocks(optimized) == []
