@@ -12,6 +12,7 @@ import numpy as np
 
 from lars_artifacts import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle, BundleError, LarsError)
 
+from .allocator import set_mmap_threshold
 from .data import Batch
 
 
@@ -27,9 +28,11 @@ class Engine:
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
                  threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                 priority_order: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
         C = _capi()
         self.C, self.bundle = C, bundle
+        if not memory_arena:  # with the arena on, ORT keeps its own blocks and the heap matters less
+            set_mmap_threshold(int(mmap_threshold_mb * 2**20))
         manifest = bundle.manifest
         self.vocab_size, self.max_seq_len = manifest.vocab_size, manifest.max_seq_len
         ckpt = str(checkpoint) if checkpoint else bundle.file(CHECKPOINT)

@@ -45,10 +45,10 @@ class Trainer:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
                  eval: bool = True, threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                 verify: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, verify: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.engine = Engine(self.bundle, checkpoint=checkpoint, eval=eval, threads=threads, memory_arena=memory_arena,
-                             memory_reuse=memory_reuse)
+                             memory_reuse=memory_reuse, mmap_threshold_mb=mmap_threshold_mb)
         self.tokenizer = load_tokenizer(self.bundle)
 
     # -- steps on tokens or text -------------------------------------------------------------------------------
@@ -153,12 +153,13 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
         start = int(saved.state["step"])
         position = saved.state["position"]
         trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint, eval=eval_seqs is not None, threads=args.threads,
-                          memory_arena=args.memory_arena, memory_reuse=args.memory_reuse)
+                          memory_arena=args.memory_arena, memory_reuse=args.memory_reuse,
+                          mmap_threshold_mb=args.mmap_threshold_mb)
     else:
         ckpt.ensure_new_run(run)  # checked before the (slow) session load
         start, position = 0, {"epoch": 0, "index": 0}
         trainer = Trainer(bundle, eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
-                          memory_reuse=args.memory_reuse)
+                          memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb)
         ckpt.create_run(run, bundle, args.to_dict())  # only once the bundle loaded: a failed start leaves no run
     stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
 

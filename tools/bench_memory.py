@@ -11,9 +11,12 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   recompute exact LoRA + attention recompute alone
   chunked-loss exact LoRA + the chunked loss alone
   default   the exporter's defaults: LARS + attention recompute + chunked loss
+  stack     exact LoRA + layer recompute + attention recompute + chunked loss (--lars-basis none
+            --recompute-layers): the lowest-memory exact bundle
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @reuse    ORT's buffer reuse on (arena and memory patterns still off)
+  @heap     glibc's default heap for every tensor (no mmap threshold)
   @arena    ORT's defaults: CPU arena, memory patterns and buffer reuse on
   e.g. --modes ort-lora,ort-lora@reuse,lars,lars@reuse
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
@@ -41,10 +44,12 @@ BUNDLE_MODES = {
     "recompute": {**_NO_PASSES, "recompute_attention": True},
     "chunked-loss": {**_NO_PASSES, "loss_chunks": 8},
     "default": {},  # the exporter's defaults
+    "stack": {"lars_basis": "none", "recompute_layers": True},
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
-RUNTIME_SETTINGS = {"": {}, "reuse": {"memory_reuse": True}, "arena": {"memory_arena": True, "memory_reuse": True}}
+RUNTIME_SETTINGS = {"": {}, "reuse": {"memory_reuse": True}, "heap": {"mmap_threshold_mb": 0},
+                    "arena": {"memory_arena": True, "memory_reuse": True}}
 
 
 def split_mode(mode: str) -> tuple[str, str]:
