@@ -154,7 +154,7 @@ def table(result: dict, seq_lens: list[int]) -> str:
             total[s] += v
         lines.append(f"| {kind} | {result['tensors'][kind]} | " + " | ".join(_mb(v) for v in vals) + " |")
     lines.append("| **total at the turn** | | " + " | ".join(f"**{_mb(total[s])}**" for s in seq_lens) + " |")
-    lines.append(f"| frozen weights (file, held once) | | " +
+    lines.append("| frozen weights (file, held once) | | " +
                  " | ".join(f"{result['frozen_weight_mb']:,.0f}" for _ in seq_lens) + " |")
     return "\n".join(lines)
 

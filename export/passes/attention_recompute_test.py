@@ -8,6 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
+from lars_export.passes._testing import lora_linear, ort_module
 from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
 
 D, H, R, V, T = 8, 2, 2, 11, 6
@@ -17,22 +18,12 @@ A_NAME, B_NAME = "attn.q_proj.lora_A.default.weight", "attn.q_proj.lora_B.defaul
 def _model(rng, squash: bool = False):
     import torch
 
-    class LoraLinear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base_layer = torch.nn.Linear(D, D, bias=False)
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(D, R, bias=False)})
-            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, D, bias=False)})
-
-        def forward(self, x):
-            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
-
     class Attention(torch.nn.Module):
         """Eager attention as transformers writes it: (Q·Kᵀ)·scale + mask -> softmax -> ·V."""
 
         def __init__(self):
             super().__init__()
-            self.q_proj = LoraLinear()
+            self.q_proj = lora_linear(D, D, R)
             self.k_proj = torch.nn.Linear(D, D, bias=False)
             self.v_proj = torch.nn.Linear(D, D, bias=False)
 
@@ -75,20 +66,9 @@ def _artifacts(tmp_path, model):
     ort_artifacts.generate(onnx.load(str(tmp_path / "fwd.onnx")), [A_NAME, B_NAME], tmp_path)
 
 
-def _module(directory, optimized_to=None):
-    from onnxruntime.capi import _pybind_state as C
-
-    state = C.load_checkpoint(str(directory / "checkpoint"))
-    options = C.SessionOptions()
-    options.execution_order = C.ExecutionOrder.PRIORITY_BASED  # what the runtime uses
-    if optimized_to:
-        options.optimized_model_filepath = str(optimized_to)
-    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
-
 
 def _grads(directory, ids, labels):
-    C, state, module = _module(directory)
+    C, state, module = ort_module(directory)
     out = C.OrtValueVector()
     module.train_step([ids, labels], out)
     return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in (A_NAME, B_NAME)}
@@ -129,7 +109,7 @@ def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabiliti
 
     # The graph ORT actually runs: its optimisations (fusion, common-subexpression elimination) must neither merge
     # the copy back into the forward nor leave a forward Softmax read by the backward.
-    _module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2  # forward + recompute
     assert _saved_softmax(optimized) == []

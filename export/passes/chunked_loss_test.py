@@ -8,6 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
+from lars_export.passes._testing import lora_linear, ort_module
 from lars_export.passes.chunked_loss import CHUNKED_LOSS
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
 
@@ -18,21 +19,11 @@ A_NAME, B_NAME = "mix.lora_A.default.weight", "mix.lora_B.default.weight"
 def _model(rng):
     import torch
 
-    class LoraLinear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base_layer = torch.nn.Linear(D, D, bias=False)
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(D, R, bias=False)})
-            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, D, bias=False)})
-
-        def forward(self, x):
-            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
-
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(20, D)
-            self.mix = LoraLinear()
+            self.mix = lora_linear(D, D, R)
             self.lm_head = torch.nn.Linear(D, V, bias=False)
 
         def forward(self, ids):  # [batch, T] -> [batch * T, V], as lars' exporter flattens them
@@ -67,17 +58,6 @@ def bundles(tmp_path_factory):
     return model, root, report
 
 
-def _module(directory, optimized_to=None):
-    from onnxruntime.capi import _pybind_state as C
-
-    state = C.load_checkpoint(str(directory / "checkpoint"))
-    options = C.SessionOptions()
-    options.execution_order = C.ExecutionOrder.PRIORITY_BASED  # what the runtime uses
-    if optimized_to:
-        options.optimized_model_filepath = str(optimized_to)
-    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
-
 
 def _vocab_sized_saved(model) -> list[str]:
     """Saved tensors made by the head MatMul, the loss or a log-softmax: the [tokens, vocab] ones."""
@@ -98,7 +78,7 @@ def test_chunked_loss_and_gradients_equal_autograd(bundles, batch, length):
     ids = rng.integers(0, 20, size=(batch, length)).astype(np.int64)
     labels = rng.integers(0, V, size=batch * length).astype(np.int64)
     labels[0] = -100  # an ignored (prompt / padding) position
-    C, state, module = _module(root / "chunked")
+    C, state, module = ort_module(root / "chunked")
     out = C.OrtValueVector()
     module.train_step([ids, labels], out)
     assert len(out) == 1  # the loss only: the training graph no longer outputs logits
@@ -124,7 +104,7 @@ def test_no_vocabulary_sized_tensor_is_saved_for_the_backward(bundles, tmp_path)
 
     # In the graph ORT optimises and runs, every chunk's projection stays (2 per chunk: forward and recompute;
     # common-subexpression elimination merged none) and still nothing vocabulary-sized is saved.
-    _module(root / "chunked", optimized_to=tmp_path / "optimized.onnx")
+    ort_module(root / "chunked", optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     projections = [n for n in optimized.graph.node if n.op_type in ("MatMul", "FusedMatMul")
                    and any("lm_head" in i for i in n.input)]

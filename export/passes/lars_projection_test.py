@@ -6,6 +6,7 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
+from lars_export.passes._testing import lora_linear, ort_module
 from lars_export.passes.lars_projection import LARS_PROJECTION
 
 D, R, V, T = 12, 3, 9, 7
@@ -16,22 +17,12 @@ def _export(tmp_path, rng):
     """logits = x·Wᵀ + 2·(x·Aᵀ)·Bᵀ with x = Embedding(ids)·G: a LoRA linear in PEFT's parameter layout."""
     import torch
 
-    class LoraLinear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base_layer = torch.nn.Linear(D, V, bias=False)
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(D, R, bias=False)})
-            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, V, bias=False)})
-
-        def forward(self, x):
-            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
-
     class Tiny(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.embed = torch.nn.Embedding(20, D)
             self.mix = torch.nn.Linear(D, D, bias=False)
-            self.q_proj = LoraLinear()
+            self.q_proj = lora_linear(D, V, R)
 
         def forward(self, ids):
             return self.q_proj(self.mix(self.embed(ids)))
@@ -48,11 +39,7 @@ def _export(tmp_path, rng):
 
 
 def _grads(directory, ids, labels):
-    from onnxruntime.capi import _pybind_state as C
-
-    state = C.load_checkpoint(str(directory / "checkpoint"))
-    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    module = C.Module(str(directory / "training_model.onnx"), state, None, device, C.SessionOptions())
+    C, state, module = ort_module(directory, priority_order=False)
     module.train_step([ids, labels], C.OrtValueVector())
     return {n: state.get_parameter(n).grad.numpy().copy() for n in (A_NAME, B_NAME)}
 

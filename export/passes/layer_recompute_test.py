@@ -7,6 +7,7 @@ import onnx
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
+from lars_export.passes._testing import lora_linear, ort_module
 from lars_export.passes.layer_recompute import LAYER_RECOMPUTE, _layer_of
 
 D, F, R, V, T = 6, 10, 2, 9, 5
@@ -16,20 +17,10 @@ TRAINABLE = {f"layers.{i}.{m}.lora_{ab}.default.weight" for i in (0, 1) for m in
 def _model(rng):
     import torch
 
-    class LoraLinear(torch.nn.Module):
-        def __init__(self, d_in, d_out):
-            super().__init__()
-            self.base_layer = torch.nn.Linear(d_in, d_out, bias=False)
-            self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(d_in, R, bias=False)})
-            self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(R, d_out, bias=False)})
-
-        def forward(self, x):
-            return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * 2.0
-
     class Block(torch.nn.Module):  # x + down(silu(up(x)) * x·G): activations the backward needs
         def __init__(self):
             super().__init__()
-            self.up, self.down = LoraLinear(D, F), LoraLinear(F, D)
+            self.up, self.down = lora_linear(D, F, R), lora_linear(F, D, R)
             self.gate = torch.nn.Linear(D, F, bias=False)
 
         def forward(self, x):
@@ -54,17 +45,6 @@ def _model(rng):
             p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32) * 0.5))
     return model
 
-
-def _module(directory, optimized_to=None):
-    from onnxruntime.capi import _pybind_state as C
-
-    state = C.load_checkpoint(str(directory / "checkpoint"))
-    options = C.SessionOptions()
-    options.execution_order = C.ExecutionOrder.PRIORITY_BASED
-    if optimized_to:
-        options.optimized_model_filepath = str(optimized_to)
-    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
 
 
 def _kept_inside_blocks(model) -> list[str]:
@@ -104,7 +84,7 @@ def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tm
 
     ids = rng.integers(0, 20, size=T).astype(np.int64)
     labels = rng.integers(0, V, size=T).astype(np.int64)
-    C, state, module = _module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    C, state, module = ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
     out = C.OrtValueVector()
     module.train_step([ids, labels], out)
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(ids)), torch.from_numpy(labels))
