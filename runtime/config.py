@@ -42,8 +42,8 @@ class TrainingArgs:
                                      "tokens on SmolLM2 (README, Runtime memory settings)")
     memory_reuse: bool = _opt(False, "ORT's buffer reuse between tensors of one size: holds dead buffers until their "
                                      "reuse, ~0.6 GB more at 1024 tokens on SmolLM2 (README, Runtime memory settings)")
-    mmap_threshold_mb: float = _opt(1.0, "tensors of at least this many MB get their own memory mapping, returned to the "
-                                         "OS when freed (glibc; 0: glibc's default heap, which fragments: ~2x the "
+    mmap_threshold_mb: float = _opt(1.0, "tensors of at least this many MB get their own memory mapping, returned to "
+                                         "the OS when freed (glibc; 0: glibc's default heap, which fragments: ~2x the "
                                          "peak RSS with recompute bundles, README Runtime memory settings)")
     resume: bool = _opt(False, "continue the run in --out from its latest checkpoint")
     progress: bool = _opt(True, "show a progress bar")

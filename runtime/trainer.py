@@ -144,6 +144,8 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
     eval_seqs = load_sequences(args.eval_data, tok, args.seq_len, args.mask_prompt) if args.eval_data else None
     data_id = _file_id(args.data)
 
+    session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
+                   memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb)
     if args.resume:
         ckpt.check_run_bundle(run, bundle)
         saved = ckpt.latest(run)
@@ -152,14 +154,11 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
                             f"({saved.state.get('data', {}).get('path')}); resume with the same file")
         start = int(saved.state["step"])
         position = saved.state["position"]
-        trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint, eval=eval_seqs is not None, threads=args.threads,
-                          memory_arena=args.memory_arena, memory_reuse=args.memory_reuse,
-                          mmap_threshold_mb=args.mmap_threshold_mb)
+        trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint, **session)
     else:
         ckpt.ensure_new_run(run)  # checked before the (slow) session load
         start, position = 0, {"epoch": 0, "index": 0}
-        trainer = Trainer(bundle, eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
-                          memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb)
+        trainer = Trainer(bundle, **session)
         ckpt.create_run(run, bundle, args.to_dict())  # only once the bundle loaded: a failed start leaves no run
     stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
 

@@ -178,10 +178,11 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
 
     # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
-    python = a.runtime_python if split_mode(mode)[0] in BUNDLE_MODES else sys.executable
-    cmd = [python, __file__, "--worker", mode, "--setting", split_mode(mode)[1], "--seq-len", str(seq), "--batch-size", str(a.batch_size),
-           "--steps", str(a.steps), "--threads", str(a.threads), "--rank", str(a.rank), "--targets", a.targets,
-           "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
+    base, setting = split_mode(mode)
+    python = a.runtime_python if base in BUNDLE_MODES else sys.executable
+    cmd = [python, __file__, "--worker", mode, "--setting", setting, "--seq-len", str(seq),
+           "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
+           "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
            "tokens_per_s": None, "status": "ok"}
     with tempfile.TemporaryFile("w+") as out:

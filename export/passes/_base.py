@@ -13,8 +13,6 @@ class PassContext:
     trainable: set[str]  # initializer names ORT will train (the adapters); passes must keep them as they are
     # LARS: lora_A parameter name -> projection basis P [d, k] (float32); empty for exact LoRA.
     lars_bases: dict = field(default_factory=dict)
-
-
     loss_chunks: int = 0  # chunked_loss: row chunks of the vocabulary projection + cross-entropy (< 2: whole)
 
 
@@ -68,12 +66,11 @@ def backward_nodes(model) -> list:
     The training graph is not stored in topological order, so this walks consumers from the seed.
     """
     cons = consumers(model)
-    stack, seen, order = [f"{model.graph.output[0].name}_grad"], set(), []
+    stack, seen = [f"{model.graph.output[0].name}_grad"], set()
     while stack:
         for node in cons.get(stack.pop(), []):
             if id(node) not in seen:
                 seen.add(id(node))
-                order.append(node)
                 stack.extend(node.output)
     return [n for n in model.graph.node if id(n) in seen]
 
@@ -107,6 +104,18 @@ def saved_for_backward(model) -> dict[str, list]:
             if name in before_turn:
                 out.setdefault(view_chain(name, producer, backward_ids)[-1], []).append(node)
     return out
+
+
+def clone_node(node, renamed: dict, suffix: str, name: str):
+    """A copy of `node` named `name` that reads renamed.get(input, input) and writes output + suffix; records each
+    output's copy in `renamed`, so cloning a chain in order rewires it onto itself."""
+    from onnx import helper
+
+    copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
+                            [f"{o}{suffix}" if o else "" for o in node.output], name=name, domain=node.domain or None)
+    copy.attribute.extend(node.attribute)
+    renamed.update({o: c for o, c in zip(node.output, copy.output) if o})
+    return copy
 
 
 GATE_FLOOR = "passes.gate.floor"  # int64 -1: Size(t) > -1 is always true (one shared initializer)

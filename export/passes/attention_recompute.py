@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 
-from ._base import GraphPass, PassContext, PassReport, consumers, gate_after, producers, saved_for_backward
+from ._base import (GraphPass, PassContext, PassReport, clone_node, consumers, gate_after, producers,
+                    saved_for_backward)
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ def find_chain(softmax, prod) -> tuple[list, str | None]:
 
 
 def apply(model, context: PassContext) -> PassReport:
-    from onnx import helper
-
     report = PassReport("attention_recompute")
     prod, cons = producers(model), consumers(model)
     saved = saved_for_backward(model)
@@ -83,14 +82,8 @@ def apply(model, context: PassContext) -> PassReport:
         matmul = chain[0]
         gate, q_gated = gate_after(model, prefix, matmul.input[0], d_out)
         renamed = {matmul.input[0]: q_gated}
-        copies = []
-        for node in chain:
-            copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
-                                    [f"{o}.recompute" for o in node.output], name=f"{prefix}/{node.name.rsplit('/', 1)[-1]}",
-                                    domain=node.domain or None)
-            copy.attribute.extend(node.attribute)
-            renamed.update(zip(node.output, copy.output))
-            copies.append(copy)
+        copies = [clone_node(node, renamed, ".recompute", f"{prefix}/{node.name.rsplit('/', 1)[-1]}")
+                  for node in chain]
         # Every backward reader of a chain tensor (the probabilities, and any intermediate the backward reads)
         # takes the recomputed copy instead.
         redirected = {id(r): r for t in renamed if t in saved and t != matmul.input[0] for r in saved[t]}

@@ -88,6 +88,7 @@ def apply(model, context: PassContext) -> PassReport:
         n("zero_i"): np.array([0], np.int64), n("C"): np.array([chunks], np.int64),
         n("C_minus_1"): np.array([chunks - 1], np.int64), n("minus_one"): np.array([-1], np.int64),
         n("ignore"): np.array(ignore, np.int64), n("zero_f"): np.array(0.0, np.float32),
+        n("h_shape_end"): np.array([np.iinfo(np.int64).max], np.int64),
     }
     nodes = [
         # rows M, chunk c = ceil(M / C), padding C·c - M rows (ignored labels, zero hidden states)
@@ -106,8 +107,8 @@ def apply(model, context: PassContext) -> PassReport:
         helper.make_node("Concat", [n("zero_i"), n("pad")], [n("l_pads")], name=n("LPads"), axis=0),
         helper.make_node("Pad", [labels, n("l_pads"), n("ignore")], [n("l_pad")], name=n("PadLabels")),
         helper.make_node("Expand", [n("c"), n("C")], [n("sizes")], name=n("Sizes")),
-        helper.make_node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)], name=n("SplitH"),
-                         axis=0),
+        helper.make_node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)],
+                         name=n("SplitH"), axis=0),
         helper.make_node("Split", [n("l_pad"), n("sizes")], [n(f"labels_chunk{i}") for i in range(chunks)],
                          name=n("SplitLabels"), axis=0),
         # count of labelled tokens, as ORT's mean reduction divides by it
@@ -116,7 +117,6 @@ def apply(model, context: PassContext) -> PassReport:
         helper.make_node("Cast", [n("kept")], [n("kept_f")], name=n("KeptFloat"), to=TensorProto.FLOAT),
         helper.make_node("ReduceSum", [n("kept_f")], [n("count")], name=n("Count"), keepdims=0),
     ]
-    consts[n("h_shape_end")] = np.array([np.iinfo(np.int64).max], np.int64)
     # forward: one chunk after another (chunk i waits for chunk i-1's logits through a Size gate)
     sums, prev_z = [], None
     for i in range(chunks):
@@ -126,8 +126,8 @@ def apply(model, context: PassContext) -> PassReport:
             nodes += gate
         z = n(f"z_chunk{i}")
         nodes.append(helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"Logits{i}")))
-        nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}")], name=n(f"CE{i}"),
-                                      reduction="sum", ignore_index=ignore))
+        nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}")],
+                                      name=n(f"CE{i}"), reduction="sum", ignore_index=ignore))
         sums.append(n(f"ce_chunk{i}"))
         prev_z = z
     nodes += [helper.make_node("Sum", sums, [n("ce_sum")], name=n("SumCE")),
@@ -142,8 +142,9 @@ def apply(model, context: PassContext) -> PassReport:
         nodes += gate
         if i == 0:  # and on the loss gradient itself, so the backward starts from the seed like every other
             # gradient node (dce is a scalar, whose Size ORT would fold: gate on its value, which is finite)
-            nodes += [helper.make_node("Mul", [n("dce"), n("zero_f")], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
-                      helper.make_node("Add", [h_i, n("bwd0/seed_zero")], [n("bwd0/seeded")], name=n("bwd0/Seed"))]
+            nodes += [
+                helper.make_node("Mul", [n("dce"), n("zero_f")], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
+                helper.make_node("Add", [h_i, n("bwd0/seed_zero")], [n("bwd0/seeded")], name=n("bwd0/Seed"))]
             h_i = n("bwd0/seeded")
         z, logp, dz, dh = n(f"bwd{i}/z"), n(f"bwd{i}/logp"), n(f"bwd{i}/dz"), n(f"bwd{i}/dh")
         nodes += [

@@ -21,7 +21,8 @@ from __future__ import annotations
 import logging
 import re
 
-from ._base import SHAPE_OPS, GraphPass, PassContext, PassReport, backward_nodes, gate_after, producers
+from ._base import (SHAPE_OPS, GraphPass, PassContext, PassReport, backward_nodes, clone_node, gate_after,
+                    producers)
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +35,25 @@ def _layer_of(node) -> int | None:
 
 
 def apply(model, context: PassContext) -> PassReport:
-    from onnx import helper
-
     report = PassReport("layer_recompute")
     backward = backward_nodes(model)
     backward_ids = {id(n) for n in backward}
     prod = producers(model)
     graph_inputs = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     graph_names = {o for n in model.graph.node for o in n.output}
+    layer_of = {id(n): _layer_of(n) for n in model.graph.node}
+    forward = [n for n in model.graph.node if id(n) not in backward_ids]
     blocks: dict[int, list] = {}
-    for node in model.graph.node:
-        layer = _layer_of(node)
-        if layer is not None and id(node) not in backward_ids:
-            blocks.setdefault(layer, []).append(node)
+    for node in forward:
+        if layer_of[id(node)] is not None:
+            blocks.setdefault(layer_of[id(node)], []).append(node)
     position = {id(n): i for i, n in enumerate(model.graph.node)}
     inserts = []  # (index, nodes)
     for layer in sorted(blocks):
         members = {id(n) for n in blocks[layer]}
         # The block's output: the last tensor it makes that later blocks (or the final norm) read, with a gradient.
         # (Exporters share constants across blocks, so "read outside the block" alone is not enough.)
-        later = [n for n in model.graph.node if id(n) not in backward_ids and id(n) not in members
-                 and (_layer_of(n) is None or _layer_of(n) > layer)]
+        later = [n for n in forward if id(n) not in members and (layer_of[id(n)] is None or layer_of[id(n)] > layer)]
         outputs = [t for t in {t for n in later for t in n.input if t in prod and id(prod[t]) in members}
                    if f"{t}_grad" in graph_names]
         grads = [f"{max(outputs, key=lambda t: position[id(prod[t])])}_grad"] if outputs else []
@@ -87,13 +86,7 @@ def apply(model, context: PassContext) -> PassReport:
             gate, gated = gate_after(model, f"{prefix}/in{k}", t, grads[0])
             new_nodes += gate
             renamed[t] = gated
-        for node in copy_nodes:
-            copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
-                                    [f"{o}.layer_recompute" if o else "" for o in node.output],
-                                    name=f"{prefix}/{node.name}", domain=node.domain or None)
-            copy.attribute.extend(node.attribute)
-            renamed.update({o: c for o, c in zip(node.output, copy.output) if o})
-            new_nodes.append(copy)
+        new_nodes += [clone_node(node, renamed, ".layer_recompute", f"{prefix}/{node.name}") for node in copy_nodes]
         readers = [n for n in backward if n.op_type not in SHAPE_OPS and any(t in read for t in n.input)]
         for reader in readers:
             for k, t in enumerate(reader.input):
