@@ -42,6 +42,12 @@ class ExportConfig:
     loss_chunks: int = field(default=8, metadata={
         "help": "compute the vocabulary projection and cross-entropy in this many row chunks, recomputed chunk by "
                 "chunk in the backward, so [tokens, vocab] is never whole (exact; < 2: the whole loss at once)"})
+    quantize_weights: str = field(default="none", metadata={
+        "help": "store the frozen weights quantized and dequantize each inside the graph at its use: int8 (per "
+                "channel), int4 (blocks along the input dimension; the embedding and output projection stay int8) "
+                "or none (float32)", "choices": ("none", "int8", "int4")})
+    quantize_block_size: int = field(default=32, metadata={"help": "int4 block size (values sharing a scale and "
+                                                                    "a minimum)"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})

@@ -115,7 +115,8 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             onnx_export.zero_lora_b(graph, {p.onnx_name for p in params if ".lora_B." in p.onnx_name})
             checked = preflight.check_gradient_ops(graph, names, LOGITS)
             log.info("preflight: %d differentiable nodes have ORT gradient builders", checked)
-            context = passes.PassContext(trainable=names, lars_bases=bases, loss_chunks=config.loss_chunks)
+            context = passes.PassContext(trainable=names, lars_bases=bases, loss_chunks=config.loss_chunks,
+                                         quantize=config.quantize_weights, quantize_block=config.quantize_block_size)
             enabled = passes.enabled_passes(config)
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 

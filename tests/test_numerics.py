@@ -21,12 +21,14 @@ def _batch(trainer, vocab, seed=0):
     return batch
 
 
-def _reference(model_dir, bundle, adapters, batch):
+def _reference(model_dir, bundle, adapters, batch, dequantize=None):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     manifest = bundle.manifest
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    if dequantize:
+        dequantize(model)
     peft_cfg = manifest.adapter["peft_config"]
     lora = LoraConfig(r=peft_cfg["r"], lora_alpha=peft_cfg["lora_alpha"], target_modules=peft_cfg["target_modules"],
                       lora_dropout=0.0, task_type="CAUSAL_LM")
@@ -45,8 +47,9 @@ def _reference(model_dir, bundle, adapters, batch):
     return float(loss), grads
 
 
-def compare_with_peft(model_dir, bundle_dir):
-    """First-step loss and every LoRA gradient of the bundle against PyTorch + PEFT (B randomised in both)."""
+def compare_with_peft(model_dir, bundle_dir, dequantize=None):
+    """First-step loss and every LoRA gradient of the bundle against PyTorch + PEFT (B randomised in both);
+    `dequantize(model)` gives the reference the bundle's quantized frozen weights."""
     bundle = load_bundle(bundle_dir)
     trainer = Trainer(bundle, eval=False)
     # B = 0 (PEFT's init) makes every dA zero; give B random values so that dA is tested too.
@@ -60,7 +63,7 @@ def compare_with_peft(model_dir, bundle_dir):
 
     ours = trainer.engine.forward_backward(batch)
     grads = trainer.engine.gradients()
-    ref_loss, ref_grads = _reference(model_dir, bundle, adapters, batch)
+    ref_loss, ref_grads = _reference(model_dir, bundle, adapters, batch, dequantize)
 
     assert ours == pytest.approx(ref_loss, rel=1e-5)
     assert len(grads) == len(ref_grads) == 2 * 7 * 2  # layers x targets x (A, B)

@@ -13,6 +13,8 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   default   the exporter's defaults: LARS + attention recompute + chunked loss
   stack     exact LoRA + layer recompute + attention recompute + chunked loss (--lars-basis none
             --recompute-layers): the lowest-memory exact bundle
+  int8, int4  exact LoRA with the frozen weights stored quantized, no other pass (--quantize-weights)
+  stack-int8, stack-int4  the stack with quantized frozen weights
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @reuse    ORT's buffer reuse on (arena and memory patterns still off)
@@ -45,6 +47,10 @@ BUNDLE_MODES = {
     "chunked-loss": {**_NO_PASSES, "loss_chunks": 8},
     "default": {},  # the exporter's defaults
     "stack": {"lars_basis": "none", "recompute_layers": True},
+    "int8": {**_NO_PASSES, "quantize_weights": "int8"},
+    "int4": {**_NO_PASSES, "quantize_weights": "int4"},
+    "stack-int8": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int8"},
+    "stack-int4": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int4"},
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.

@@ -12,23 +12,27 @@ from __future__ import annotations
 from ._base import GraphPass, PassContext, PassReport
 from .attention_recompute import ATTENTION_RECOMPUTE
 from .chunked_loss import CHUNKED_LOSS
+from .dequantize_at_use import DEQUANTIZE_AT_USE
 from .lars_projection import LARS_PROJECTION
 from .layer_recompute import LAYER_RECOMPUTE
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
+from .quantize_frozen import QUANTIZE_FROZEN
 
 # The ordered list of passes. Adding a pass: a file in this folder, its test, and one line here.
 PASSES: list[GraphPass] = [
     PRETRANSPOSE_FROZEN,
+    QUANTIZE_FROZEN,
     LARS_PROJECTION,
     ATTENTION_RECOMPUTE,
     CHUNKED_LOSS,
     LAYER_RECOMPUTE,
+    DEQUANTIZE_AT_USE,  # last: it gives every reader the other passes added its own dequantized copy
 ]
 
 
 def enabled_passes(config) -> set[str]:
     """Names of the passes an ExportConfig turns on."""
-    return {p.name for p in PASSES if p.switch is None or getattr(config, p.switch)}
+    return {p.name for p in PASSES if p.switch is None or getattr(config, p.switch) not in (False, 0, None, "none")}
 
 
 def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None = None) -> list[PassReport]:

@@ -14,6 +14,8 @@ class PassContext:
     # LARS: lora_A parameter name -> projection basis P [d, k] (float32); empty for exact LoRA.
     lars_bases: dict = field(default_factory=dict)
     loss_chunks: int = 0  # chunked_loss: row chunks of the vocabulary projection + cross-entropy (< 2: whole)
+    quantize: str = "none"  # quantize_frozen: storage of the frozen matrices (none, int8, int4)
+    quantize_block: int = 32  # quantize_frozen: INT4 block size along the reduction axis
 
 
 @dataclass
@@ -122,21 +124,28 @@ GATE_FLOOR = "passes.gate.floor"  # int64 -1: Size(t) > -1 is always true (one s
 
 
 def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
-    """Nodes computing Where(Size(after) > -1, tensor, tensor), and its name: the same values (any dtype), available
-    only once `after` exists.
+    """Nodes computing Where(Size(after) > -1, tensor, tensor), and its name: the same values (any dtype ORT's
+    Where takes: not int8), available only once `after` exists.
 
     Recompute passes use it so ORT cannot schedule a recomputation before the backward reaches it, and so its
-    common-subexpression elimination cannot merge the copy back into the forward (the gated input differs). `after`
-    must have a dynamic shape: ORT constant-folds Size of a static one, which would drop the dependency.
+    common-subexpression elimination cannot merge the copy back into the forward (the gated input differs). It
+    also keeps ORT's constant folding off a computation on initializers (quantized weights). `after` must have a
+    dynamic shape: ORT constant-folds Size of a static one, which would drop the dependency.
     """
+    nodes, (gated,) = gate_all(model, prefix, [tensor], after)
+    return nodes, gated
+
+
+def gate_all(model, prefix: str, tensors: list[str], after: str) -> tuple[list, list[str]]:
+    """gate_after for several tensors on one condition: nodes, and the gated names in the order given."""
     from onnx import helper, numpy_helper
 
     if GATE_FLOOR not in {i.name for i in model.graph.initializer}:
         model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), GATE_FLOOR))
-    gated = f"{prefix}/gated"
-    return [
-        helper.make_node("Size", [after], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
-        helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
-                         name=f"{prefix}/GateOpen"),
-        helper.make_node("Where", [f"{prefix}/gate_open", tensor, tensor], [gated], name=f"{prefix}/Gate"),
-    ], gated
+    nodes = [helper.make_node("Size", [after], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
+             helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
+                              name=f"{prefix}/GateOpen")]
+    gated = [f"{prefix}/gated" if len(tensors) == 1 else f"{prefix}/gated{k}" for k in range(len(tensors))]
+    nodes += [helper.make_node("Where", [f"{prefix}/gate_open", t, t], [g], name=f"{prefix}/Gate{k if k else ''}")
+              for k, (t, g) in enumerate(zip(tensors, gated))]
+    return nodes, gated

@@ -33,3 +33,54 @@ def ort_module(directory, optimized_to=None, priority_order: bool = True):
         options.optimized_model_filepath = str(optimized_to)
     device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
     return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
+
+
+TWO_BLOCK_TRAINABLE = {f"layers.{i}.{m}.lora_{ab}.default.weight" for i in (0, 1) for m in ("up", "down")
+                       for ab in "AB"}
+
+
+def two_block_lm(rng, d: int, f: int, rank: int, vocab: int, out: int):
+    """A causal-LM-shaped torch model: Embedding(vocab, d) -> two residual blocks x + down(silu(up(x)) · gate(x))
+    named layers.N (LoRA on up and down, gate frozen) -> lm_head to `out` logits, flattened to [batch·T, out] as
+    lars' exporter flattens them. Weights drawn from `rng`."""
+    import numpy as np
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = lora_linear(d, f, rank), lora_linear(f, d, rank)
+            self.gate = torch.nn.Linear(d, f, bias=False)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.silu(self.up(x)) * self.gate(x))
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+            self.lm_head = torch.nn.Linear(d, out, bias=False)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.lm_head(x).reshape(-1, out)
+
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32) * 0.3))
+    return model
+
+
+def export_lm(model, path):
+    """TorchScript export as lars' exporter does it: ids [batch, T] -> logits, opset 17, no constant folding."""
+    import onnx
+    import torch
+
+    torch.onnx.export(model, (torch.zeros((1, 5), dtype=torch.int64),), str(path), input_names=["ids"],
+                      output_names=["logits"], dynamic_axes={"ids": {0: "B", 1: "T"}, "logits": {0: "BT"}},
+                      opset_version=17, do_constant_folding=False, dynamo=False)
+    return onnx.load(str(path))

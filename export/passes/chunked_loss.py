@@ -27,23 +27,25 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from ._base import GraphPass, PassContext, PassReport, consumers, gate_after, initializer_map, producers
+from .quantize_frozen import dequantized_weights
 
 log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
 
 
-def find(model):
+def find(model, context: PassContext):
     """(sce, sce_grad, lm_head MatMul, logits Reshape, nodes of the old gradient tail) or (None, why not)."""
     prod, cons = producers(model), consumers(model)
     inits = initializer_map(model)
+    frozen = (set(inits) - context.trainable) | set(dequantized_weights(model))
     sce = [n for n in model.graph.node if n.op_type == "SoftmaxCrossEntropyLoss"]
     if len(sce) != 1:
         return None, f"{len(sce)} SoftmaxCrossEntropyLoss nodes (expected the one loss)"
     sce = sce[0]
     reshape = prod.get(sce.input[0])
     matmul = prod.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in inits:
+    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in frozen:
         return None, "the logits are not Reshape(MatMul(h, frozen Wᵀ))"
     if len(sce.output) < 2:
         return None, "the loss saves no log-probabilities (no backward to rewrite)"
@@ -69,12 +71,12 @@ def apply(model, context: PassContext) -> PassReport:
     if chunks < 2:
         report.skipped.append(f"--loss-chunks {chunks}: the loss runs whole")
         return report
-    found, why_not = find(model)
+    found, why_not = find(model, context)
     if found is None:
         report.skipped.append(why_not)
         return report
     sce, sce_grad, matmul, reshape, old_dh = found
-    h, w_t = matmul.input  # h [.., d]; w_t [d, vocab], a frozen initializer
+    h, w_t = matmul.input  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
     labels, loss = sce.input[1], sce.output[0]
     ignore = int(_attr(sce, "ignore_index", -100))
     if (_attr(sce, "reduction", b"mean") or b"mean") not in (b"mean", "mean"):

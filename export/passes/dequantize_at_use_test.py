@@ -1,0 +1,72 @@
+"""Dequantize at use on ORT's training graph of a quantized two-block model: before the pass the backward reads
+the forward's float32 matrices (so they outlive the forward); after it, each backward reader has its own copy,
+made after its gradient input exists, and the loss and gradients are bit-identical."""
+
+import numpy as np
+import onnx
+import pytest
+
+from lars_export.passes import PassContext
+from lars_export.passes._base import backward_nodes, consumers, producers
+from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
+from lars_export.passes._testing import export_lm, ort_module, two_block_lm
+from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
+from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
+from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
+
+
+def _step(root, ids, labels):
+    C, state, module = ort_module(root)
+    out = C.OrtValueVector()
+    module.train_step([ids, labels], out)
+    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in sorted(TRAINABLE)}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_backward_readers_get_their_own_copies(tmp_path, scheme):
+    from lars_export import ort_artifacts
+
+    rng = np.random.default_rng(0)
+    forward = export_lm(two_block_lm(rng, 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
+    context = PassContext(trainable=TRAINABLE, quantize=scheme, quantize_block=32)
+    PRETRANSPOSE_FROZEN.apply(forward, context)
+    QUANTIZE_FROZEN.apply(forward, context)
+    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    ids = rng.integers(0, 50, size=(2, 6)).astype(np.int64)
+    labels = rng.integers(0, 40, size=12).astype(np.int64)
+    loss_before, grads_before = _step(tmp_path, ids, labels)
+
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    kept = kept_for_backward(training)
+    # The input gradient of every frozen MatMul below a trainable tensor reads its weight: layer 1's up, gate and
+    # down, layer 0's down, and the output projection.
+    assert len(kept) == 5
+
+    report = DEQUANTIZE_AT_USE.apply(training, context)
+    assert report.changed == 5 and report.skipped == []
+    assert kept_for_backward(training) == set()
+    # Each copy waits for a tensor the backward makes (a gradient), so ORT cannot run it during the forward.
+    backward_list = backward_nodes(training)  # held: protobuf node ids are only stable while the nodes are alive
+    backward = {id(n) for n in backward_list}
+    prod, cons = producers(training), consumers(training)
+    copies = {t: gate for t, (_, gate) in dequantized_weights(training).items()
+              if any(id(r) in backward for r in cons.get(t, []))}
+    assert len(copies) == 5 and all(id(prod[gate]) in backward for gate in copies.values())
+
+    onnx.save(training, str(tmp_path / "training_model.onnx"))
+    loss_after, grads_after = _step(tmp_path, ids, labels)
+    assert loss_after == loss_before
+    for name in grads_before:
+        np.testing.assert_array_equal(grads_after[name], grads_before[name])
+
+
+def test_does_nothing_without_quantized_weights(tmp_path):
+    from lars_export import ort_artifacts
+
+    forward = export_lm(two_block_lm(np.random.default_rng(0), 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
+    PRETRANSPOSE_FROZEN.apply(forward, PassContext(trainable=TRAINABLE))
+    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    training = onnx.load(str(tmp_path / "training_model.onnx"))
+    nodes = len(training.graph.node)
+    assert DEQUANTIZE_AT_USE.apply(training, PassContext(trainable=TRAINABLE)).changed == 0
+    assert len(training.graph.node) == nodes

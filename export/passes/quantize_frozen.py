@@ -1,0 +1,234 @@
+"""Quantized frozen weights: INT8 per-channel or INT4 block-wise storage, dequantized inside the graph at each use.
+
+Once activations are cut, the frozen matrices are most of a step's resident memory (SmolLM2-135M: 651 MB of
+float32, with the tied embedding and its pre-transposed copy). The pass stores each one quantized (formats:
+lars_export.quantization) and puts a small dequantization in front of each reader:
+
+    MatMul(x, Wᵀ)   ->  MatMul(x, Dequantize(Wq))        INT8: DequantizeLinear per output channel
+                                                          INT4: unpack nibbles, ·scale + minimum per block
+    Gather(E, ids)  ->  Cast(Gather(Eq, ids)) · Gather(scale, ids)   (rows are dequantized after the lookup)
+
+so a float32 copy of a matrix exists only while its reader runs. Two things would undo that, and the passes
+guard against both:
+- ORT constant-folds a computation on initializers into a new float32 initializer (generate_artifacts does it at
+  export, the session at load: measured). The dequantization's inputs go through a gate on the reader's
+  activation, Where(Size(x) > -1, ·, ·), so they depend on the step's data and cannot be folded; nor can the
+  dequantization run before x exists.
+- ORT's backward reads the forward's dequantized tensor (the input gradient dx = dy·W), which would keep every
+  float32 matrix alive from the forward to the backward. The training-stage pass dequantize_at_use gives each
+  such reader its own gated copy.
+
+In int4 mode the embedding table and the output projection stay INT8: the projection's dequantized [hidden,
+vocab] copy exists at the loss, where the step peaks, and INT4's unpacking holds two float32 copies of it there
+against one for DequantizeLinear.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from lars_artifacts import LOGITS
+
+from .. import quantization
+from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, producers,
+                    saved_for_backward, view_chain)
+
+log = logging.getLogger(__name__)
+
+INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
+MIN_ELEMENTS = 1024  # smaller matrices are not worth a dequantization (norm weights are vectors anyway)
+_FOUR = "passes.quantize.four"  # uint8 4, the nibble shift (one shared initializer)
+
+
+def find(model, context: PassContext):
+    """Frozen float32 matrices and their readers: (initializer, [(node, input index)])."""
+    cons = consumers(model)
+    for name, init in initializer_map(model).items():
+        if name in context.trainable or init.data_type != 1 or len(init.dims) != 2:
+            continue
+        readers = [(n, k) for n in cons.get(name, []) for k, i in enumerate(n.input) if i == name]
+        if readers:
+            yield init, readers
+
+
+def check(init, readers) -> str | None:
+    """None if the weight may be quantized, else why not."""
+    size = int(np.prod(init.dims))
+    if size < MIN_ELEMENTS:
+        return f"{size} elements, below {MIN_ELEMENTS}"
+    kinds = {"MatMul" if (n.op_type == "MatMul" and k == 1) else
+             "Gather" if (n.op_type == "Gather" and k == 0 and _axis(n) == 0) else f"{n.op_type} {n.name}"
+             for n, k in readers}
+    if kinds - {"MatMul", "Gather"}:
+        return f"read by {sorted(kinds - {'MatMul', 'Gather'})[0]} (only MatMul weights and Gather tables)"
+    if len(kinds) > 1:
+        return "read both as a MatMul weight and as a Gather table"
+    return None
+
+
+def scheme_for(init, readers, scheme: str, block: int, lm_head: str | None) -> str:
+    """The format a weight gets: int4 only for MatMul weights of whole blocks, other than the output projection."""
+    if scheme == "int4" and (readers[0][0].op_type != "MatMul" or init.name == lm_head
+                             or not quantization.int4_fits(tuple(init.dims), block)):
+        return "int8"
+    return scheme
+
+
+def _axis(node) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 0)
+
+
+def _lm_head_weight(model) -> str | None:
+    """The weight of the MatMul that makes the logits output, if there is one."""
+    prod = producers(model)
+    if LOGITS not in {o.name for o in model.graph.output}:
+        return None
+    node = prod.get(view_chain(LOGITS, prod)[-1])
+    return node.input[1] if node is not None and node.op_type == "MatMul" else None
+
+
+def _const(model, name: str, value) -> str:
+    from onnx import numpy_helper
+
+    if name not in {i.name for i in model.graph.initializer}:
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def store(model, init, scheme: str, block: int, table: bool) -> int:
+    """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
+    (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
+    from onnx import numpy_helper
+
+    w = numpy_helper.to_array(init)
+    if scheme == "int8":
+        q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
+        tensors = {INT8: q, f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
+    else:
+        packed, scale, minimum = quantization.int4_blockwise(w, block)
+        tensors = {INT4: packed, f"{INT4}.scale": scale, f"{INT4}.min": minimum,
+                   f"{INT4}.blocks": np.array([w.shape[0] // block, block, w.shape[1]], np.int64),
+                   f"{INT4}.shape": np.array(w.shape, np.int64)}
+    model.graph.initializer.remove(init)
+    for suffix, value in tensors.items():
+        model.graph.initializer.append(numpy_helper.from_array(value, f"{init.name}{suffix}"))
+    return sum(v.nbytes for v in tensors.values())
+
+
+def matmul_dequantize(model, weight: str, scheme: str, prefix: str, after: str) -> tuple[list, str]:
+    """Nodes that dequantize stored `weight` for one MatMul reader, gated on `after`; and the output name."""
+    from onnx import TensorProto, helper
+
+    out = f"{prefix}/weight"
+    if scheme == "int8":
+        gate, (scale,) = gate_all(model, prefix, [f"{weight}{INT8}.scale"], after)
+        return gate + [helper.make_node("DequantizeLinear", [f"{weight}{INT8}", scale], [out],
+                                        name=f"{prefix}/DequantizeLinear", axis=1)], out
+    gate, (packed, scale, minimum) = gate_all(
+        model, prefix, [f"{weight}{INT4}", f"{weight}{INT4}.scale", f"{weight}{INT4}.min"], after)
+    four = _const(model, _FOUR, np.uint8(4))
+    p = lambda s: f"{prefix}/{s}"  # noqa: E731
+    return gate + [
+        # low nibble: (b << 4) >> 4 in uint8 (BitwiseAnd needs opset 18); high nibble: b >> 4
+        helper.make_node("BitShift", [packed, four], [p("shifted")], name=p("ShiftUp"), direction="LEFT"),
+        helper.make_node("BitShift", [p("shifted"), four], [p("low")], name=p("LowNibbles"), direction="RIGHT"),
+        helper.make_node("BitShift", [packed, four], [p("high")], name=p("HighNibbles"), direction="RIGHT"),
+        helper.make_node("Concat", [p("low"), p("high")], [p("q")], name=p("Unpack"), axis=0),
+        helper.make_node("Cast", [p("q")], [p("q_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Reshape", [p("q_float"), f"{weight}{INT4}.blocks"], [p("q_blocks")], name=p("Blocks")),
+        helper.make_node("Cast", [scale], [p("scale")], name=p("ScaleToFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Cast", [minimum], [p("min")], name=p("MinToFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p("q_blocks"), p("scale")], [p("scaled")], name=p("Scale")),
+        helper.make_node("Add", [p("scaled"), p("min")], [p("w_blocks")], name=p("Shift")),
+        helper.make_node("Reshape", [p("w_blocks"), f"{weight}{INT4}.shape"], [out], name=p("Weight")),
+    ], out
+
+
+def gather_dequantize(weight: str, ids: str, out: str, prefix: str) -> list:
+    """Nodes for Gather(table, ids) -> out from an INT8 table: look up rows and their scales, then scale."""
+    from onnx import TensorProto, helper
+
+    p = lambda s: f"{prefix}/{s}"  # noqa: E731
+    return [
+        helper.make_node("Gather", [f"{weight}{INT8}", ids], [p("rows")], name=p("Rows"), axis=0),
+        helper.make_node("Gather", [f"{weight}{INT8}.scale", ids], [p("row_scales")], name=p("RowScales"), axis=0),
+        helper.make_node("Cast", [p("rows")], [p("rows_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p("rows_float"), p("row_scales")], [out], name=p("Scale")),
+    ]
+
+
+def apply(model, context: PassContext) -> PassReport:
+    report = PassReport("quantize_frozen")
+    if context.quantize == "none":
+        return report
+    lm_head = _lm_head_weight(model)
+    counts = {"int8": 0, "int4": 0}
+    before = after = 0
+    for init, readers in list(find(model, context)):
+        why_not = check(init, readers)
+        if why_not:
+            log.info("quantize_frozen: leaving %s: %s", init.name, why_not)
+            report.skipped.append(f"{init.name}: {why_not}")
+            continue
+        scheme = scheme_for(init, readers, context.quantize, context.quantize_block, lm_head)
+        table = readers[0][0].op_type == "Gather"
+        before += 4 * int(np.prod(init.dims))
+        after += store(model, init, scheme, context.quantize_block, table)
+        for node, k in readers:
+            prefix = f"{node.name or init.name}/Dequantize"  # the reader's scope: layer_recompute groups by name
+            if table:
+                new = gather_dequantize(init.name, node.input[1], node.output[0], prefix)
+                at = list(model.graph.node).index(node)
+                model.graph.node.remove(node)
+            else:
+                new, out = matmul_dequantize(model, init.name, scheme, prefix, node.input[0])
+                node.input[k] = out
+                at = list(model.graph.node).index(node)
+            for offset, n in enumerate(new):
+                model.graph.node.insert(at + offset, n)
+        counts[scheme] += 1
+        report.changed += 1
+    report.bytes_freed = before - after
+    report.details = {"scheme": context.quantize, "block": context.quantize_block if context.quantize == "int4"
+                      else None, "matrices": counts, "float32_bytes": before, "stored_bytes": after}
+    return report
+
+
+QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, help=__doc__.splitlines()[0], switch="quantize_weights")
+
+
+def dequantized_weights(model) -> dict[str, tuple[list, str]]:
+    """Every tensor that is a dequantized frozen matrix (made by this pass, or a copy of such a computation made by
+    a later pass): name -> (the nodes computing it from the stored tensors, in stored order; the tensor its gate
+    waits for)."""
+    prod = producers(model)
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    out = {}
+    for node in model.graph.node:
+        last = ((node.op_type == "DequantizeLinear" and node.input[0].endswith(INT8))
+                or (node.op_type == "Reshape" and node.input[1].endswith(f"{INT4}.shape")))
+        if not last:
+            continue
+        chain, gate_on, stack = {id(node): node}, None, list(node.input)
+        while stack:
+            up = prod.get(stack.pop())
+            if up is None or id(up) in chain:
+                continue
+            chain[id(up)] = up
+            if up.op_type == "Size":
+                gate_on = up.input[0]
+            else:
+                stack.extend(up.input)
+        if gate_on is not None:
+            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on)
+    return out
+
+
+def kept_for_backward(model) -> set[str]:
+    """Dequantized matrices the backward reads from the forward (each outlives the forward: what
+    dequantize_at_use removes). A matrix counts through its views (INT4's last step is a Reshape)."""
+    prod = producers(model)
+    saved = saved_for_backward(model)
+    return {t for t in dequantized_weights(model) if view_chain(t, prod)[-1] in saved}

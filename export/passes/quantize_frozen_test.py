@@ -1,0 +1,135 @@
+"""Quantized frozen weights on a two-block LoRA model exported like the real ones (TorchScript, blocks named
+layers.N, flattened logits, ORT's loss block): loss and LoRA gradients equal PyTorch autograd's on the same model
+with its frozen weights replaced by their numpy-dequantized values, alone and with the other memory passes; ORT
+neither folds a dequantization back into a float32 initializer nor keeps a dequantized matrix for the backward."""
+
+import numpy as np
+import onnx
+import pytest
+
+from lars_export import quantization
+from lars_export.passes import PassContext, run_passes
+from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
+from lars_export.passes._testing import export_lm, ort_module, two_block_lm
+from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
+from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
+
+D, F, R, V, VOCAB, BLOCK = 32, 64, 2, 40, 50, 32
+
+
+def _dequantized_reference(model, scheme: str):
+    """The model with each frozen matrix replaced by numpy's quantize -> dequantize of it (nn.Linear stores Wᵀ of
+    the graph's [in, out] weight; the output projection and the embedding are INT8 in both schemes)."""
+    import copy
+
+    import torch
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                continue
+            w = p.detach().numpy()
+            if name == "embed.weight":
+                deq = quantization.dequantize_int8(*quantization.int8_per_channel(w, axis=0), axis=0)
+            elif scheme == "int4" and name != "lm_head.weight":
+                deq = quantization.dequantize_int4(*quantization.int4_blockwise(w.T, BLOCK)).T
+            else:
+                deq = quantization.dequantize_int8(*quantization.int8_per_channel(w.T, axis=1), axis=1).T
+            assert not np.array_equal(deq, w)  # the reference really is quantized
+            p.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+    return ref
+
+
+def _build(root, model, scheme: str, passes: tuple[str, ...]):
+    from lars_export import ort_artifacts
+
+    root.mkdir()
+    forward = export_lm(model, root / "fwd.onnx")
+    context = PassContext(trainable=TRAINABLE, loss_chunks=3, quantize=scheme, quantize_block=BLOCK)
+    PRETRANSPOSE_FROZEN.apply(forward, context)
+    report = QUANTIZE_FROZEN.apply(forward, context)
+    ort_artifacts.generate(forward, sorted(TRAINABLE), root)
+    reports = ort_artifacts.rewrite_training_model(
+        root, lambda m: run_passes(m, context, "training", enabled={*passes, "dequantize_at_use"}))
+    return report, {r.name: r for r in reports}
+
+
+def _step(root, ids, labels):
+    C, state, module = ort_module(root)
+    out = C.OrtValueVector()
+    module.train_step([ids, labels], out)
+    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in TRAINABLE}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("passes", [(), ("layer_recompute", "chunked_loss")])
+def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, scheme, passes):
+    import torch
+
+    rng = np.random.default_rng(0)
+    model = two_block_lm(rng, D, F, R, VOCAB, V)
+    report, training_reports = _build(tmp_path / "bundle", model, scheme, passes)
+    assert report.changed == 8 and report.skipped == []  # embed, 2 × (up, gate, down), lm_head
+    assert report.details["matrices"] == ({"int8": 8, "int4": 0} if scheme == "int8" else {"int8": 2, "int4": 6})
+    assert report.details["stored_bytes"] < report.details["float32_bytes"] / (3.5 if scheme == "int8" else 4.5)
+    for name in passes:
+        assert training_reports[name].changed, training_reports[name].skipped
+
+    ids = rng.integers(0, VOCAB, size=(2, 7)).astype(np.int64)
+    labels = rng.integers(0, V, size=14).astype(np.int64)
+    labels[:3] = -100
+    loss, grads = _step(tmp_path / "bundle", ids, labels)
+
+    ref = _dequantized_reference(model, scheme)
+    ref_loss = torch.nn.functional.cross_entropy(ref(torch.from_numpy(ids)), torch.from_numpy(labels),
+                                                 ignore_index=-100)
+    ref_loss.backward()
+    params = dict(ref.named_parameters())
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name in TRAINABLE:
+        np.testing.assert_allclose(grads[name], params[name].grad.numpy(), rtol=1e-4, atol=1e-6)
+
+    # The graph ORT runs: no dequantization folded back into a float32 initializer, none duplicated, and no
+    # dequantized matrix kept from the forward for the backward.
+    stored = onnx.load(str(tmp_path / "bundle" / "training_model.onnx"))
+    ort_module(tmp_path / "bundle", optimized_to=tmp_path / "optimized.onnx")
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    big_floats = [i.name for i in optimized.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
+                  and int(np.prod(i.dims)) >= 1024]
+    assert big_floats == []
+    assert len(dequantized_weights(optimized)) == len(dequantized_weights(stored))
+    for graph in (stored, optimized):
+        assert kept_for_backward(graph) == set()
+
+
+def test_round_trip_error_is_bounded_and_int4_is_exact_on_its_own_grid():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(64, 24)).astype(np.float32)
+    q, scale = quantization.int8_per_channel(w, axis=1)
+    assert q.dtype == np.int8 and scale.shape == (24,)
+    assert np.all(np.abs(quantization.dequantize_int8(q, scale, axis=1) - w) <= scale / 2 + 1e-7)
+
+    packed, s, m = quantization.int4_blockwise(w, 32)
+    assert packed.shape == (32, 24) and packed.dtype == np.uint8 and s.shape == m.shape == (2, 1, 24)
+    err = np.abs(quantization.dequantize_int4(packed, s, m) - w).reshape(2, 32, 24)
+    assert np.all(err <= s.astype(np.float32) / 2 + 1e-3)  # half a step (+ float16 rounding of the minimum)
+
+    # Values on a float16 grid q·s + m with q spanning 0..15 in every block (GGUF's Q4_1) come back exactly.
+    grid_q = rng.integers(0, 16, size=(64, 24))
+    grid_q[0::32], grid_q[1::32] = 0, 15
+    scale16 = rng.uniform(0.01, 0.1, size=(2, 1, 24)).astype(np.float16)
+    min16 = rng.uniform(-1, 0, size=(2, 1, 24)).astype(np.float16)
+    on_grid = (grid_q.reshape(2, 32, 24) * scale16.astype(np.float32) + min16.astype(np.float32)).reshape(64, 24)
+    np.testing.assert_array_equal(quantization.dequantize_int4(*quantization.int4_blockwise(on_grid, 32)), on_grid)
+
+
+def test_export_flag():
+    from lars_export.cli import build_parser
+    from lars_export.config import ExportConfig
+    from lars_export.passes import enabled_passes
+
+    assert build_parser().parse_args(["m"]).quantize_weights == "none"
+    assert build_parser().parse_args(["m", "--quantize-weights", "int4"]).quantize_weights == "int4"
+    assert {"quantize_frozen", "dequantize_at_use"} & enabled_passes(ExportConfig()) == set()
+    assert {"quantize_frozen", "dequantize_at_use"} <= enabled_passes(ExportConfig(quantize_weights="int8"))
