@@ -59,6 +59,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+OPTIONAL_FIELDS = {"memory"}  # added after format version 1 was written; absent in older bundles
+
+
 @dataclass
 class Manifest:
     """manifest.json. `files` maps each file name to {"sha256", "bytes"}."""
@@ -70,6 +73,8 @@ class Manifest:
     tokens: dict[str, Any]
     exporter: dict[str, Any]
     passes: list[dict[str, Any]] = field(default_factory=list)
+    # {"model": MemoryModel fields, "budget_bytes", "max_seq_len", "plan"}: lars_artifacts.memory_model
+    memory: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -87,10 +92,10 @@ class Manifest:
             raise BundleError(f"{where} has bundle format version {version}, this lars reads version {FORMAT_VERSION}; "
                               f"re-export the model with this lars (`lars-export`)")
         names = [f for f in cls.__dataclass_fields__]
-        missing = [n for n in names if n not in data]
+        missing = [n for n in names if n not in data and n not in OPTIONAL_FIELDS]
         if missing:
             raise BundleError(f"{where} lacks {', '.join(missing)}; the file is damaged, re-export the bundle")
-        return cls(**{n: data[n] for n in names})
+        return cls(**{n: data[n] for n in names if n in data})
 
     # Convenience views used by the runtime.
     @property
@@ -100,6 +105,10 @@ class Manifest:
     @property
     def max_seq_len(self) -> int:
         return int(self.architecture["max_position_embeddings"])
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self.memory.get("budget_bytes")
 
     @property
     def bundle_id(self) -> str:

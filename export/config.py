@@ -48,6 +48,12 @@ class ExportConfig:
                 "or none (float32)", "choices": ("none", "int8", "int4")})
     quantize_block_size: int = field(default=32, metadata={"help": "int4 block size (values sharing a scale and "
                                                                     "a minimum)"})
+    memory_budget: str | None = field(default=None, metadata={
+        "help": "peak memory a training step may take, e.g. 2GB: choose the cheapest memory passes (attention and "
+                "layer recompute, chunked loss, quantized weights) whose predicted peak fits at --max-seq-len, "
+                "overriding those flags; lars-ort train warns before a step predicted to exceed it"})
+    max_seq_len: int | None = field(default=None, metadata={
+        "help": "the longest sequence (batch 1) --memory-budget must fit"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})

@@ -6,6 +6,7 @@ never leaves a half bundle (nor destroys an existing one unless --force).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,7 +20,7 @@ from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS,
                             TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 
-from . import adapters, architectures, basis, load, onnx_export, ort_artifacts, passes, preflight
+from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,13 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
     phases = Phases(total=6, stream=stream)
     source = load.resolve(config.model)
     model_config = load.load_config(source)
+    arch = architectures.describe(model_config)
+    plan = None
+    if config.memory_budget:
+        chosen, rows = budget.plan(arch, config)
+        print(budget.describe(rows, chosen, config.memory_budget, config.max_seq_len), file=stream, flush=True)
+        config = dataclasses.replace(config, **chosen.settings)
+        plan = {"chosen": chosen.name, "settings": chosen.settings, "candidates": rows}
 
     with phases(f"loading {source.gguf_file or source.name_or_path}"):
         tok = load.load_tokenizer(source)
@@ -137,7 +145,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             model_config.save_pretrained(staging)  # config.json (no quantization_config: see load.load_model)
             manifest = Manifest(
                 source_model={**source.describe(), "name": model_config.name_or_path or source.name_or_path},
-                architecture=architectures.describe(model_config),
+                architecture=arch,
                 adapter={"peft_type": "LORA", "r": config.lora_rank, "lora_alpha": config.lora_alpha,
                          "scaling": config.lora_alpha / config.lora_rank, "target_modules": config.target_modules(),
                          "init_seed": config.seed,
@@ -157,6 +165,9 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                     "opset": config.opset},
                 tokens=tokens,
                 passes=[r.to_dict() for r in reports],
+                memory={"model": budget.model_for(arch, config).to_dict(),
+                        "budget_bytes": budget.parse_size(config.memory_budget) if config.memory_budget else None,
+                        "max_seq_len": config.max_seq_len, "plan": plan},
                 exporter={"versions": _versions(), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                               for k, v in asdict(config).items()}},
             )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence as Seq
@@ -17,6 +19,7 @@ from typing import Callable, Iterable, Sequence as Seq
 import numpy as np
 
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle, sha256_file
+from lars_artifacts.memory_model import budget_warning
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
@@ -45,11 +48,13 @@ class Trainer:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
                  eval: bool = True, threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                 mmap_threshold_mb: float = 1.0, verify: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.engine = Engine(self.bundle, checkpoint=checkpoint, eval=eval, threads=threads, memory_arena=memory_arena,
                              memory_reuse=memory_reuse, mmap_threshold_mb=mmap_threshold_mb)
         self.tokenizer = load_tokenizer(self.bundle)
+        self.warn_budget = warn_budget
+        self._warned_shapes: set[tuple[int, int]] = set()
 
     # -- steps on tokens or text -------------------------------------------------------------------------------
     def batch(self, input_ids, attention_mask=None, labels=None) -> Batch:
@@ -71,8 +76,19 @@ class Trainer:
         return collate(seqs, self.tokenizer.pad_id)
 
     def step(self, batch: Batch, lr: float) -> float:
-        """One AdamW step; returns the loss before the update."""
+        """One AdamW step; returns the loss before the update. Warns (once per batch shape) when the step is
+        predicted to exceed the bundle's memory budget."""
+        shape = tuple(batch.input_ids.shape)
+        if self.warn_budget and shape not in self._warned_shapes:
+            self._warned_shapes.add(shape)
+            message = self.budget_warning(*shape)
+            if message:
+                warnings.warn(message, ResourceWarning, stacklevel=2)
         return self.engine.train_step(batch, lr)
+
+    def budget_warning(self, batch_size: int, seq_len: int) -> str | None:
+        """Why a step of this shape would exceed the bundle's memory budget, or None (also None without one)."""
+        return budget_warning(self.bundle.manifest.memory, batch_size, seq_len)
 
     def step_text(self, texts: Seq[str], lr: float) -> float:
         return self.step(self.text_batch(texts), lr)
@@ -138,6 +154,9 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
     if args.seq_len > bundle.manifest.max_seq_len:
         raise LarsError(f"--seq-len {args.seq_len} exceeds the model's context of {bundle.manifest.max_seq_len} "
                         f"tokens; lower --seq-len")
+    over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len)
+    if over:
+        print(f"warning: {over}", file=sys.stderr, flush=True)
     run = Path(args.out)
     tok = load_tokenizer(bundle)
     seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt)
@@ -145,7 +164,8 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
     data_id = _file_id(args.data)
 
     session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
-                   memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb)
+                   memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
+                   warn_budget=False)  # checked once above for --batch-size x --seq-len
     if args.resume:
         ckpt.check_run_bundle(run, bundle)
         saved = ckpt.latest(run)

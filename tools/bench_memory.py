@@ -190,7 +190,7 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
            "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
-           "tokens_per_s": None, "status": "ok"}
+           "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
         child, start, high = psutil.Process(proc.pid), time.time(), 0.0
@@ -319,6 +319,9 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     print("preparing the model folder and the bundle ...", file=sys.stderr, flush=True)
     model_dir = prepare_model(a.model, cache)
+    from lars_export import architectures, load
+
+    a.arch = architectures.describe(load.load_config(load.resolve(str(model_dir))))  # recorded in each row
     bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0]) for m in modes
                if split_mode(m)[0] in BUNDLE_MODES}
     rows = []

@@ -1,0 +1,147 @@
+"""Peak memory of one training step, predicted from the architecture and the memory passes of a bundle.
+
+Both halves use it: `lars-export --memory-budget` picks the passes whose predicted peak fits, and `lars-ort train`
+warns before a step whose batch and length would exceed the bundle's budget. Pure arithmetic, no imports beyond
+the standard library.
+
+The model (bytes; b = batch, T = sequence length, L layers, float32 activations):
+
+    peak(b, T) = runtime + weights + b·T·saved_per_token + b·T²·saved_per_token_sq
+                 + max(b·T·turn_per_token, b·T²·backward_per_token_sq + b·T·backward_per_token)
+
+- saved: what the forward keeps for the backward, alive at the turn (where an exact step peaks). Per layer and
+  token, for the Llama/Qwen2 block as ORT differentiates it (tools/memory_breakdown.py measures these from the
+  graph; the numbers below are what it finds): the residual stream and norm inputs 2d, Q and the GQA-expanded K
+  and V 3d, the MLP's gate, up and their product 3f, the adapter inputs (d per distinct input of q/k/v, o, gate/up;
+  f for down; LARS keeps k per distinct input instead), r per adapter; attention probabilities H·T² per layer
+  (none with attention recompute); once for all layers the causal mask T², the rotary cos/sin 2·head_dim and the
+  loss' log-probabilities, vocab per token (a chunked loss keeps the final hidden state, d, instead). Layer
+  recompute keeps d per layer and token (each block's input) and what all layers share.
+- turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or one chunk's three.
+- backward: with attention recomputed (either pass), one layer's recomputed probabilities and their two gradients,
+  3·H·T²; with layer recompute also one block's activations. Without recompute, dP and dS, 2·H·T².
+- weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
+  tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
+  the loss, where the step peaks).
+- runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions (measured, below).
+
+Validated against measured peaks (docs/bench/*.json, tools/validate_memory_model.py, tests/test_memory_model.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+F32 = 4
+# Peak RSS of the runtime process without tensors, measured on SmolLM2-135M bundles in the torch-free environment:
+# the exact-LoRA peaks at 512/1024/2048 tokens minus what the graph keeps at the turn and the weights file give
+# 160, 174, 167 MB (docs/BENCHMARKS.md, "What a step keeps").
+RUNTIME_BYTES = 170 * 2**20
+
+# The choices a bundle's memory depends on (ExportConfig field names).
+OPTIONS = ("recompute_attention", "recompute_layers", "loss_chunks", "quantize_weights", "lars_basis", "lars_rank")
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    runtime: float
+    weights: float
+    saved_per_token: float
+    saved_per_token_sq: float
+    turn_per_token: float
+    backward_per_token: float
+    backward_per_token_sq: float
+
+    def peak_bytes(self, batch: int, seq_len: int) -> float:
+        n, n2 = batch * seq_len, batch * seq_len * seq_len
+        return (self.runtime + self.weights + n * self.saved_per_token + n2 * self.saved_per_token_sq
+                + max(n * self.turn_per_token, n2 * self.backward_per_token_sq + n * self.backward_per_token))
+
+    def max_seq_len(self, budget_bytes: float, batch: int = 1, limit: int = 1 << 20) -> int:
+        """The longest sequence whose predicted peak fits the budget (0 if none)."""
+        lo, hi = 0, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.peak_bytes(batch, mid) <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryModel":
+        return cls(**{k: float(data[k]) for k in cls.__dataclass_fields__})
+
+
+def _adapter_inputs(targets: list[str], d: int, f: int) -> tuple[int, int]:
+    """(float width of the distinct adapter inputs per token, how many distinct inputs): q/k/v share the normed
+    hidden state, gate/up the other; o reads the attention output, down the MLP hidden state."""
+    groups = [({"q_proj", "k_proj", "v_proj"}, d), ({"o_proj"}, d), ({"gate_proj", "up_proj"}, d), ({"down_proj"}, f)]
+    used = [(names, width) for names, width in groups if names & set(targets)]
+    return sum(width for _, width in used), len(used)
+
+
+def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[float, float]:
+    """(bytes of the frozen matrices as stored, bytes of the largest dequantized transient) for an architecture."""
+    d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    v, heads, kv = arch["vocab_size"], arch["num_attention_heads"], arch["num_key_value_heads"]
+    hd = arch.get("head_dim") or d // heads
+    layer_mats = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, f), (d, f), (f, d)]
+    vectors = L * (2 * d) + d  # norms (float32 always)
+    vocab_mats = 2  # the embedding table and the output projection (a tied one is stored pre-transposed too)
+    if scheme == "none":
+        return F32 * (L * sum(k * n for k, n in layer_mats) + vocab_mats * v * d + vectors), 0.0
+    if scheme == "int8":
+        per_matrix = [k * n + F32 * n for k, n in layer_mats]
+    else:  # int4 blocks of `block` along the input dimension, a float16 scale and minimum each
+        per_matrix = [k * n // 2 + 2 * 2 * (k // block) * n if k % block == 0 else k * n + F32 * n
+                      for k, n in layer_mats]
+    vocab = vocab_mats * (v * d + F32 * v)  # INT8 per vocabulary row in both schemes
+    return L * sum(per_matrix) + vocab + F32 * vectors, F32 * v * d
+
+
+def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attention: bool, recompute_layers: bool,
+             loss_chunks: int, quantize_weights: str = "none", lars_basis: str = "none", lars_rank: int = 32,
+             quantize_block: int = 32) -> MemoryModel:
+    d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
+    head_dim = arch.get("head_dim") or d // heads
+    stored, dequantized = weight_bytes(arch, quantize_weights, quantize_block)
+    inputs, distinct = _adapter_inputs(targets, d, f)
+    if lars_basis != "none":
+        inputs = distinct * min(lars_rank, d)
+    per_layer = 2 * d + 3 * d + 3 * f + inputs + lora_rank * len(targets)  # floats per token
+    chunked = loss_chunks >= 2
+    # Shared by all layers: the rotary cos/sin rows of each position; the final hidden state a chunked loss
+    # recomputes its chunks from, or the log-probabilities of the whole one.
+    shared = 2 * head_dim + (d if chunked else vocab)
+    if recompute_layers:
+        saved, saved_sq = L * d + shared, 1
+        backward, backward_sq = per_layer, 3 * heads
+    else:
+        saved = L * per_layer + shared
+        saved_sq = 1 + (0 if recompute_attention else L * heads)
+        backward, backward_sq = 0, (3 if recompute_attention else 2) * heads
+    turn = 3 * vocab / loss_chunks if chunked else 2 * vocab
+    return MemoryModel(runtime=RUNTIME_BYTES, weights=stored + dequantized, saved_per_token=F32 * saved,
+                       saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,
+                       backward_per_token=F32 * backward, backward_per_token_sq=F32 * backward_sq)
+
+
+def budget_warning(memory: dict, batch: int, seq_len: int) -> str | None:
+    """One line if a step of batch × seq_len tokens is predicted above the bundle's budget (manifest "memory")."""
+    budget = (memory or {}).get("budget_bytes")
+    if not budget or not memory.get("model"):
+        return None
+    model = MemoryModel.from_dict(memory["model"])
+    peak = model.peak_bytes(batch, seq_len)
+    if peak <= budget:
+        return None
+    longest = model.max_seq_len(budget, batch)
+    return (f"a step of batch {batch} x {seq_len} tokens is predicted to peak at {peak / 2**30:.2f} GB, above this "
+            f"bundle's memory budget of {budget / 2**30:.2f} GB (planned for {memory.get('max_seq_len')} tokens at "
+            f"batch 1); at batch {batch} it fits up to {longest} tokens: lower --seq-len or --batch-size, or "
+            f"re-export with a larger --memory-budget")

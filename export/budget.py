@@ -1,0 +1,96 @@
+"""`--memory-budget`: the cheapest memory passes whose predicted peak fits, for `--max-seq-len` tokens.
+
+Candidates are the memory passes' combinations a user would pick, cheapest first. Exact ones come before the
+quantized weights (which change the model's loss slightly); among each, the order is by step time relative to
+exact LoRA without passes, measured on SmolLM2-135M at 2048 tokens (docs/BENCHMARKS.md). The prediction is
+lars_artifacts.memory_model (validated against measured peaks within 10%); a candidate fits when its prediction
+is at most (1 - MARGIN) of the budget, so the model's largest measured under-prediction still fits.
+The user's LARS setting is kept and priced in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lars_artifacts import LarsError
+from lars_artifacts.memory_model import MemoryModel, estimate
+
+MARGIN = 0.10
+
+_EXACT = dict(recompute_attention=False, loss_chunks=0, recompute_layers=False, quantize_weights="none")
+_STACK = dict(recompute_attention=True, loss_chunks=8, recompute_layers=True)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    settings: dict
+    step_time: float  # relative to exact LoRA without passes (measured, see the module docstring)
+
+
+CANDIDATES = [
+    Candidate("no memory pass", _EXACT, 1.00),
+    Candidate("chunked loss", {**_EXACT, "loss_chunks": 8}, 1.06),
+    Candidate("attention recompute + chunked loss", {**_EXACT, "recompute_attention": True, "loss_chunks": 8}, 1.31),
+    Candidate("layer recompute + attention recompute + chunked loss", {**_STACK, "quantize_weights": "none"}, 1.96),
+    Candidate("attention recompute + chunked loss + int8 weights",
+              {**_EXACT, "recompute_attention": True, "loss_chunks": 8, "quantize_weights": "int8"}, 1.35),
+    Candidate("layer recompute + attention recompute + chunked loss + int8 weights",
+              {**_STACK, "quantize_weights": "int8"}, 2.00),
+    Candidate("layer recompute + attention recompute + chunked loss + int4 weights",
+              {**_STACK, "quantize_weights": "int4"}, 2.00),
+]
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '1.5G', '800MB', '2GiB' -> bytes (binary units: 1 GB = 2**30 bytes, as RSS is reported)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text or "", re.IGNORECASE)
+    if not m:
+        raise LarsError(f"--memory-budget {text!r} is not a size; write it like 2GB, 1.5G or 800MB")
+    scale = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def model_for(arch: dict, config, settings: dict | None = None) -> MemoryModel:
+    """The memory model of an ExportConfig (with `settings` overriding its pass choices)."""
+    s = {k: getattr(config, k) for k in ("recompute_attention", "loss_chunks", "recompute_layers",
+                                          "quantize_weights")}
+    s.update(settings or {})
+    return estimate(arch, config.target_modules(), config.lora_rank, lars_basis=config.lars_basis,
+                    lars_rank=config.lars_rank, quantize_block=config.quantize_block_size, **s)
+
+
+def plan(arch: dict, config) -> tuple[Candidate, list[dict]]:
+    """The first candidate that fits config.memory_budget at config.max_seq_len (batch 1), and every candidate's
+    prediction; a LarsError that names the closest one if none fits."""
+    budget = parse_size(config.memory_budget)
+    seq = config.max_seq_len
+    if not seq:
+        raise LarsError("--memory-budget needs --max-seq-len: the longest sequence the bundle must train on")
+    if seq > arch["max_position_embeddings"]:
+        raise LarsError(f"--max-seq-len {seq} exceeds the model's context of {arch['max_position_embeddings']} "
+                        f"tokens; lower it")
+    rows = []
+    for c in CANDIDATES:
+        model = model_for(arch, config, c.settings)
+        rows.append({"name": c.name, "settings": c.settings, "step_time": c.step_time,
+                     "predicted_peak_bytes": model.peak_bytes(1, seq),
+                     "fits": model.peak_bytes(1, seq) <= (1 - MARGIN) * budget,
+                     "max_seq_len": model.max_seq_len((1 - MARGIN) * budget)})
+    fitting = [c for c, r in zip(CANDIDATES, rows) if r["fits"]]
+    if not fitting:
+        best = min(rows, key=lambda r: r["predicted_peak_bytes"])
+        raise LarsError(f"nothing fits {config.memory_budget} at {seq} tokens: the smallest ({best['name']}) is "
+                        f"predicted at {best['predicted_peak_bytes'] / 2**30:.2f} GB (+{MARGIN:.0%} margin) and fits "
+                        f"up to {best['max_seq_len']} tokens; raise --memory-budget or lower --max-seq-len")
+    return fitting[0], rows
+
+
+def describe(rows: list[dict], chosen: Candidate, budget: str, seq: int) -> str:
+    lines = [f"memory budget {budget} at {seq} tokens (batch 1); predicted peak per choice:"]
+    for r in rows:
+        mark = "->" if r["name"] == chosen.name else "  "
+        lines.append(f"  {mark} {r['predicted_peak_bytes'] / 2**30:6.2f} GB  {'fits' if r['fits'] else '    '}  "
+                     f"x{r['step_time']:.2f} time  {r['name']}")
+    return "\n".join(lines)

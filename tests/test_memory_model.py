@@ -1,0 +1,159 @@
+"""The memory model and `--memory-budget`: predictions against measured peaks (the stored SmolLM2 benchmark runs)
+and against the tensors a tiny bundle's graph keeps (memory_breakdown); the planner's choice; the budget recorded
+in the bundle and the runtime's warning."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lars_artifacts import LarsError, load_bundle
+from lars_artifacts.memory_model import MemoryModel, weight_bytes
+from lars_export import ExportConfig, budget, export
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+# Runs with the runtime's current default settings (memory_reuse_smollm2.json predates the mmap threshold).
+MEASURED = [REPO / "docs" / "bench" / f for f in ("memory_passes_smollm2.json", "memory_4096_smollm2.json",
+                                                  "memory_4096_stack_smollm2.json")]
+
+
+def test_predictions_are_within_ten_percent_of_every_measured_peak():
+    from validate_memory_model import SMOLLM2, compare
+
+    rows = compare([r for path in MEASURED for r in json.loads(path.read_text())])
+    modes = {r["mode"] for r in rows}
+    assert {"ort-lora", "lars", "recompute", "chunked-loss", "default", "stack"} <= modes
+    assert len(rows) >= 20
+    off = [r for r in rows if not 0.90 <= r["ratio"] <= 1.10]
+    assert off == [], off
+    assert SMOLLM2["vocab_size"] == 49152
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_weight_bytes_match_the_bundles(tiny_models, tmp_path, scheme):
+    bundle = load_bundle(export(ExportConfig(model=str(tiny_models["qwen2"]), out=str(tmp_path / "b"), lora_rank=4,
+                                             lora_alpha=8, lars_basis="none", quantize_weights=scheme)))
+    import onnx
+    from onnx import numpy_helper
+
+    stored, transient = weight_bytes(bundle.manifest.architecture, scheme)
+    # Every initializer of the eval graph but the adapters: the weights file and the small tensors kept inline
+    # (per-channel scales of the tiny model; shape constants).
+    adapters = {p["onnx_name"] for p in bundle.manifest.adapter["parameters"]}
+    graph = onnx.load(bundle.file("eval_model.onnx"))
+    held = sum(numpy_helper.to_array(i).nbytes for i in graph.graph.initializer if i.name not in adapters)
+    assert held == pytest.approx(stored, rel=0.02)
+    assert transient == (0 if scheme == "none" else 4 * 64 * 384)  # one dequantized [hidden, vocab] projection
+
+
+def test_saved_terms_match_what_the_graph_keeps(tiny_models, tmp_path):
+    """The model's saved-for-backward bytes against memory_breakdown's, measured from the graph (tiny Llama)."""
+    from memory_breakdown import TRANSIENTS, breakdown
+
+    configs = {"exact": dict(lars_basis="none", recompute_attention=False, loss_chunks=0),
+               "lars": dict(lars_basis="random", lars_rank=8, recompute_attention=False, loss_chunks=0),
+               "default": dict(lars_basis="random", lars_rank=8),
+               "stack": dict(lars_basis="none", recompute_layers=True)}
+    for name, kw in configs.items():
+        config = ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / name), lora_rank=4, lora_alpha=8, **kw)
+        bundle = export(config)
+        model = MemoryModel.from_dict(load_bundle(bundle).manifest.memory["model"])
+        measured = breakdown(bundle, [128, 256])["rows"]
+        graph = {seq: sum(v[str(seq)] for kind, v in measured.items() if kind != TRANSIENTS) * 2**20
+                 for seq in (128, 256)}
+        predicted = {seq: seq * model.saved_per_token + seq * seq * model.saved_per_token_sq for seq in (128, 256)}
+        # What grows with the length (tables such as the rotary cache are constant and sit in the runtime term).
+        assert predicted[256] - predicted[128] == pytest.approx(graph[256] - graph[128], rel=0.1), name
+
+
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192)
+
+
+def _config(**kw):
+    return ExportConfig(lars_basis="none", **kw)
+
+
+def test_the_planner_takes_the_first_candidate_that_fits():
+    seq = 4096
+    peaks = [budget.model_for(SMOL, _config(), c.settings).peak_bytes(1, seq) for c in budget.CANDIDATES]
+    for k, candidate in enumerate(budget.CANDIDATES):
+        # A budget that fits candidate k (with the margin) and none of the earlier ones, if there is one.
+        need = peaks[k] / (1 - budget.MARGIN)
+        if any(p / (1 - budget.MARGIN) <= need for p in peaks[:k]):
+            continue
+        chosen, rows = budget.plan(SMOL, _config(memory_budget=f"{need / 2**20 + 1:.0f}MB", max_seq_len=seq))
+        assert chosen is candidate, (candidate.name, chosen.name)
+        assert [r["fits"] for r in rows][:k] == [False] * k
+    assert budget.plan(SMOL, _config(memory_budget="40GB", max_seq_len=seq))[0] is budget.CANDIDATES[0]
+
+
+def test_a_budget_nothing_fits_names_the_closest_and_how_far_it_goes():
+    with pytest.raises(LarsError, match=r"nothing fits 1GB at 4096 tokens: the smallest \(layer recompute .*int4 "
+                                        r"weights\) is predicted at .* fits up to \d+ tokens"):
+        budget.plan(SMOL, _config(memory_budget="1GB", max_seq_len=4096))
+    with pytest.raises(LarsError, match="needs --max-seq-len"):
+        budget.plan(SMOL, _config(memory_budget="2GB"))
+    with pytest.raises(LarsError, match="--memory-budget 'lots' is not a size"):
+        budget.parse_size("lots")
+    assert budget.parse_size("1.5G") == budget.parse_size("1536MB") == 3 * 2**29
+
+
+def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_models, tmp_path):
+    from lars_artifacts.memory_model import budget_warning
+    from lars_export import architectures, load
+    from lars_ort import Trainer
+
+    arch = architectures.describe(load.load_config(load.resolve(str(tiny_models["llama"]))))
+    base = dict(model=str(tiny_models["llama"]), lora_rank=4, lora_alpha=8, lars_basis="none", max_seq_len=512)
+    # A budget between the stack's prediction and the one before it, so the planner must pick the stack.
+    peaks = {c.name: budget.model_for(arch, ExportConfig(**base), c.settings).peak_bytes(1, 512)
+             for c in budget.CANDIDATES}
+    stack = budget.CANDIDATES[3]
+    need = peaks[stack.name] / (1 - budget.MARGIN)
+    assert all(peaks[c.name] / (1 - budget.MARGIN) > need for c in budget.CANDIDATES[:3])
+    out = export(ExportConfig(**base, out=str(tmp_path / "b"), memory_budget=f"{need / 2**20 + 0.1:.1f}MB"))
+    manifest = load_bundle(out).manifest
+    assert manifest.memory["plan"]["chosen"] == stack.name
+    assert manifest.exporter["config"]["recompute_layers"] is True
+    assert [p["name"] for p in manifest.passes if p["changed"]] == ["pretranspose_frozen", "attention_recompute",
+                                                                    "chunked_loss", "layer_recompute"]
+    assert budget_warning(manifest.memory, 1, 512) is None
+    message = budget_warning(manifest.memory, 4, 512)
+    assert message and "above this bundle's memory budget" in message and "fits up to" in message
+
+    trainer = Trainer(out, eval=False)
+    ids = np.random.default_rng(0).integers(0, 300, size=(4, 512))
+    with pytest.warns(ResourceWarning, match="batch 4 x 512 tokens is predicted to peak"):
+        trainer.step(trainer.batch(ids), lr=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same shape warns once; a fitting one never
+        trainer.step(trainer.batch(ids), lr=1e-4)
+        trainer.step(trainer.batch(ids[:1, :64]), lr=1e-4)
+
+
+def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_path):
+    from tiny import TRAIN_TEXT
+
+    out = export(ExportConfig(model=str(tiny_models["qwen2"]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
+                              lars_basis="none", memory_budget="205MB", max_seq_len=256))
+    model = MemoryModel.from_dict(load_bundle(out).manifest.memory["model"])
+    assert model.peak_bytes(2, 32) < 205 * 2**20 < model.peak_bytes(8, 256)
+
+    def train(run, batch, seq):
+        return subprocess.run([sys.executable, "-m", "lars_ort.cli", "train", str(out), "--data", str(TRAIN_TEXT),
+                               "--out", str(tmp_path / run), "--steps", "1", "--batch-size", str(batch),
+                               "--seq-len", str(seq), "--no-progress"], capture_output=True, text=True, timeout=600)
+
+    fits = train("run", 2, 32)
+    assert fits.returncode == 0, fits.stderr
+    assert "warning" not in fits.stderr
+    over = train("run2", 8, 256)
+    assert over.returncode == 0, over.stderr
+    assert "warning: a step of batch 8 x 256 tokens is predicted to peak at" in over.stderr

@@ -1,0 +1,64 @@
+"""The memory model (lars_artifacts.memory_model) against measured peaks: predicted / measured for every bundle row
+of bench_memory JSON files, at the runtime's default settings.
+
+    python tools/validate_memory_model.py docs/bench/memory_passes_smollm2.json [more.json ...]
+
+Rows carry the model's dims since bench_memory records them; older rows (all SmolLM2-135M, LoRA r=8 on all seven
+projections) get SmolLM2's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+# SmolLM2-135M (BRIEF §5), the model of every stored benchmark run.
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192)
+ALL_TARGETS = "q,k,v,o,gate,up,down"
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """predicted vs measured peak (MB) for each bundle row measured with the runtime's defaults."""
+    from bench_memory import BUNDLE_MODES, split_mode
+
+    from lars_export.budget import model_for
+    from lars_export.config import ExportConfig
+
+    out = []
+    for r in rows:
+        base, setting = split_mode(r["mode"])
+        if base not in BUNDLE_MODES or setting or r["status"] != "ok":
+            continue
+        config = ExportConfig(**BUNDLE_MODES[base], lora_rank=r.get("rank", 8),
+                              targets=tuple(r.get("targets", ALL_TARGETS).split(",")))
+        model = model_for(r.get("arch", SMOLLM2), config)
+        predicted = model.peak_bytes(r.get("batch_size", 1), r["seq_len"]) / 2**20
+        out.append({"mode": r["mode"], "seq_len": r["seq_len"], "measured_mb": r["peak_rss_mb"],
+                    "predicted_mb": predicted, "ratio": predicted / r["peak_rss_mb"]})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", nargs="+")
+    a = p.parse_args(argv)
+    rows = [r for path in a.json for r in json.loads(Path(path).read_text())]
+    result = compare(rows)
+    print("| mode | seq | measured MB | predicted MB | predicted / measured |\n|---|---|---|---|---|")
+    for r in result:
+        print(f"| {r['mode']} | {r['seq_len']} | {r['measured_mb']:,.0f} | {r['predicted_mb']:,.0f} | "
+              f"{r['ratio']:.3f} |")
+    ratios = [r["ratio"] for r in result]
+    if ratios:
+        print(f"\n{len(ratios)} rows; predicted / measured from {min(ratios):.3f} to {max(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
