@@ -36,6 +36,10 @@ class ExportConfig:
     recompute_attention: bool = field(default=True, metadata={
         "help": "recompute each layer's attention probabilities in the backward instead of keeping them (exact; "
                 "frees heads x T^2 floats per layer)"})
+    attention_chunks: int = field(default=0, metadata={
+        "help": "compute each layer's attention in this many groups of heads, one after the other, forward and "
+                "backward (the backward recomputes each group's probabilities): only one group's T x T tensors "
+                "exist at a time (exact; implies --recompute-attention; < 2: whole)"})
     recompute_layers: bool = field(default=False, metadata={
         "help": "keep only each decoder block's input and recompute the block in the backward (exact; one more "
                 "forward per step; LARS then saves nothing more: pair it with --lars-basis none)"})

@@ -78,6 +78,20 @@ def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path):
+    """Chunked attention (one head at a time), layer recompute and the chunked loss together, on the real
+    architectures: still exact."""
+    from lars_export import ExportConfig, export
+
+    bundle = export(ExportConfig(model=str(tiny_models[arch]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
+                                 lars_basis="none", attention_chunks=4, recompute_layers=True, loss_chunks=3))
+    changed = {p["name"]: p["changed"] for p in load_bundle(bundle).manifest.passes}
+    assert changed["attention_chunks"] == 2 and changed["layer_recompute"] == 2 and changed["chunked_loss"] == 1
+    assert changed["attention_recompute"] == 0  # nothing left to recompute
+    compare_with_peft(tiny_models[arch], bundle)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_every_adapter_tensor_is_its_own_trainable_parameter(arch, tiny_bundles):
     """The TorchScript exporter merges identical initializers; all-zero lora_B would collapse (BRIEF §4)."""
     from onnxruntime.capi import _pybind_state as C

@@ -10,6 +10,7 @@ go into the bundle manifest under "passes".
 from __future__ import annotations
 
 from ._base import GraphPass, PassContext, PassReport
+from .attention_chunks import ATTENTION_CHUNKS
 from .attention_recompute import ATTENTION_RECOMPUTE
 from .chunked_loss import CHUNKED_LOSS
 from .dequantize_at_use import DEQUANTIZE_AT_USE
@@ -23,6 +24,7 @@ PASSES: list[GraphPass] = [
     PRETRANSPOSE_FROZEN,
     QUANTIZE_FROZEN,
     LARS_PROJECTION,
+    ATTENTION_CHUNKS,  # before attention_recompute, which then finds no probabilities left to recompute
     ATTENTION_RECOMPUTE,
     CHUNKED_LOSS,
     LAYER_RECOMPUTE,

@@ -14,6 +14,8 @@ class PassContext:
     # LARS: lora_A parameter name -> projection basis P [d, k] (float32); empty for exact LoRA.
     lars_bases: dict = field(default_factory=dict)
     loss_chunks: int = 0  # chunked_loss: row chunks of the vocabulary projection + cross-entropy (< 2: whole)
+    attention_chunks: int = 0  # attention_chunks: groups of heads computed one at a time (< 2: whole)
+    attention_heads: int = 0  # the model's attention heads (attention_chunks splits them)
     quantize: str = "none"  # quantize_frozen: storage of the frozen matrices (none, int8, int4)
     quantize_block: int = 32  # quantize_frozen: INT4 block size along the reduction axis
 
