@@ -18,8 +18,9 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   loss' log-probabilities, vocab per token (a chunked loss keeps the final hidden state, d, instead). Layer
   recompute keeps d per layer and token (each block's input) and what all layers share.
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or one chunk's three.
-- backward: with attention recomputed (either pass), one layer's recomputed probabilities and their two gradients,
-  3·H·T²; with layer recompute also one block's activations. Without recompute, dP and dS, 2·H·T².
+- backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
+  two gradients, 3·H·T², or one group's with chunked attention, 3·(H/G)·T²; with layer recompute also one
+  block's activations. Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
   tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
   the loss, where the step peaks).
@@ -39,7 +40,8 @@ F32 = 4
 RUNTIME_BYTES = 170 * 2**20
 
 # The choices a bundle's memory depends on (ExportConfig field names).
-OPTIONS = ("recompute_attention", "recompute_layers", "loss_chunks", "quantize_weights", "lars_basis", "lars_rank")
+OPTIONS = ("recompute_attention", "attention_chunks", "recompute_layers", "loss_chunks", "quantize_weights",
+           "lars_basis", "lars_rank")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
 
 def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attention: bool, recompute_layers: bool,
              loss_chunks: int, quantize_weights: str = "none", lars_basis: str = "none", lars_rank: int = 32,
-             quantize_block: int = 32) -> MemoryModel:
+             quantize_block: int = 32, attention_chunks: int = 0) -> MemoryModel:
     d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
     head_dim = arch.get("head_dim") or d // heads
@@ -115,16 +117,19 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
         inputs = distinct * min(lars_rank, d)
     per_layer = 2 * d + 3 * d + 3 * f + inputs + lora_rank * len(targets)  # floats per token
     chunked = loss_chunks >= 2
+    # Heads whose [T, T] tensors exist at once in one layer's attention (chunked attention: one group's).
+    group = -(-heads // min(attention_chunks, heads)) if attention_chunks >= 2 else heads
+    recompute_attention = recompute_attention or attention_chunks >= 2
     # Shared by all layers: the rotary cos/sin rows of each position; the final hidden state a chunked loss
     # recomputes its chunks from, or the log-probabilities of the whole one.
     shared = 2 * head_dim + (d if chunked else vocab)
     if recompute_layers:
         saved, saved_sq = L * d + shared, 1
-        backward, backward_sq = per_layer, 3 * heads
+        backward, backward_sq = per_layer, 3 * group
     else:
         saved = L * per_layer + shared
         saved_sq = 1 + (0 if recompute_attention else L * heads)
-        backward, backward_sq = 0, (3 if recompute_attention else 2) * heads
+        backward, backward_sq = 0, (3 * group if recompute_attention else 2 * heads)
     turn = 3 * vocab / loss_chunks if chunked else 2 * vocab
     return MemoryModel(runtime=RUNTIME_BYTES, weights=stored + dequantized, saved_per_token=F32 * saved,
                        saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,

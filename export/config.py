@@ -39,7 +39,8 @@ class ExportConfig:
     attention_chunks: int = field(default=0, metadata={
         "help": "compute each layer's attention in this many groups of heads, one after the other, forward and "
                 "backward (the backward recomputes each group's probabilities): only one group's T x T tensors "
-                "exist at a time (exact; implies --recompute-attention; < 2: whole)"})
+                "exist at a time (exact; supersedes --recompute-attention; at or above the head count: one head at "
+                "a time; < 2: whole)"})
     recompute_layers: bool = field(default=False, metadata={
         "help": "keep only each decoder block's input and recompute the block in the backward (exact; one more "
                 "forward per step; LARS then saves nothing more: pair it with --lars-basis none)"})

@@ -53,6 +53,11 @@ class Engine:
         # temporary reused by a backward tensor). Measured on SmolLM2 at 1024 tokens: off is 0.6 GB lower
         # (README "Runtime memory settings"), and it is what lets LARS' freed inputs actually leave memory.
         options.enable_mem_reuse = memory_reuse
+        # Quantized bundles dequantize a frozen matrix once for several readers that run one after the other (the
+        # chunked loss' chunks). ORT's QDQ transformers would duplicate that DequantizeLinear per reader, and all
+        # copies could run at once; lars' dequantizations are gated on step data, so nothing is constant-folded
+        # with them off either (tested: export/passes/quantize_frozen_test.py).
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         if priority_order:
             # ORT's priority-based order runs Shape/Size nodes as early as possible and forward nodes before
             # backward ones, so tensors the backward only measures (or that LARS projects) die with the forward.

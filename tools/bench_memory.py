@@ -15,6 +15,9 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
             --recompute-layers): the lowest-memory exact bundle
   int8, int4  exact LoRA with the frozen weights stored quantized, no other pass (--quantize-weights)
   stack-int8, stack-int4  the stack with quantized frozen weights
+  attn-chunks  exact LoRA + chunked attention alone, one head at a time (--attention-chunks)
+  stack-chunks the stack with chunked attention (one head at a time) instead of attention recompute
+  full      every memory pass: stack-chunks with INT4 frozen weights; full-int8: with INT8 ones
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @reuse    ORT's buffer reuse on (arena and memory patterns still off)
@@ -39,6 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # Bundle modes: the export settings of each (everything else equal).
 _NO_PASSES = {"lars_basis": "none", "recompute_attention": False, "loss_chunks": 0}
+PER_HEAD = 1024  # --attention-chunks above the head count: one head at a time
 BUNDLE_MODES = {
     "ort-lora": _NO_PASSES,
     "lars": {**_NO_PASSES, "lars_basis": "pca"},
@@ -51,6 +55,11 @@ BUNDLE_MODES = {
     "int4": {**_NO_PASSES, "quantize_weights": "int4"},
     "stack-int8": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int8"},
     "stack-int4": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int4"},
+    "attn-chunks": {**_NO_PASSES, "attention_chunks": PER_HEAD},
+    "stack-chunks": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD},
+    "full": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD, "quantize_weights": "int4"},
+    "full-int8": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
+                  "quantize_weights": "int8"},
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.

@@ -29,6 +29,7 @@ def ort_module(directory, optimized_to=None, priority_order: bool = True):
     options = C.SessionOptions()
     if priority_order:
         options.execution_order = C.ExecutionOrder.PRIORITY_BASED  # what the runtime uses
+    options.add_session_config_entry("session.disable_quant_qdq", "1")  # what the runtime uses
     if optimized_to:
         options.optimized_model_filepath = str(optimized_to)
     device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)

@@ -4,15 +4,17 @@ ORT's training graph computes logits = h·Wᵀ ([tokens, vocab], 196 KB per toke
 a graph output, saves the log-probabilities for the backward and builds their gradient: three [tokens, vocab]
 tensors alive at the turn from forward to backward, which is where the step peaks. The pass replaces that tail:
 
-    forward   h (rows padded to C·c) -> C chunks; per chunk: z = h_i·Wᵀ, Σ CE(z, labels_i)   (z dies at once)
-              loss = Σ_i CE_i / (labels != ignore_index).count            (exactly ORT's "mean" reduction)
+    forward   the K rows of h whose label is not ignore_index (padded to C·c) -> C chunks;
+              per chunk: z = h_i·Wᵀ, Σ CE(z, labels_i)   (z dies at once)
+              loss = Σ_i CE_i / K                         (exactly ORT's "mean" reduction)
     backward  per chunk, one after the other: z = h_i·Wᵀ again, log p = LogSoftmax(z),
-              dz = SoftmaxCrossEntropyLossGrad(dloss / count, log p, labels_i), dh_i = dz·W
-              dh = Concat(dh_i)[:rows]
+              dz = SoftmaxCrossEntropyLossGrad(dloss / K, log p, labels_i), dh_i = dz·W
+              dh = zeros with Concat(dh_i)[:K] scattered back to the labelled rows
 
-Only h (tokens × hidden) is kept; at any time one chunk's [c, vocab] tensors exist. The training graph no longer
-outputs logits (the runtime never fetches them in training; the eval graph keeps them). Loss and gradients equal
-the unchunked ones up to float summation order.
+Only the labelled rows of h are kept; at any time one chunk's [c, vocab] tensors exist; prompt and padding
+positions never reach the vocabulary projection (with prompt-masked data that is most of the loss' work). The
+training graph no longer outputs logits (the runtime never fetches them in training; the eval graph keeps them).
+Loss and gradients equal the unchunked ones up to float summation order.
 
 The backward chunks are chained (chunk i's recompute waits for chunk i-1's dh through a Size gate), and the first
 waits for the forward's last chunk, so ORT cannot schedule them early or together.
@@ -93,31 +95,36 @@ def apply(model, context: PassContext) -> PassReport:
         n("h_shape_end"): np.array([np.iinfo(np.int64).max], np.int64),
     }
     nodes = [
-        # rows M, chunk c = ceil(M / C), padding C·c - M rows (ignored labels, zero hidden states)
         helper.make_node("Shape", [h], [n("h_shape")], name=n("HShape")),
         helper.make_node("Slice", [n("h_shape"), n("minus_one"), n("h_shape_end")], [n("d")], name=n("HiddenDim")),
         helper.make_node("Concat", [n("minus_one"), n("d")], [n("rows_by_d")], name=n("RowsByD"), axis=0),
         helper.make_node("Reshape", [h, n("rows_by_d")], [n("h_rows")], name=n("Flatten")),
-        helper.make_node("Shape", [labels], [n("M")], name=n("Rows")),
+        # only the K rows that carry a label: prompt and padding rows never reach the vocabulary projection
+        helper.make_node("Equal", [labels, n("ignore")], [n("ignored")], name=n("Ignored")),
+        helper.make_node("Not", [n("ignored")], [n("kept")], name=n("Kept")),
+        helper.make_node("NonZero", [n("kept")], [n("kept_at")], name=n("KeptAt")),
+        helper.make_node("Reshape", [n("kept_at"), n("minus_one")], [n("rows")], name=n("KeptRows")),
+        helper.make_node("Gather", [n("h_rows"), n("rows")], [n("h_kept")], name=n("GatherH"), axis=0),
+        helper.make_node("Gather", [labels, n("rows")], [n("l_kept")], name=n("GatherLabels"), axis=0),
+        # K rows, chunk c = ceil(K / C), padding C·c - K rows (ignored labels, zero hidden states)
+        helper.make_node("Shape", [n("l_kept")], [n("M")], name=n("LabelledRows")),
         helper.make_node("Add", [n("M"), n("C_minus_1")], [n("M_up")], name=n("RoundUp")),
         helper.make_node("Div", [n("M_up"), n("C")], [n("c")], name=n("ChunkRows")),
         helper.make_node("Mul", [n("c"), n("C")], [n("M_pad")], name=n("PaddedRows")),
         helper.make_node("Sub", [n("M_pad"), n("M")], [n("pad")], name=n("PadRows")),
         helper.make_node("Concat", [n("zero_i"), n("zero_i"), n("pad"), n("zero_i")], [n("h_pads")],
                          name=n("HPads"), axis=0),
-        helper.make_node("Pad", [n("h_rows"), n("h_pads")], [n("h_pad")], name=n("PadH")),
+        helper.make_node("Pad", [n("h_kept"), n("h_pads")], [n("h_pad")], name=n("PadH")),
         helper.make_node("Concat", [n("zero_i"), n("pad")], [n("l_pads")], name=n("LPads"), axis=0),
-        helper.make_node("Pad", [labels, n("l_pads"), n("ignore")], [n("l_pad")], name=n("PadLabels")),
+        helper.make_node("Pad", [n("l_kept"), n("l_pads"), n("ignore")], [n("l_pad")], name=n("PadLabels")),
         helper.make_node("Expand", [n("c"), n("C")], [n("sizes")], name=n("Sizes")),
         helper.make_node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)],
                          name=n("SplitH"), axis=0),
         helper.make_node("Split", [n("l_pad"), n("sizes")], [n(f"labels_chunk{i}") for i in range(chunks)],
                          name=n("SplitLabels"), axis=0),
         # count of labelled tokens, as ORT's mean reduction divides by it
-        helper.make_node("Equal", [labels, n("ignore")], [n("ignored")], name=n("Ignored")),
-        helper.make_node("Not", [n("ignored")], [n("kept")], name=n("Kept")),
-        helper.make_node("Cast", [n("kept")], [n("kept_f")], name=n("KeptFloat"), to=TensorProto.FLOAT),
-        helper.make_node("ReduceSum", [n("kept_f")], [n("count")], name=n("Count"), keepdims=0),
+        helper.make_node("Cast", [n("M")], [n("count_1")], name=n("CountFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Squeeze", [n("count_1")], [n("count")], name=n("Count")),
     ]
     # forward: one chunk after another (chunk i waits for chunk i-1's logits through a Size gate)
     sums, prev_z = [], None
@@ -161,7 +168,13 @@ def apply(model, context: PassContext) -> PassReport:
         gate_on = dh
     nodes += [
         helper.make_node("Concat", dhs, [n("dh_pad")], name=n("ConcatDH"), axis=0),
-        helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_rows")], name=n("Unpad")),
+        helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], name=n("Unpad")),
+        # back to every row: zeros where there was no label
+        helper.make_node("Shape", [n("h_rows")], [n("h_rows_shape")], name=n("RowsShape")),
+        helper.make_node("ConstantOfShape", [n("h_rows_shape")], [n("dh_zeros")], name=n("Zeros"),
+                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        helper.make_node("Unsqueeze", [n("rows"), n("minus_one")], [n("rows_nd")], name=n("RowIndices")),
+        helper.make_node("ScatterND", [n("dh_zeros"), n("rows_nd"), n("dh_kept")], [n("dh_rows")], name=n("Scatter")),
         helper.make_node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad], name=n("UnflattenDH")),
     ]
     backward = nodes

@@ -68,8 +68,10 @@ def _vocab_sized_saved(model) -> list[str]:
                   or prod[t].op_type in ("SoftmaxCrossEntropyLoss", "LogSoftmax"))
 
 
-@pytest.mark.parametrize("batch, length", [(1, 2), (1, 3), (2, 7), (3, 11)])  # rows below / at / above the chunks
-def test_chunked_loss_and_gradients_equal_autograd(bundles, batch, length):
+@pytest.mark.parametrize("batch, length, prompt", [(1, 2, 1), (1, 3, 1), (2, 7, 1), (3, 11, 1), (3, 11, 25)])
+def test_chunked_loss_and_gradients_equal_autograd(bundles, batch, length, prompt):
+    """Labelled rows below / at / above the chunk count; the first `prompt` rows carry no label (prompt, padding)
+    and never reach the vocabulary projection."""
     import torch
 
     model, root, report = bundles
@@ -77,7 +79,7 @@ def test_chunked_loss_and_gradients_equal_autograd(bundles, batch, length):
     rng = np.random.default_rng(length)
     ids = rng.integers(0, 20, size=(batch, length)).astype(np.int64)
     labels = rng.integers(0, V, size=batch * length).astype(np.int64)
-    labels[0] = -100  # an ignored (prompt / padding) position
+    labels[:prompt] = -100  # ignored (prompt / padding) positions
     C, state, module = ort_module(root / "chunked")
     out = C.OrtValueVector()
     module.train_step([ids, labels], out)

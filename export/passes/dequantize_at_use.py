@@ -6,7 +6,9 @@ chunked loss reads the output projection once per chunk, forward and backward): 
 float32 matrix alive from the forward to its own turn, which puts every layer's weights back in memory at the
 peak. The pass gives every reader other than the one the dequantization was made for its own copy of the
 computation, gated on one of that reader's own inputs (in the backward, a gradient), so the copy runs when the
-reader is about to, and dies with it. Run last: it must see the readers every other pass adds.
+reader is about to, and dies with it. Readers that run one after the other in one phase (the chunked loss'
+chunks) share one copy, made when the first of them is about to run: one dequantization of the output projection
+per phase instead of one per chunk. Run last: it must see the readers every other pass adds.
 
 It changes no value: each copy computes the same float32 matrix from the same stored tensors.
 """
@@ -32,6 +34,32 @@ def gate_input(reader, weight: str, prod: dict, cons: dict, backward: set) -> st
     return None
 
 
+def _upstream(tensor: str, prod: dict, region: set, memo: dict) -> frozenset:
+    """Tensors `tensor` depends on through nodes of `region` (ids), itself included."""
+    if tensor in memo:
+        return memo[tensor]
+    out, stack = {tensor}, [tensor]
+    while stack:
+        node = prod.get(stack.pop())
+        if node is None or id(node) not in region:
+            continue
+        for t in node.input:
+            if t and t not in out:
+                if t in memo:
+                    out |= memo[t]
+                else:
+                    out.add(t)
+                    stack.append(t)
+    memo[tensor] = frozenset(out)
+    return memo[tensor]
+
+
+def _first_of(gates: list[str], readers: list, prod: dict, region: set, memo: dict) -> str | None:
+    """A gate tensor every reader depends on (so a copy made when it exists serves them all), or None."""
+    needs = [frozenset().union(*(_upstream(t, prod, region, memo) for t in r.input if t)) for r in readers]
+    return next((g for g in gates if g is not None and all(g in n for n in needs)), None)
+
+
 def apply(model, context: PassContext) -> PassReport:
     report = PassReport("dequantize_at_use")
     weights = dequantized_weights(model)
@@ -40,33 +68,57 @@ def apply(model, context: PassContext) -> PassReport:
     prod, cons = producers(model), consumers(model)
     backward_list = backward_nodes(model)  # held: node ids are only stable while the wrappers are alive
     backward = {id(n) for n in backward_list}
+    everything = {id(n) for n in model.graph.node}
     position = {id(n): i for i, n in enumerate(model.graph.node)}
-    inserts, dead = [], []
-    for weight, (chain, gate_on) in weights.items():
-        # The reader the dequantization was made for reads its gate tensor too; every other reader gets a copy.
-        readers = cons.get(weight, [])
-        others = [r for r in readers if gate_on not in r.input]
-        for reader in others:
-            after = gate_input(reader, weight, prod, cons, backward)
-            if after is None:
-                report.skipped.append(f"{reader.name}: no input of its own to gate a copy of {weight} on")
-                continue
-            renamed = {gate_on: after}
-            # Unique per copy: ORT's CSE may have merged the gates of weights that share an input (q, k, v), so
-            # chains can share nodes.
-            suffix = f".use{report.changed}"
-            copies = [clone_node(node, renamed, suffix, f"{node.name}{suffix}") for node in chain]
+    memo: dict = {}
+    inserts, dead, shared = [], [], 0
+
+    def copy_for(readers: list, weight: str, chain: list, gate_on: str, after: str) -> None:
+        suffix = f".use{report.changed}"  # unique per copy: ORT's CSE may have merged gates, so chains share nodes
+        renamed = {gate_on: after}
+        copies = [clone_node(node, renamed, suffix, f"{node.name}{suffix}") for node in chain]
+        for reader in readers:
             reader.input[:] = [renamed[weight] if i == weight else i for i in reader.input]
-            inserts.append((position[id(reader)], copies))
-            report.changed += 1
-        if len(others) == len(readers):  # no reader left on the original (its reader was replaced by a pass)
+        inserts.append((min(position[id(r)] for r in readers), copies))
+        report.changed += 1
+
+    for weight, (chain, gate_on) in weights.items():
+        readers = cons.get(weight, [])
+        original_phase = id(chain[-1]) in backward
+        kept = 0
+        for phase in (False, True):  # the forward's readers, then the backward's
+            group = [r for r in readers if (id(r) in backward) == phase]
+            if not group:
+                continue
+            region = backward if phase else everything
+            # One dequantization per phase when one tensor precedes every reader of the phase (the chunked loss'
+            # chunks, one after the other); the copy then lives from the first reader to the last.
+            if phase == original_phase and _first_of([gate_on], group, prod, region, memo):
+                kept += len(group)
+                shared += len(group) > 1
+                continue
+            gates = [gate_input(r, weight, prod, cons, backward) for r in group]
+            first = _first_of(gates, group, prod, region, memo) if len(group) > 1 else None
+            if first is not None:
+                copy_for(group, weight, chain, gate_on, first)
+                shared += 1
+                continue
+            for reader, after in zip(group, gates):  # each its own, made when the reader is about to run
+                if phase == original_phase and gate_on in reader.input:
+                    kept += 1  # the reader the dequantization was made for
+                elif after is None:
+                    report.skipped.append(f"{reader.name}: no input of its own to gate a copy of {weight} on")
+                    kept += 1
+                else:
+                    copy_for([reader], weight, chain, gate_on, after)
+        if not kept:  # no reader left on the original (its reader was replaced by a pass)
             dead.extend(chain)
     for at, nodes in sorted(inserts, key=lambda x: -x[0]):  # from the end, so indices stay valid
         for offset, node in enumerate(nodes):
             model.graph.node.insert(at + offset, node)
     for node in dead:
         model.graph.node.remove(node)
-    report.details = {"copies": report.changed, "dropped_unread": len(dead)}
+    report.details = {"copies": report.changed, "shared_by_several_readers": shared, "dropped_unread": len(dead)}
     return report
 
 
