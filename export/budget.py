@@ -18,8 +18,10 @@ from lars_artifacts.memory_model import MemoryModel, estimate
 
 MARGIN = 0.10
 
-_EXACT = dict(recompute_attention=False, loss_chunks=0, recompute_layers=False, quantize_weights="none")
-_STACK = dict(recompute_attention=True, loss_chunks=8, recompute_layers=True)
+_EXACT = dict(recompute_attention=False, attention_chunks=0, loss_chunks=0, recompute_layers=False,
+              quantize_weights="none")
+PER_HEAD = 1 << 16  # --attention-chunks at or above the head count: one head at a time (set to the head count)
+_CHUNKED = dict(_EXACT, recompute_attention=True, attention_chunks=PER_HEAD, loss_chunks=8)
 
 
 @dataclass(frozen=True)
@@ -29,17 +31,19 @@ class Candidate:
     step_time: float  # relative to exact LoRA without passes (measured, see the module docstring)
 
 
+# Step times: docs/BENCHMARKS.md, "Every pass at 2048 tokens" (SmolLM2-135M, one run, relative to `ort-lora`).
 CANDIDATES = [
     Candidate("no memory pass", _EXACT, 1.00),
-    Candidate("chunked loss", {**_EXACT, "loss_chunks": 8}, 1.06),
-    Candidate("attention recompute + chunked loss", {**_EXACT, "recompute_attention": True, "loss_chunks": 8}, 1.31),
-    Candidate("layer recompute + attention recompute + chunked loss", {**_STACK, "quantize_weights": "none"}, 1.96),
-    Candidate("attention recompute + chunked loss + int8 weights",
-              {**_EXACT, "recompute_attention": True, "loss_chunks": 8, "quantize_weights": "int8"}, 1.35),
-    Candidate("layer recompute + attention recompute + chunked loss + int8 weights",
-              {**_STACK, "quantize_weights": "int8"}, 2.00),
-    Candidate("layer recompute + attention recompute + chunked loss + int4 weights",
-              {**_STACK, "quantize_weights": "int4"}, 2.00),
+    Candidate("chunked loss", dict(_EXACT, loss_chunks=8), 1.06),
+    Candidate("attention recompute + chunked loss", dict(_EXACT, recompute_attention=True, loss_chunks=8), 1.12),
+    Candidate("chunked attention + chunked loss", _CHUNKED, 1.22),
+    Candidate("layer recompute + chunked attention + chunked loss", dict(_CHUNKED, recompute_layers=True), 1.45),
+    # quantized frozen weights change the model's loss a little (docs/BENCHMARKS.md): only when nothing exact fits
+    Candidate("chunked attention + chunked loss + int8 weights", dict(_CHUNKED, quantize_weights="int8"), 1.23),
+    Candidate("layer recompute + chunked attention + chunked loss + int8 weights",
+              dict(_CHUNKED, recompute_layers=True, quantize_weights="int8"), 1.82),
+    Candidate("layer recompute + chunked attention + chunked loss + int4 weights",
+              dict(_CHUNKED, recompute_layers=True, quantize_weights="int4"), 2.02),
 ]
 
 
@@ -78,7 +82,9 @@ def plan(arch: dict, config) -> tuple[Candidate, list[dict]]:
                      "predicted_peak_bytes": model.peak_bytes(1, seq),
                      "fits": model.peak_bytes(1, seq) <= (1 - MARGIN) * budget,
                      "max_seq_len": model.max_seq_len((1 - MARGIN) * budget)})
-    fitting = [c for c, r in zip(CANDIDATES, rows) if r["fits"]]
+    heads = arch["num_attention_heads"]
+    fitting = [Candidate(c.name, {**c.settings, "attention_chunks": min(c.settings["attention_chunks"], heads)},
+                         c.step_time) for c, r in zip(CANDIDATES, rows) if r["fits"]]
     if not fitting:
         best = min(rows, key=lambda r: r["predicted_peak_bytes"])
         raise LarsError(f"nothing fits {config.memory_budget} at {seq} tokens: the smallest ({best['name']}) is "
@@ -90,7 +96,7 @@ def plan(arch: dict, config) -> tuple[Candidate, list[dict]]:
 def describe(rows: list[dict], chosen: Candidate, budget: str, seq: int) -> str:
     lines = [f"memory budget {budget} at {seq} tokens (batch 1); predicted peak per choice:"]
     for r in rows:
-        mark = "->" if r["name"] == chosen.name else "  "
+        mark = "->" if r["name"] == chosen.name else "  "  # noqa: E501
         lines.append(f"  {mark} {r['predicted_peak_bytes'] / 2**30:6.2f} GB  {'fits' if r['fits'] else '    '}  "
                      f"x{r['step_time']:.2f} time  {r['name']}")
     return "\n".join(lines)
