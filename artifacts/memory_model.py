@@ -17,14 +17,15 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   (none with attention recompute); once for all layers the causal mask T², the rotary cos/sin 2·head_dim and the
   loss' log-probabilities, vocab per token (a chunked loss keeps the final hidden state, d, instead). Layer
   recompute keeps d per layer and token (each block's input) and what all layers share.
-- turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or one chunk's three.
+- turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
   two gradients, 3·H·T², or one group's with chunked attention, 3·(H/G)·T²; with layer recompute also one
   block's activations. Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
   tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
   the loss, where the step peaks).
-- runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions (measured, below).
+- runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions, which grow with the
+  nodes a pass adds (measured, below).
 
 Validated against measured peaks (docs/bench/*.json, tools/validate_memory_model.py, tests/test_memory_model.py).
 """
@@ -38,6 +39,16 @@ F32 = 4
 # the exact-LoRA peaks at 512/1024/2048 tokens minus what the graph keeps at the turn and the weights file give
 # 160, 174, 167 MB (docs/BENCHMARKS.md, "What a step keeps").
 RUNTIME_BYTES = 170 * 2**20
+# ORT's session grows with the graph, about 5 KB per node (peak RSS right after loading, SmolLM2-135M bundles:
+# exact 220 MB, layer recompute 243, chunked attention 251, both 284, both with INT8 weights 290, with INT4 319).
+# Per unit of what each pass adds:
+SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forward, copied)
+                 "attention_chunks": 0.13 * 2**20,  # per layer and group of heads
+                 "int8": 0.03 * 2**20, "int4": 0.17 * 2**20}  # per quantized matrix (its dequantizations)
+# A chunked loss holds about five [rows / chunks, vocab] tensors at the turn: the forward's last chunk's logits
+# and log-probabilities, and the backward's first chunk's recomputed logits, log-probabilities and gradient
+# (measured: stack bundles with chunked attention at 2048 tokens, where the loss is the peak).
+CHUNKED_LOSS_TENSORS = 5
 
 # The choices a bundle's memory depends on (ExportConfig field names).
 OPTIONS = ("recompute_attention", "attention_chunks", "recompute_layers", "loss_chunks", "quantize_weights",
@@ -130,8 +141,11 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
         saved = L * per_layer + shared
         saved_sq = 1 + (0 if recompute_attention else L * heads)
         backward, backward_sq = 0, (3 * group if recompute_attention else 2 * heads)
-    turn = 3 * vocab / loss_chunks if chunked else 2 * vocab
-    return MemoryModel(runtime=RUNTIME_BYTES, weights=stored + dequantized, saved_per_token=F32 * saved,
+    turn = CHUNKED_LOSS_TENSORS * vocab / loss_chunks if chunked else 2 * vocab
+    session = ((SESSION_BYTES["layer_recompute"] * L if recompute_layers else 0)
+               + (SESSION_BYTES["attention_chunks"] * L * min(attention_chunks, heads) if attention_chunks >= 2 else 0)
+               + SESSION_BYTES.get(quantize_weights, 0) * (7 * L + 2))
+    return MemoryModel(runtime=RUNTIME_BYTES + session, weights=stored + dequantized, saved_per_token=F32 * saved,
                        saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,
                        backward_per_token=F32 * backward, backward_per_token_sq=F32 * backward_sq)
 

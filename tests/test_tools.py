@@ -13,17 +13,24 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model", str(tiny_models["llama"]),
                           "--seq-lens", "16,32", "--steps", "1", "--cache", str(tmp_path / "cache"),
-                          "--modes", "peft,ort-lora,ort-lora@reuse,lars,lars-random,recompute,chunked-loss,default,floor",
+                          "--modes", "peft,ort-lora,ort-lora@reuse,lars,lars-random,recompute,chunked-loss,default,"
+                                     "attn-chunks,full,floor",
                           "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "m.json").read_text())
     modes = ("peft", "ort-lora", "ort-lora@reuse", "lars", "lars-random", "recompute", "chunked-loss", "default",
-             "floor")
+             "attn-chunks", "full", "floor")
     assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in modes for s in (16, 32)}
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 0
+    # The rows record what the memory model needs, and the validator reads them back.
+    assert rows[0]["arch"]["hidden_size"] == 64 and rows[0]["targets"] == "q,k,v,o,gate,up,down"
+    check = subprocess.run([sys.executable, str(REPO / "tools" / "validate_memory_model.py"), str(tmp_path / "m.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr
+    assert "| full | 32 |" in check.stdout and "predicted / measured from" in check.stdout
 
 
 def test_bench_quality_on_a_tiny_model(tiny_models, tmp_path):
