@@ -87,9 +87,11 @@ def plan(arch: dict, config) -> tuple[Candidate, list[dict]]:
                          c.step_time) for c, r in zip(CANDIDATES, rows) if r["fits"]]
     if not fitting:
         best = min(rows, key=lambda r: r["predicted_peak_bytes"])
+        reach = (f"fits up to {best['max_seq_len']} tokens" if best["max_seq_len"] else
+                 "fits no length (the runtime and the weights alone take more)")
         raise LarsError(f"nothing fits {config.memory_budget} at {seq} tokens: the smallest ({best['name']}) is "
-                        f"predicted at {best['predicted_peak_bytes'] / 2**30:.2f} GB (+{MARGIN:.0%} margin) and fits "
-                        f"up to {best['max_seq_len']} tokens; raise --memory-budget or lower --max-seq-len")
+                        f"predicted at {best['predicted_peak_bytes'] / 2**30:.2f} GB (+{MARGIN:.0%} margin) and "
+                        f"{reach}; raise --memory-budget or lower --max-seq-len")
     return fitting[0], rows
 
 

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{f.name.replace('_', '-')}", default=",".join(default),
                                 help=f"{helps[f.name]} (default: {','.join(default)})")
         else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "float": float}.get(str(f.type).removesuffix(" | None"), str)
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
                                 choices=f.metadata.get("choices"), help=f"{helps[f.name]} (default: {default})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")

@@ -137,6 +137,21 @@ def test_run_of_another_bundle_and_existing_checkpoint_untouched(tiny_bundles, c
     assert saved == {p: p.read_bytes() for p in saved}
 
 
+def test_export_budget_errors_name_the_problem(tiny_models, tmp_path):
+    model = str(tiny_models["llama"])
+    cases = [
+        (["--memory-budget", "2GB"], "--memory-budget needs --max-seq-len"),
+        (["--memory-budget", "two gigs", "--max-seq-len", "512"], "--memory-budget 'two gigs' is not a size"),
+        (["--memory-budget", "100MB", "--max-seq-len", "512"], "nothing fits 100MB at 512 tokens"),
+        (["--memory-budget", "2GB", "--max-seq-len", "100000"], "exceeds the model's context of 512 tokens"),
+    ]
+    for flags, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "lars_export.cli", model, *flags, "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True)
+        one_line_error(proc.returncode, proc.stderr, needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_errors_name_the_problem(tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
