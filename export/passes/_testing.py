@@ -85,3 +85,45 @@ def export_lm(model, path):
                       output_names=["logits"], dynamic_axes={"ids": {0: "B", 1: "T"}, "logits": {0: "BT"}},
                       opset_version=17, do_constant_folding=False, dynamo=False)
     return onnx.load(str(path))
+
+
+def attention_lm(rng, d: int, heads: int, rank: int, vocab: int, out: int, adapted=("q_proj",), squash=False):
+    """Embedding(vocab, d) -> one causal attention block written like transformers' eager attention ((Q·Kᵀ)·scale +
+    mask -> softmax -> ·V, the mask computed outside the block) with LoRA on the `adapted` projections -> a head to
+    `out` logits. ids [T] -> [T, out]. `squash` puts a tanh between the scores and the softmax (a chain the
+    attention passes do not handle)."""
+    import numpy as np
+    import torch
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, lora_linear(d, d, rank) if name in adapted else torch.nn.Linear(d, d, bias=False))
+
+        def forward(self, x, mask):
+            t = x.shape[0]
+            q, k, v = (p(x).view(t, heads, d // heads).transpose(0, 1)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            scores = torch.matmul(q, k.transpose(1, 2)) * (d // heads) ** -0.5 + mask
+            if squash:
+                scores = torch.tanh(scores)
+            return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1).reshape(t, d)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(vocab, d)
+            self.attn = Attention()
+            self.head = torch.nn.Linear(d, out, bias=False)
+
+        def forward(self, ids):
+            t = ids.shape[0]
+            causal = torch.triu(torch.full((t, t), -1e9), diagonal=1)
+            return self.head(self.attn(self.embed(ids), causal))
+
+    model = Tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
+    return model

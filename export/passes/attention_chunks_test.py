@@ -9,7 +9,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_module
+from lars_export.passes._testing import attention_lm, ort_module
 from lars_export.passes.attention_chunks import ATTENTION_CHUNKS
 
 D, H, R, V, T = 16, 4, 2, 11, 6
@@ -17,38 +17,7 @@ TRAINABLE = {f"attn.{m}.lora_{ab}.default.weight" for m in ("q_proj", "k_proj", 
 
 
 def _model(rng):
-    import torch
-
-    class Attention(torch.nn.Module):
-        """Eager attention as transformers writes it: (Q·Kᵀ)·scale + mask -> softmax -> ·V."""
-
-        def __init__(self):
-            super().__init__()
-            self.q_proj, self.k_proj, self.v_proj = (lora_linear(D, D, R) for _ in range(3))
-
-        def forward(self, x, mask):
-            t = x.shape[0]
-            q, k, v = (p(x).view(t, H, D // H).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
-            scores = torch.matmul(q, k.transpose(1, 2)) * (D // H) ** -0.5 + mask
-            return torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1).reshape(t, D)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(20, D)
-            self.attn = Attention()
-            self.head = torch.nn.Linear(D, V, bias=False)
-
-        def forward(self, ids):
-            t = ids.shape[0]
-            causal = torch.triu(torch.full((t, t), -1e9), diagonal=1)  # computed outside the attention module
-            return self.head(self.attn(self.embed(ids), causal))
-
-    model = Tiny()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
-    return model
+    return attention_lm(rng, D, H, R, 20, V, adapted=("q_proj", "k_proj", "v_proj"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_module
+from lars_export.passes._testing import attention_lm, ort_module
 from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
 
 D, H, R, V, T = 8, 2, 2, 11, 6
@@ -16,43 +16,7 @@ A_NAME, B_NAME = "attn.q_proj.lora_A.default.weight", "attn.q_proj.lora_B.defaul
 
 
 def _model(rng, squash: bool = False):
-    import torch
-
-    class Attention(torch.nn.Module):
-        """Eager attention as transformers writes it: (Q·Kᵀ)·scale + mask -> softmax -> ·V."""
-
-        def __init__(self):
-            super().__init__()
-            self.q_proj = lora_linear(D, D, R)
-            self.k_proj = torch.nn.Linear(D, D, bias=False)
-            self.v_proj = torch.nn.Linear(D, D, bias=False)
-
-        def forward(self, x, mask):
-            t = x.shape[0]
-            q, k, v = (p(x).view(t, H, D // H).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
-            scores = torch.matmul(q, k.transpose(1, 2)) * (D // H) ** -0.5 + mask
-            if squash:  # an op the pass does not recompute: it must leave the layer alone and say why
-                scores = torch.tanh(scores)
-            probs = torch.softmax(scores, dim=-1)
-            return torch.matmul(probs, v).transpose(0, 1).reshape(t, D)
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = torch.nn.Embedding(20, D)
-            self.attn = Attention()
-            self.head = torch.nn.Linear(D, V, bias=False)
-
-        def forward(self, ids):
-            t = ids.shape[0]
-            causal = torch.triu(torch.full((t, t), -1e9), diagonal=1)  # computed outside the attention module
-            return self.head(self.attn(self.embed(ids), causal))
-
-    model = Tiny()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
-    return model
+    return attention_lm(rng, D, H, R, 20, V, squash=squash)
 
 
 def _artifacts(tmp_path, model):
