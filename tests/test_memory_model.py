@@ -100,9 +100,11 @@ def test_the_planner_takes_the_first_candidate_that_fits():
 
 
 def test_a_budget_nothing_fits_names_the_closest_and_how_far_it_goes():
-    with pytest.raises(LarsError, match=r"nothing fits 500MB at 4096 tokens: the smallest \(layer recompute .* "
+    with pytest.raises(LarsError, match=r"nothing fits 800MB at 4096 tokens: the smallest \(layer recompute .* "
                                         r"weights\) is predicted at .* fits up to \d+ tokens"):
-        budget.plan(SMOL, _config(memory_budget="500MB", max_seq_len=4096))
+        budget.plan(SMOL, _config(memory_budget="800MB", max_seq_len=4096))
+    with pytest.raises(LarsError, match=r"fits no length \(the runtime and the weights alone take more\)"):
+        budget.plan(SMOL, _config(memory_budget="300MB", max_seq_len=4096))
     with pytest.raises(LarsError, match="needs --max-seq-len"):
         budget.plan(SMOL, _config(memory_budget="2GB"))
     with pytest.raises(LarsError, match="--memory-budget 'lots' is not a size"):
