@@ -19,8 +19,8 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   recompute keeps d per layer and token (each block's input) and what all layers share.
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
-  two gradients, 3·H·T², or one group's with chunked attention, 3·(H/G)·T²; with layer recompute also one
-  block's activations. Without recompute, dP and dS, 2·H·T².
+  two gradients, 3·H·T², or with chunked attention one group's, about 8·(H/G)·T² (the group's intermediates
+  count at this size); with layer recompute also one block's activations. Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
   tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
   the loss, where the step peaks).
@@ -49,6 +49,10 @@ SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forw
 # and log-probabilities, and the backward's first chunk's recomputed logits, log-probabilities and gradient
 # (measured: stack bundles with chunked attention at 2048 tokens, where the loss is the peak).
 CHUNKED_LOSS_TENSORS = 5
+# Chunked attention holds about eight [group, T, T] tensors in a layer's backward (scores, scaled and masked
+# scores, probabilities, dP, dS and its scaled copy, with the mask's broadcast), where whole attention needs the
+# three of the text below: measured with one head per group, stack bundles at 2048 and 4096 tokens.
+CHUNKED_ATTENTION_TENSORS = 8
 
 # The choices a bundle's memory depends on (ExportConfig field names).
 OPTIONS = ("recompute_attention", "attention_chunks", "recompute_layers", "loss_chunks", "quantize_weights",
@@ -136,11 +140,13 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
     shared = 2 * head_dim + (d if chunked else vocab)
     if recompute_layers:
         saved, saved_sq = L * d + shared, 1
-        backward, backward_sq = per_layer, 3 * group
+        backward, backward_sq = per_layer, (CHUNKED_ATTENTION_TENSORS if attention_chunks >= 2 else 3) * group
     else:
         saved = L * per_layer + shared
         saved_sq = 1 + (0 if recompute_attention else L * heads)
-        backward, backward_sq = 0, (3 * group if recompute_attention else 2 * heads)
+        backward = 0
+        backward_sq = (CHUNKED_ATTENTION_TENSORS * group if attention_chunks >= 2 else
+                       3 * heads if recompute_attention else 2 * heads)
     turn = CHUNKED_LOSS_TENSORS * vocab / loss_chunks if chunked else 2 * vocab
     session = ((SESSION_BYTES["layer_recompute"] * L if recompute_layers else 0)
                + (SESSION_BYTES["attention_chunks"] * L * min(attention_chunks, heads) if attention_chunks >= 2 else 0)
