@@ -22,18 +22,20 @@ sys.path.insert(0, str(REPO / "tools"))
 MEASURED = [REPO / "docs" / "bench" / f for f in (
     "memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",
     "memory_2048_all_smollm2.json", "memory_4096_quantized_smollm2.json", "memory_2048_smollm2.json",
-    "memory_4096_full_smollm2.json")]
+    "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json")]
 
 
-def test_predictions_are_within_ten_percent_of_every_measured_peak():
+def test_predictions_bound_every_measured_peak():
+    """No measured peak is more than the budget's 10% margin above its prediction, and none is more than 20% below
+    it (a looser budget than needed)."""
     from validate_memory_model import SMOLLM2, compare
 
     rows = compare([r for path in MEASURED for r in json.loads(path.read_text())])
     modes = {r["mode"] for r in rows}
     assert {"ort-lora", "lars", "recompute", "chunked-loss", "default", "stack", "attn-chunks", "int8", "int4",
             "stack-chunks", "full", "full-int8"} <= modes
-    assert len(rows) >= 44
-    off = [r for r in rows if not 0.90 <= r["ratio"] <= 1.10]
+    assert len(rows) >= 46
+    off = [r for r in rows if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
     assert off == [], off
     assert SMOLLM2["vocab_size"] == 49152
 
