@@ -20,7 +20,8 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
   two gradients, 3·H·T², or with chunked attention one group's, about 8·(H/G)·T² (the group's intermediates
-  count at this size); with layer recompute also one block's activations. Without recompute, dP and dS, 2·H·T².
+  count at this size), divided by the chunks of query rows; with layer recompute also one block's activations.
+  Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
   tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
   the loss, where the step peaks).
@@ -44,6 +45,9 @@ RUNTIME_BYTES = 170 * 2**20
 # Per unit of what each pass adds:
 SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forward, copied)
                  "attention_chunks": 0.13 * 2**20,  # per layer and group of heads
+                 # per layer, group and chunk of query rows after the first (full-int8 with 4 row chunks: 434 MB
+                 # after loading, 290 without; the pieces' gates, slices and sums count)
+                 "attention_row_chunks": 0.18 * 2**20,
                  "int8": 0.03 * 2**20, "int4": 0.17 * 2**20}  # per quantized matrix (its dequantizations)
 # A chunked loss holds about five [rows / chunks, vocab] tensors at the turn: the forward's last chunk's logits
 # and log-probabilities, and the backward's first chunk's recomputed logits, log-probabilities and gradient
@@ -55,8 +59,8 @@ CHUNKED_LOSS_TENSORS = 5
 CHUNKED_ATTENTION_TENSORS = 8
 
 # The choices a bundle's memory depends on (ExportConfig field names).
-OPTIONS = ("recompute_attention", "attention_chunks", "recompute_layers", "loss_chunks", "quantize_weights",
-           "lars_basis", "lars_rank")
+OPTIONS = ("recompute_attention", "attention_chunks", "attention_row_chunks", "recompute_layers", "loss_chunks",
+           "quantize_weights", "lars_basis", "lars_rank")
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
 
 def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attention: bool, recompute_layers: bool,
              loss_chunks: int, quantize_weights: str = "none", lars_basis: str = "none", lars_rank: int = 32,
-             quantize_block: int = 32, attention_chunks: int = 0) -> MemoryModel:
+             quantize_block: int = 32, attention_chunks: int = 0, attention_row_chunks: int = 0) -> MemoryModel:
     d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
     head_dim = arch.get("head_dim") or d // heads
@@ -132,24 +136,29 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
         inputs = distinct * min(lars_rank, d)
     per_layer = 2 * d + 3 * d + 3 * f + inputs + lora_rank * len(targets)  # floats per token
     chunked = loss_chunks >= 2
-    # Heads whose [T, T] tensors exist at once in one layer's attention (chunked attention: one group's).
-    group = -(-heads // min(attention_chunks, heads)) if attention_chunks >= 2 else heads
-    recompute_attention = recompute_attention or attention_chunks >= 2
+    # Heads whose [T, T] tensors exist at once in one layer's attention (chunked attention: one group's), and the
+    # share of their query rows (row chunks: one chunk's).
+    groups = min(attention_chunks, heads) if attention_chunks >= 2 else 1
+    rows = max(attention_row_chunks, 1)
+    chunked_attention = groups * rows >= 2
+    group = -(-heads // groups) / rows
+    recompute_attention = recompute_attention or chunked_attention
     # Shared by all layers: the rotary cos/sin rows of each position; the final hidden state a chunked loss
     # recomputes its chunks from, or the log-probabilities of the whole one.
     shared = 2 * head_dim + (d if chunked else vocab)
     if recompute_layers:
         saved, saved_sq = L * d + shared, 1
-        backward, backward_sq = per_layer, (CHUNKED_ATTENTION_TENSORS if attention_chunks >= 2 else 3) * group
+        backward, backward_sq = per_layer, (CHUNKED_ATTENTION_TENSORS if chunked_attention else 3) * group
     else:
         saved = L * per_layer + shared
         saved_sq = 1 + (0 if recompute_attention else L * heads)
         backward = 0
-        backward_sq = (CHUNKED_ATTENTION_TENSORS * group if attention_chunks >= 2 else
+        backward_sq = (CHUNKED_ATTENTION_TENSORS * group if chunked_attention else
                        3 * heads if recompute_attention else 2 * heads)
     turn = CHUNKED_LOSS_TENSORS * vocab / loss_chunks if chunked else 2 * vocab
     session = ((SESSION_BYTES["layer_recompute"] * L if recompute_layers else 0)
-               + (SESSION_BYTES["attention_chunks"] * L * min(attention_chunks, heads) if attention_chunks >= 2 else 0)
+               + (SESSION_BYTES["attention_chunks"] * L * groups if chunked_attention else 0)
+               + SESSION_BYTES["attention_row_chunks"] * L * groups * (rows - 1)
                + SESSION_BYTES.get(quantize_weights, 0) * (7 * L + 2))
     return MemoryModel(runtime=RUNTIME_BYTES + session, weights=stored + dequantized, saved_per_token=F32 * saved,
                        saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,

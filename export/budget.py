@@ -59,8 +59,8 @@ def parse_size(text: str) -> int:
 
 def model_for(arch: dict, config, settings: dict | None = None) -> MemoryModel:
     """The memory model of an ExportConfig (with `settings` overriding its pass choices)."""
-    s = {k: getattr(config, k) for k in ("recompute_attention", "attention_chunks", "loss_chunks",
-                                          "recompute_layers", "quantize_weights")}
+    s = {k: getattr(config, k) for k in ("recompute_attention", "attention_chunks", "attention_row_chunks",
+                                          "loss_chunks", "recompute_layers", "quantize_weights")}
     s.update(settings or {})
     return estimate(arch, config.target_modules(), config.lora_rank, lars_basis=config.lars_basis,
                     lars_rank=config.lars_rank, quantize_block=config.quantize_block_size, **s)

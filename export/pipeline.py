@@ -126,6 +126,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             context = passes.PassContext(trainable=names, lars_bases=bases, loss_chunks=config.loss_chunks,
                                          quantize=config.quantize_weights, quantize_block=config.quantize_block_size,
                                          attention_chunks=config.attention_chunks,
+                                         attention_row_chunks=config.attention_row_chunks,
                                          attention_heads=arch["num_attention_heads"])
             enabled = passes.enabled_passes(config)
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)

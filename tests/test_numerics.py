@@ -79,13 +79,16 @@ def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path):
-    """Chunked attention (one head at a time), layer recompute and the chunked loss together, on the real
-    architectures: still exact."""
+    """Chunked attention (one head at a time, each in three chunks of query rows), layer recompute and the chunked
+    loss together, on the real architectures (their 4-D causal masks sliced by rows): still exact."""
     from lars_export import ExportConfig, export
 
     bundle = export(ExportConfig(model=str(tiny_models[arch]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
-                                 lars_basis="none", attention_chunks=4, recompute_layers=True, loss_chunks=3))
-    changed = {p["name"]: p["changed"] for p in load_bundle(bundle).manifest.passes}
+                                 lars_basis="none", attention_chunks=4, attention_row_chunks=3,
+                                 recompute_layers=True, loss_chunks=3))
+    reports = {p["name"]: p for p in load_bundle(bundle).manifest.passes}
+    changed = {name: p["changed"] for name, p in reports.items()}
+    assert reports["attention_chunks"]["details"]["row_chunks"] == 3
     assert changed["attention_chunks"] == 2 and changed["layer_recompute"] == 2 and changed["chunked_loss"] == 1
     assert changed["attention_recompute"] == 0  # nothing left to recompute
     compare_with_peft(tiny_models[arch], bundle)

@@ -14,13 +14,13 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model", str(tiny_models["llama"]),
                           "--seq-lens", "16,32", "--steps", "1", "--cache", str(tmp_path / "cache"),
                           "--modes", "peft,ort-lora,ort-lora@reuse,lars,lars-random,recompute,chunked-loss,default,"
-                                     "attn-chunks,full,floor",
+                                     "attn-chunks,full,stack-rows,floor",
                           "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "m.json").read_text())
     modes = ("peft", "ort-lora", "ort-lora@reuse", "lars", "lars-random", "recompute", "chunked-loss", "default",
-             "attn-chunks", "full", "floor")
+             "attn-chunks", "full", "stack-rows", "floor")
     assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in modes for s in (16, 32)}
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
@@ -75,3 +75,31 @@ def test_memory_breakdown_counts_what_each_pass_frees(tiny_models, tmp_path):
     assert "adapter inputs x" not in lars
     assert lars["LARS projections x·P"]["128"] == pytest.approx(mb(2 * 4 * 128 * 8))
     assert "| attention probabilities (T²) | 2 |" in out.stdout
+
+
+def test_alloc_trace_finds_the_peak_and_what_is_alive_there(tiny_models, tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    from alloc_trace import MARK, analyse
+
+    mb = 2**20
+    lines = [f'1 mmap(NULL, {5 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xa',  # before
+             f'1 openat(AT_FDCWD, "/tmp/x/{MARK}", O_RDONLY|O_CLOEXEC) = 3',
+             f'1 mmap(NULL, {2 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xb',
+             f'2 mmap(NULL, {3 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xc',
+             f'1 munmap(0xb, {2 * mb}) = 0',
+             f'1 mmap(NULL, {mb // 2}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xd',  # small
+             f'1 munmap(0xc, {3 * mb}) = 0']
+    result = analyse(lines)
+    assert result["start_mb"] == 5 and result["peak_mb"] == 10
+    assert result["alive_by_size"] == {2 * mb: 1, 3 * mb: 1}
+    assert result["before_peak"] == ["+2", "+3"]
+
+    from lars_export import ExportConfig, export
+
+    bundle = export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / "b"), lora_rank=4,
+                                 lora_alpha=8))
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "alloc_trace.py"), str(bundle), "--seq-len", "256",
+                          "--runtime-python", sys.executable], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    peak = float(out.stdout.split("at its peak ")[1].split(" MB")[0].replace(",", ""))
+    assert peak > 0 and "allocated during the step and alive at the peak" in out.stdout

@@ -18,6 +18,8 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   attn-chunks  exact LoRA + chunked attention alone, one head at a time (--attention-chunks)
   stack-chunks the stack with chunked attention (one head at a time) instead of attention recompute
   full      every memory pass: stack-chunks with INT4 frozen weights; full-int8: with INT8 ones
+  stack-rows  stack-chunks with each head's query rows in 4 chunks and the loss in 16 (--attention-row-chunks 4
+            --loss-chunks 16); full-int8-rows: the same with INT8 frozen weights
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @reuse    ORT's buffer reuse on (arena and memory patterns still off)
@@ -60,6 +62,10 @@ BUNDLE_MODES = {
     "full": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD, "quantize_weights": "int4"},
     "full-int8": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
                   "quantize_weights": "int8"},
+    "stack-rows": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
+                   "attention_row_chunks": 4, "loss_chunks": 16},
+    "full-int8-rows": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
+                       "attention_row_chunks": 4, "loss_chunks": 16, "quantize_weights": "int8"},
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.

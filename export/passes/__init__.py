@@ -34,7 +34,11 @@ PASSES: list[GraphPass] = [
 
 def enabled_passes(config) -> set[str]:
     """Names of the passes an ExportConfig turns on."""
-    return {p.name for p in PASSES if p.switch is None or getattr(config, p.switch) not in (False, 0, None, "none")}
+    def on(switch) -> bool:
+        fields = (switch,) if isinstance(switch, str) else switch
+        return any(getattr(config, f) not in (False, 0, None, "none") for f in fields)
+
+    return {p.name for p in PASSES if p.switch is None or on(p.switch)}
 
 
 def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None = None) -> list[PassReport]:

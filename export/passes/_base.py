@@ -16,6 +16,7 @@ class PassContext:
     loss_chunks: int = 0  # chunked_loss: row chunks of the vocabulary projection + cross-entropy (< 2: whole)
     attention_chunks: int = 0  # attention_chunks: groups of heads computed one at a time (< 2: whole)
     attention_heads: int = 0  # the model's attention heads (attention_chunks splits them)
+    attention_row_chunks: int = 0  # attention_chunks: chunks of each group's query rows, one at a time (< 2: whole)
     quantize: str = "none"  # quantize_frozen: storage of the frozen matrices (none, int8, int4)
     quantize_block: int = 32  # quantize_frozen: INT4 block size along the reduction axis
 
@@ -38,7 +39,7 @@ class GraphPass:
     stage: str  # "forward" | "training"
     apply: Callable  # (onnx.ModelProto, PassContext) -> PassReport
     help: str = ""
-    switch: str | None = None  # the ExportConfig field that turns the pass on (None: always runs)
+    switch: str | tuple | None = None  # the ExportConfig field(s) that turn the pass on (None: always runs)
 
 
 def initializer_map(model) -> dict:
@@ -138,15 +139,27 @@ def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
     return nodes, gated
 
 
-def gate_all(model, prefix: str, tensors: list[str], after: str) -> tuple[list, list[str]]:
-    """gate_after for several tensors on one condition: nodes, and the gated names in the order given."""
+def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> tuple[list, list[str]]:
+    """gate_after for several tensors on one condition: nodes, and the gated names in the order given. `after` may
+    be several tensors: the gate then opens once all of them exist."""
     from onnx import helper, numpy_helper
 
     if GATE_FLOOR not in {i.name for i in model.graph.initializer}:
         model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), GATE_FLOOR))
-    nodes = [helper.make_node("Size", [after], [f"{prefix}/gate_size"], name=f"{prefix}/GateSize"),
-             helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
-                              name=f"{prefix}/GateOpen")]
+    afters = [after] if isinstance(after, str) else list(after)
+    if len(afters) == 1:
+        nodes = [helper.make_node("Size", afters, [f"{prefix}/gate_size"], name=f"{prefix}/GateSize")]
+    else:
+        sizes = [f"{prefix}/gate_size{k}" for k in range(len(afters))]
+        nodes = [helper.make_node("Size", [t], [size], name=f"{prefix}/GateSize{k}")
+                 for k, (t, size) in enumerate(zip(afters, sizes))]
+        total = sizes[0]  # Add, not Sum: Sum takes no int64
+        for k, size in enumerate(sizes[1:], 1):
+            out = f"{prefix}/gate_size" if k == len(sizes) - 1 else f"{prefix}/gate_sizes{k}"
+            nodes.append(helper.make_node("Add", [total, size], [out], name=f"{prefix}/GateSizes{k}"))
+            total = out
+    nodes.append(helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
+                                  name=f"{prefix}/GateOpen"))
     gated = [f"{prefix}/gated" if len(tensors) == 1 else f"{prefix}/gated{k}" for k in range(len(tensors))]
     nodes += [helper.make_node("Where", [f"{prefix}/gate_open", t, t], [g], name=f"{prefix}/Gate{k if k else ''}")
               for k, (t, g) in enumerate(zip(tensors, gated))]

@@ -28,7 +28,7 @@ import logging
 
 import numpy as np
 
-from ._base import GraphPass, PassContext, PassReport, backward_nodes, consumers, gate_after, producers
+from ._base import GraphPass, PassContext, PassReport, backward_nodes, consumers, gate_after, gate_all, producers
 from .attention_recompute import find_chain
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,16 @@ def find(model):
         yield softmax, (chain, pv[0]), None
 
 
-def check(chain, pv, inits: dict, prod: dict, graph_names: set) -> str | None:
+def check(chain, pv, inits: dict, prod: dict, graph_names: set, rows: int = 1) -> str | None:
     """None if the layer's core can be chunked, else why not. Between the scores and the Softmax only a scale by a
-    constant (Mul/Div) and an added mask are supported; ORT's gradients of Q, Kᵀ and V must each come from one
-    matrix product (no other differentiable reader)."""
+    constant (Mul/Div) and an added mask are supported (with row chunks, one mask of rank >= 2 whose rows are the
+    query rows or broadcast one row); ORT's gradients of Q, Kᵀ and V must each come from one matrix product (no
+    other differentiable reader)."""
     matmul = chain[0]
     if matmul.op_type != "MatMul":
         return f"the scores come from {matmul.op_type}, not MatMul"
+    if rows >= 2 and sum(n.op_type in _MASK_OPS for n in chain[1:-1]) > 1:
+        return "more than one tensor added to the scores (row chunks slice one mask)"
     for k, node in enumerate(chain[1:-1]):
         const = _constant_input(node, chain[k].output[0])
         if node.op_type not in _SCALE_OPS | _MASK_OPS:
@@ -100,70 +103,178 @@ def _split_sizes(model, heads: int, groups: int) -> str:
     return name
 
 
-def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt: str, v: str,
-                 d_out: str | None = None) -> tuple[list, dict[str, list[str]]]:
-    """Nodes computing the attention core of `chain` in `groups` groups of heads, one after the other, from q, kt, v
-    ([batch, heads, ...]); and the per-group outputs: {"o"} for the forward (d_out None), else {"dq", "dkt", "dv"}
-    from the output gradient d_out."""
+def _i64(model, value: int) -> str:
+    """A shared 1-D int64 initializer [value]."""
+    from onnx import numpy_helper
+
+    name = f"passes.attention_chunks.i64_{value}"
+    if name not in {i.name for i in model.graph.initializer}:
+        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    return name
+
+
+def _row_bounds(model, prefix: str, q: str, mask: str | None, rows: int) -> tuple[list, list[list[str]]]:
+    """Nodes computing, for each of `rows` chunks of the query rows of q [..., T, head_dim], the 1-D bounds
+    [start, end] = T·j // rows, T·(j + 1) // rows, and the mask's: the same rows of a mask that has T of them, its
+    only row when it broadcasts one (min(start, rows_m - 1), max(min(end, rows_m), that + 1)). Shapes are read at
+    run time."""
+    from onnx import helper
+
+    p = lambda s: f"{prefix}/rows/{s}"  # noqa: E731
+    nodes = [helper.make_node("Shape", [q], [p("t")], name=p("ShapeT"), start=-2, end=-1)]
+    if mask is not None:
+        nodes += [helper.make_node("Shape", [mask], [p("tm")], name=p("ShapeMask"), start=-2, end=-1),
+                  helper.make_node("Sub", [p("tm"), _i64(model, 1)], [p("tm_last")], name=p("MaskLast"))]
+    cuts = []
+    for j in range(rows + 1):
+        nodes += [helper.make_node("Mul", [p("t"), _i64(model, j)], [p(f"tj{j}")], name=p(f"Mul{j}")),
+                  helper.make_node("Div", [p(f"tj{j}"), _i64(model, rows)], [p(f"b{j}")], name=p(f"Div{j}"))]
+        cuts.append(p(f"b{j}"))
+    bounds = []
+    for j in range(rows):
+        start, end = cuts[j], cuts[j + 1]
+        if mask is None:
+            bounds.append([start, end])
+            continue
+        m0, m1 = p(f"m{j}_start"), p(f"m{j}_end")
+        nodes += [helper.make_node("Min", [start, p("tm_last")], [m0], name=p(f"MaskStart{j}")),
+                  helper.make_node("Min", [end, p("tm")], [p(f"m{j}_upto")], name=p(f"MaskUpTo{j}")),
+                  helper.make_node("Add", [m0, _i64(model, 1)], [p(f"m{j}_one")], name=p(f"MaskOne{j}")),
+                  helper.make_node("Max", [p(f"m{j}_upto"), p(f"m{j}_one")], [m1], name=p(f"MaskEnd{j}"))]
+        bounds.append([start, end, m0, m1])
+    return nodes, bounds
+
+
+def _piece(model, chain, tag: str, q: str, kt: str, v: str, mask: str | None, d_out: str | None, axis: int):
+    """Nodes of one piece of the core (a group of heads, all its rows or one chunk of them) from its q, kt, v (and
+    its rows of the mask when sliced): {"o"} forward, else {"dq", "dkt", "dv"} from its rows of d_out. In the
+    backward dQ comes last (its Kᵀ is gated on dKᵀ and dV): the next piece waits for dQ, so the piece's [rows, T]
+    tensors are all freed before it starts (measured: without it ORT deferred a piece's dKᵀ or dV to the end of the
+    layer, keeping one [rows, T] tensor per piece alive)."""
+    from onnx import helper
+
+    x = f"{tag}/scores"
+    nodes = [helper.make_node("MatMul", [q, kt], [x], name=f"{tag}/Scores")]
+    scales = []
+    for k, node in enumerate(chain[1:-1]):  # the scale and the mask, as the layer applies them
+        out = f"{tag}/{node.op_type}{k}"
+        ins = [x if i == chain[k].output[0] else (mask if node.op_type in _MASK_OPS and mask else i)
+               for i in node.input]
+        nodes.append(helper.make_node(node.op_type, ins, [out], name=out))
+        if node.op_type in _SCALE_OPS:
+            scales.append((node.op_type, _constant_input(node, chain[k].output[0])))
+        x = out
+    probs = f"{tag}/probs"
+    nodes.append(helper.make_node("Softmax", [x], [probs], name=f"{tag}/Softmax", axis=axis))
+    if d_out is None:
+        nodes.append(helper.make_node("MatMul", [probs, v], [f"{tag}/o"], name=f"{tag}/PV"))
+        return nodes, {"o": f"{tag}/o"}
+    dv, dp, ds = f"{tag}/dv", f"{tag}/dp", f"{tag}/ds"
+    nodes += [
+        helper.make_node("FusedMatMul", [probs, d_out], [dv], name=f"{tag}/dV", domain=MS, transA=1, transB=0,
+                         alpha=1.0),
+        helper.make_node("FusedMatMul", [d_out, v], [dp], name=f"{tag}/dP", domain=MS, transA=0, transB=1,
+                         alpha=1.0),
+        helper.make_node("SoftmaxGrad_13", [dp, probs], [ds], name=f"{tag}/SoftmaxGrad", domain=MS, axis=axis),
+    ]
+    for k, (op, const) in enumerate(reversed(scales)):  # the mask's Add passes the gradient through
+        scaled = f"{tag}/ds_scaled{k}"
+        nodes.append(helper.make_node(op, [ds, const], [scaled], name=f"{tag}/dScale{k}"))
+        ds = scaled
+    dq, dkt = f"{tag}/dq", f"{tag}/dkt"
+    nodes.append(helper.make_node("FusedMatMul", [q, ds], [dkt], name=f"{tag}/dKt", domain=MS, transA=1, transB=0,
+                                  alpha=1.0))
+    gate, (kt_last,) = gate_all(model, f"{tag}/dq_last", [kt], [dkt, dv])
+    nodes += gate
+    nodes.append(helper.make_node("FusedMatMul", [ds, kt_last], [dq], name=f"{tag}/dQ", domain=MS, transA=0,
+                                  transB=1, alpha=1.0))
+    return nodes, {"dq": dq, "dkt": dkt, "dv": dv}
+
+
+def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt: str, v: str, results: dict,
+                 d_out: str | None = None, rows: int = 1) -> list:
+    """Nodes computing the attention core of `chain` from q, kt, v ([batch, heads, ...]) in `groups` groups of
+    heads, one after the other, into results["o"] (forward, d_out None), or from the output gradient d_out into
+    results["dq"], ["dkt"], ["dv"]. With rows >= 2 the query rows also run in that many chunks, one after the other
+    (each chunk through every group): a chunk's probabilities need all keys but only its rows (softmax is per row),
+    so the outputs and dQ are concatenated by rows, and dKᵀ and dV summed over the chunks."""
     from onnx import helper
 
     sizes = _split_sizes(model, heads, groups)
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
-    inputs = [(q, "q"), (kt, "kt"), (v, "v")] + ([(d_out, "do")] if d_out else [])
-    nodes = [helper.make_node("Split", [t, sizes], [p(f"{tag}{g}") for g in range(groups)], name=p(f"Split_{tag}"),
-                              axis=HEADS) for t, tag in inputs]
     softmax = chain[-1]
     axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-    outs: dict[str, list[str]] = {"o": [], "dq": [], "dkt": [], "dv": []}
+    split = lambda t, tag: helper.make_node("Split", [t, sizes], [p(f"{tag}{g}") for g in range(groups)],  # noqa
+                                            name=p(f"Split_{tag}"), axis=HEADS)
+    nodes = [split(kt, "kt"), split(v, "v")]
+    per_group: dict[str, list[list[str]]] = {key: [[] for _ in range(groups)] for key in results}
+    by_rows: dict[str, list[str]] = {key: [] for key in results}  # one chunk of rows, all heads
     previous = None
-    for g in range(groups):
-        qg = p(f"q{g}")
-        if previous is not None:  # one group after the other: this group's input waits for the last one's result
-            gate, qg = gate_after(model, p(f"g{g}"), qg, previous)
-            nodes += gate
-        x = p(f"g{g}/scores")
-        nodes.append(helper.make_node("MatMul", [qg, p(f"kt{g}")], [x], name=p(f"g{g}/Scores")))
-        scales = []
-        for k, node in enumerate(chain[1:-1]):  # the scale and the mask, as the layer applies them
-            out = p(f"g{g}/{node.op_type}{k}")
-            ins = [x if i == chain[k].output[0] else i for i in node.input]
-            nodes.append(helper.make_node(node.op_type, ins, [out], name=out))
-            if node.op_type in _SCALE_OPS:
-                scales.append((node.op_type, _constant_input(node, chain[k].output[0])))
-            x = out
-        probs = p(f"g{g}/probs")
-        nodes.append(helper.make_node("Softmax", [x], [probs], name=p(f"g{g}/Softmax"), axis=axis))
-        if d_out is None:
-            o = p(f"g{g}/o")
-            nodes.append(helper.make_node("MatMul", [probs, p(f"v{g}")], [o], name=p(f"g{g}/PV")))
-            outs["o"].append(o)
-            previous = o
-            continue
-        dog = p(f"do{g}")
-        dv, dp, ds = p(f"g{g}/dv"), p(f"g{g}/dp"), p(f"g{g}/ds")
-        nodes += [
-            helper.make_node("FusedMatMul", [probs, dog], [dv], name=p(f"g{g}/dV"), domain=MS, transA=1, transB=0,
-                             alpha=1.0),
-            helper.make_node("FusedMatMul", [dog, p(f"v{g}")], [dp], name=p(f"g{g}/dP"), domain=MS, transA=0,
-                             transB=1, alpha=1.0),
-            helper.make_node("SoftmaxGrad_13", [dp, probs], [ds], name=p(f"g{g}/SoftmaxGrad"), domain=MS, axis=axis),
-        ]
-        for k, (op, const) in enumerate(reversed(scales)):  # the mask's Add passes the gradient through
-            scaled = p(f"g{g}/ds_scaled{k}")
-            nodes.append(helper.make_node(op, [ds, const], [scaled], name=p(f"g{g}/dScale{k}")))
-            ds = scaled
-        dq, dkt = p(f"g{g}/dq"), p(f"g{g}/dkt")
-        nodes += [
-            helper.make_node("FusedMatMul", [ds, p(f"kt{g}")], [dq], name=p(f"g{g}/dQ"), domain=MS, transA=0,
-                             transB=1, alpha=1.0),
-            helper.make_node("FusedMatMul", [qg, ds], [dkt], name=p(f"g{g}/dKt"), domain=MS, transA=1, transB=0,
-                             alpha=1.0),
-        ]
-        outs["dq"].append(dq)
-        outs["dkt"].append(dkt)
-        outs["dv"].append(dv)
-        previous = dq
-    return nodes, outs
+    if rows < 2:
+        nodes += [split(q, "q")] + ([split(d_out, "do")] if d_out else [])
+        chunks = [("", None, None)]
+    else:
+        row_axis = _i64(model, -2)
+        masks = [next(i for i in node.input if i != chain[k].output[0]) for k, node in enumerate(chain[1:-1])
+                 if node.op_type in _MASK_OPS]
+        mask = masks[0] if masks else None
+        bound_nodes, bounds = _row_bounds(model, prefix, q, mask, rows)
+        nodes += bound_nodes
+        chunks = [(f"r{j}", bound, mask) for j, bound in enumerate(bounds)]
+    for tag, bound, mask in chunks:
+        mask_rows, r = None, tag
+        if bound is not None:
+            if previous is not None:  # this chunk's slices wait for the last piece's result
+                gate, bound = gate_all(model, p(f"{r}/bounds"), bound, previous)
+                nodes += gate
+            nodes.append(helper.make_node("Slice", [q, bound[0], bound[1], row_axis], [p(f"{r}/q")],
+                                          name=p(f"{r}/RowsQ")))
+            nodes.append(split(p(f"{r}/q"), f"{r}/q"))
+            if d_out:
+                nodes.append(helper.make_node("Slice", [d_out, bound[0], bound[1], row_axis], [p(f"{r}/do")],
+                                              name=p(f"{r}/RowsDO")))
+                nodes.append(split(p(f"{r}/do"), f"{r}/do"))
+            if mask is not None:
+                mask_rows = p(f"{r}/mask")
+                nodes.append(helper.make_node("Slice", [mask, bound[2], bound[3], row_axis], [mask_rows],
+                                              name=p(f"{r}/RowsMask")))
+        pieces = {key: [] for key in results}
+        for g in range(groups):
+            piece = f"g{g}" if not r else f"{r}g{g}"
+            qg, dog = p(f"{r}/q{g}" if r else f"q{g}"), p(f"{r}/do{g}" if r else f"do{g}")
+            # One piece after the other (a chunk's first piece waits through its gated bounds).
+            # dO's rows are gated too: dP = dO·Vᵀ needs nothing else, so ORT would otherwise compute every
+            # piece's [rows, T] dP as soon as dO exists (measured: all of a layer's at once, the step's peak).
+            if previous is not None and (g > 0 or not r):
+                gate, gated = gate_all(model, p(piece), [qg] + ([dog] if d_out else []), previous)
+                nodes += gate
+                qg, dog = gated[0], gated[-1]
+            piece_nodes, out = _piece(model, chain, p(piece), qg, p(f"kt{g}"), p(f"v{g}"), mask_rows,
+                                      dog if d_out else None, axis)
+            nodes += piece_nodes
+            for key in results:
+                per_group[key][g].append(out[key])
+                pieces[key].append(out[key])
+            previous = out["o" if d_out is None else "dq"]
+        for key in ("o", "dq"):  # this chunk's rows of every head
+            if key in results and r:
+                nodes.append(helper.make_node("Concat", pieces[key], [p(f"{r}/{key}")], name=p(f"{r}/Concat_{key}"),
+                                              axis=HEADS))
+                by_rows[key].append(p(f"{r}/{key}"))
+    for key, name in results.items():
+        if rows < 2 or key in ("dkt", "dv"):  # by groups of heads (summed over the chunks of rows first)
+            parts = []
+            for g, terms in enumerate(per_group[key]):
+                total = terms[0]
+                for j, term in enumerate(terms[1:], 1):
+                    total_next = p(f"g{g}/{key}_sum{j}")
+                    nodes.append(helper.make_node("Add", [total, term], [total_next], name=p(f"g{g}/Sum_{key}{j}")))
+                    total = total_next
+                parts.append(total)
+            nodes.append(helper.make_node("Concat", parts, [name], name=p(f"Concat_{key}"), axis=HEADS))
+        else:  # by chunks of rows
+            nodes.append(helper.make_node("Concat", by_rows[key], [name], name=p(f"Concat_{key}"), axis=-2))
+    return nodes
 
 
 def apply(model, context: PassContext) -> PassReport:
@@ -171,10 +282,11 @@ def apply(model, context: PassContext) -> PassReport:
 
     report = PassReport("attention_chunks")
     heads = context.attention_heads
-    groups = min(context.attention_chunks, heads)
-    if groups < 2:
-        report.skipped.append(f"--attention-chunks {context.attention_chunks} with {heads} heads: attention runs "
-                              f"whole")
+    groups = max(1, min(context.attention_chunks, heads))
+    rows = context.attention_row_chunks
+    if groups < 2 and rows < 2:
+        report.skipped.append(f"--attention-chunks {context.attention_chunks} with {heads} heads and "
+                              f"--attention-row-chunks {rows}: attention runs whole")
         return report
     inits = {i.name: i for i in model.graph.initializer}
     prod = producers(model)
@@ -184,7 +296,7 @@ def apply(model, context: PassContext) -> PassReport:
     removed: set[int] = set()
     before: dict[int, list] = {}  # id(anchor node) -> new nodes to put before it
     for softmax, match, why_not in list(find(model)):
-        if match is None or (why_not := check(*match, inits, prod, graph_names)):
+        if match is None or (why_not := check(*match, inits, prod, graph_names, rows)):
             log.info("attention_chunks: leaving %s: %s", softmax.name, why_not)
             report.skipped.append(f"{softmax.name}: {why_not}")
             continue
@@ -205,18 +317,15 @@ def apply(model, context: PassContext) -> PassReport:
             report.skipped.append(f"{softmax.name}: {reader.name} reads an attention intermediate")
             continue
         prefix = softmax.name.rsplit("/", 1)[0] + "/AttentionChunks"
-        fwd, outs = chunked_core(model, chain, groups, heads, f"{prefix}/fwd", q, kt, v)
-        fwd.append(helper.make_node("Concat", outs["o"], [o], name=f"{prefix}/fwd/ConcatO", axis=HEADS))
+        fwd = chunked_core(model, chain, groups, heads, f"{prefix}/fwd", q, kt, v, {"o": o}, rows=rows)
         # The backward starts once dO exists: Q, Kᵀ and V go through a gate on it (which also keeps CSE away).
         bwd, gated = [], []
         for k, t in enumerate((q, kt, v)):
             gate, name = gate_after(model, f"{prefix}/bwd/in{k}", t, f"{o}_grad")
             bwd += gate
             gated.append(name)
-        core, outs = chunked_core(model, chain, groups, heads, f"{prefix}/bwd", *gated, d_out=f"{o}_grad")
-        bwd += core
-        for grad, key in zip(grads, ("dq", "dkt", "dv")):
-            bwd.append(helper.make_node("Concat", outs[key], [grad], name=f"{prefix}/bwd/Concat_{key}", axis=HEADS))
+        bwd += chunked_core(model, chain, groups, heads, f"{prefix}/bwd", *gated, dict(zip(("dq", "dkt", "dv"), grads)),
+                            d_out=f"{o}_grad", rows=rows)
         removed |= gone
         before.setdefault(id(pv), []).extend(fwd)
         first_backward = next(n for n in model.graph.node if id(n) in gone and id(n) in backward)
@@ -230,8 +339,9 @@ def apply(model, context: PassContext) -> PassReport:
                 nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-    report.details = {"layers": report.changed, "groups": groups,
-                      "frees": "the forward's and the backward's [batch, heads, T, T] tensors but one group's"}
+    report.details = {"layers": report.changed, "groups": groups, "row_chunks": max(rows, 1),
+                      "frees": "the forward's and the backward's [batch, heads, T, T] tensors but one group's "
+                               "rows chunk's"}
     return report
 
 
@@ -254,4 +364,4 @@ def _between(model, start: str, ends: set[str], backward: set[int]) -> list:
 
 
 ATTENTION_CHUNKS = GraphPass("attention_chunks", "training", apply, help=__doc__.splitlines()[0],
-                             switch="attention_chunks")
+                             switch=("attention_chunks", "attention_row_chunks"))

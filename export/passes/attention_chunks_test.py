@@ -47,14 +47,16 @@ def _saved_softmax(model) -> list[str]:
     return sorted(t for t in saved_for_backward(model) if prod[t].op_type == "Softmax")
 
 
-@pytest.mark.parametrize("groups", [2, 3, H])  # 3: uneven groups of 2, 1 and 1 heads
-def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups):
+@pytest.mark.parametrize("groups, rows", [(2, 0), (3, 0), (H, 0), (1, 4), (3, 4), (H, T + 2)])
+def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, rows):
+    """groups 3: uneven groups of 2, 1 and 1 heads; rows 4 of 6: chunks of 1, 2, 1, 2 query rows; rows T + 2: some
+    chunks are empty."""
     import shutil
 
     import torch
 
     model, root = exact
-    rng = np.random.default_rng(groups)
+    rng = np.random.default_rng(groups + rows)
     ids = rng.integers(0, 20, size=T).astype(np.int64)
     labels = rng.integers(0, V, size=T).astype(np.int64)
     exact_loss, exact_grads = _grads(root, ids, labels)
@@ -64,15 +66,38 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups):
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_saved_softmax(training)) == 1
     report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=groups,
-                                                          attention_heads=H))
+                                                          attention_heads=H, attention_row_chunks=rows))
     assert report.changed == 1 and report.skipped == [], report.skipped
     assert _saved_softmax(training) == []
-    assert sum(n.op_type == "Softmax" for n in training.graph.node) == 2 * groups  # forward + backward per group
-    # Each group after the first waits for the previous group's result (forward: its output; backward: its dQ).
+    pieces = groups * max(rows, 1)
+    assert sum(n.op_type == "Softmax" for n in training.graph.node) == 2 * pieces  # forward + backward per piece
+    # Each piece after the first waits for the previous piece's result (forward: its output; backward: its dQ):
+    # the groups of heads in turn, and with row chunks, each chunk's groups in turn, then the next chunk's rows
+    # (its bounds are gated, so its slices of Q, dO and the mask wait too).
+    def gate_input(name):
+        return next(n for n in training.graph.node if n.name.endswith(f"AttentionChunks/{name}/GateSize")).input[0]
+
     for stage, last in (("fwd", "o"), ("bwd", "dq")):
+        for j in range(max(rows, 1)):
+            r = f"r{j}" if rows >= 2 else ""
+            for g in range(1, groups):
+                assert gate_input(f"{stage}/{r}g{g}").endswith(f"{stage}/{r}g{g - 1}/{last}")
+            if j:
+                assert gate_input(f"{stage}/{r}/bounds").endswith(f"{stage}/r{j - 1}g{groups - 1}/{last}")
+    # A backward piece's dP = dO·Vᵀ reads gated rows of dO (else ORT computes every piece's dP at once).
+    producer = producers(training)
+    for j in range(max(rows, 1)):
+        r = f"r{j}" if rows >= 2 else ""
         for g in range(1, groups):
-            gate = next(n for n in training.graph.node if n.name.endswith(f"AttentionChunks/{stage}/g{g}/GateSize"))
-            assert gate.input[0].endswith(f"{stage}/g{g - 1}/{last}"), gate.input[0]
+            dp = next(n for n in training.graph.node if n.name.endswith(f"AttentionChunks/bwd/{r}g{g}/dP"))
+            assert producer[dp.input[0]].op_type == "Where", dp.input[0]
+    # And dQ, which the next piece waits for, comes after the piece's dKᵀ and dV (else ORT may defer them).
+    for dq in [n for n in training.graph.node if n.name.endswith("/dQ") and "AttentionChunks/bwd/" in n.name]:
+        gate = producer[dq.input[1]]
+        assert gate.op_type == "Where"
+        sizes = producer[producer[gate.input[0]].input[0]]
+        assert sizes.op_type == "Add" and len(sizes.input) == 2
+        assert sorted(producer[t].input[0].rsplit("/", 1)[1] for t in sizes.input) == ["dkt", "dv"]
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     loss, grads = _grads(tmp_path, ids, labels)
 
@@ -84,19 +109,23 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups):
     for name in TRAINABLE:
         ref = params[name].grad.numpy()
         np.testing.assert_allclose(grads[name], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
-        np.testing.assert_array_equal(grads[name], exact_grads[name])  # per-head products are the same products
+        if rows < 2:  # per-head products are the same products; row chunks sum dKᵀ and dV in another order
+            np.testing.assert_array_equal(grads[name], exact_grads[name])
+        else:
+            np.testing.assert_allclose(grads[name], exact_grads[name], rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
     # The graph ORT runs: every group's two Softmax nodes are still there and nothing saves probabilities.
     ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
-    assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2 * groups
+    assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2 * pieces
     assert _saved_softmax(optimized) == []
 
 
 def test_one_group_leaves_the_attention_whole(exact):
     _, root = exact
     training = onnx.load(str(root / "training_model.onnx"))
-    report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=1, attention_heads=H))
+    report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=1, attention_heads=H,
+                                                          attention_row_chunks=1))
     assert report.changed == 0 and "attention runs whole" in report.skipped[0]
 
 
@@ -106,4 +135,42 @@ def test_export_flag():
     from lars_export.passes import enabled_passes
 
     assert build_parser().parse_args(["m", "--attention-chunks", "9"]).attention_chunks == 9
+    assert build_parser().parse_args(["m", "--attention-row-chunks", "4"]).attention_row_chunks == 4
     assert "attention_chunks" in enabled_passes(ExportConfig(attention_chunks=9))
+    assert "attention_chunks" in enabled_passes(ExportConfig(attention_row_chunks=4))
+    assert "attention_chunks" not in enabled_passes(ExportConfig())
+
+
+@pytest.mark.parametrize("mask_rows", [T, 1])  # a causal mask, and one row broadcast to every query row
+def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
+    """The chunked forward on a hand-built core (onnx's reference evaluator): the mask's rows are sliced with the
+    query rows when it has T of them, and its single row is reused when it broadcasts one."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from lars_export.passes.attention_chunks import chunked_core
+
+    hd, scale = 3, 0.5
+    chain = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores"),
+             helper.make_node("Mul", ["s", "scale"], ["ss"], name="Scale"),
+             helper.make_node("Add", ["ss", "mask"], ["sm"], name="Mask"),
+             helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
+    graph = helper.make_graph([], "core", [
+        helper.make_tensor_value_info("q", TensorProto.FLOAT, [H, "T", hd]),
+        helper.make_tensor_value_info("kt", TensorProto.FLOAT, [H, hd, "T"]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, [H, "T", hd]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None, "T"])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(scale, np.float32), "scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.node.extend(chunked_core(model, chain, 2, H, "core", "q", "kt", "v", {"o": "o"}, rows=4))
+
+    rng = np.random.default_rng(mask_rows)
+    q, v = rng.normal(size=(2, H, T, hd)).astype(np.float32)
+    kt = rng.normal(size=(H, hd, T)).astype(np.float32)
+    mask = np.where(rng.random((mask_rows, T)) < 0.3, -1e9, 0).astype(np.float32)
+    scores = q @ kt * scale + mask
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ v
+    (o,) = ReferenceEvaluator(model).run(None, {"q": q, "kt": kt, "v": v, "mask": mask})
+    np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-6)
