@@ -19,8 +19,8 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   recompute keeps d per layer and token (each block's input) and what all layers share.
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
-  two gradients, 3·H·T², or with chunked attention one group's, about 8·(H/G)·T² (the group's intermediates
-  count at this size), divided by the chunks of query rows; with layer recompute also one block's activations.
+  two gradients, 3·H·T², or with chunked attention one group's, about 3·(H/G)·T² (its pieces run in turn
+  and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations.
   Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
   tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
@@ -53,10 +53,12 @@ SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forw
 # and log-probabilities, and the backward's first chunk's recomputed logits, log-probabilities and gradient
 # (measured: stack bundles with chunked attention at 2048 tokens, where the loss is the peak).
 CHUNKED_LOSS_TENSORS = 5
-# Chunked attention holds about eight [group, T, T] tensors in a layer's backward (scores, scaled and masked
-# scores, probabilities, dP, dS and its scaled copy, with the mask's broadcast), where whole attention needs the
-# three of the text below: measured with one head per group, stack bundles at 2048 and 4096 tokens.
-CHUNKED_ATTENTION_TENSORS = 8
+# Chunked attention holds about three [group, rows, T] tensors in a piece of a layer's backward (two of scores,
+# scaled and masked scores and probabilities; then probabilities, dP and dS), as whole attention does: its pieces
+# run one after the other and each frees its tensors before the next starts (tools/alloc_trace.py, SmolLM2 at
+# 2048 tokens: at most two 16 MB [1, T, T] tensors alive at a time, plus the mask). Before the pieces were
+# ordered (dP gated, dQ last), ORT computed a layer's dP all at once and this was 8.
+CHUNKED_ATTENTION_TENSORS = 3
 
 # The choices a bundle's memory depends on (ExportConfig field names).
 OPTIONS = ("recompute_attention", "attention_chunks", "attention_row_chunks", "recompute_layers", "loss_chunks",

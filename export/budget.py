@@ -18,10 +18,12 @@ from lars_artifacts.memory_model import MemoryModel, estimate
 
 MARGIN = 0.10
 
-_EXACT = dict(recompute_attention=False, attention_chunks=0, loss_chunks=0, recompute_layers=False,
-              quantize_weights="none")
+_EXACT = dict(recompute_attention=False, attention_chunks=0, attention_row_chunks=0, loss_chunks=0,
+              recompute_layers=False, quantize_weights="none")
 PER_HEAD = 1 << 16  # --attention-chunks at or above the head count: one head at a time (set to the head count)
 _CHUNKED = dict(_EXACT, recompute_attention=True, attention_chunks=PER_HEAD, loss_chunks=8)
+# For long sequences: each head's query rows in 4 chunks too, and the loss in 16 (bench mode stack-rows).
+_ROWS = dict(_CHUNKED, recompute_layers=True, attention_row_chunks=4, loss_chunks=16)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Candidate:
     step_time: float  # relative to exact LoRA without passes (measured, see the module docstring)
 
 
+# Row chunks (4) and 16 loss chunks: stack-rows took 1.12x stack-chunks' step in one run at 2048 tokens
+# (docs/bench/memory_2048_rows_smollm2.json); applied to the stacks' factors below.
+ROWS_TIME, ROWS_INT8_TIME, ROWS_INT4_TIME = 1.45 * 1.12, 1.46 * 1.12, 1.50 * 1.12
 # Step times relative to `ort-lora` at 2048 tokens, SmolLM2-135M (docs/BENCHMARKS.md, "The full memory stack"):
 # each pass alone from the per-pass run; combinations from the same run where measured, else the product.
 CANDIDATES = [
@@ -39,12 +44,17 @@ CANDIDATES = [
     Candidate("attention recompute + chunked loss", dict(_EXACT, recompute_attention=True, loss_chunks=8), 1.12),
     Candidate("chunked attention + chunked loss", _CHUNKED, 1.22),
     Candidate("layer recompute + chunked attention + chunked loss", dict(_CHUNKED, recompute_layers=True), 1.45),
+    Candidate("layer recompute + chunked attention by heads and rows + chunked loss", _ROWS, ROWS_TIME),
     # quantized frozen weights change the model's loss a little (docs/BENCHMARKS.md): only when nothing exact fits
     Candidate("chunked attention + chunked loss + int8 weights", dict(_CHUNKED, quantize_weights="int8"), 1.23),
     Candidate("layer recompute + chunked attention + chunked loss + int8 weights",
               dict(_CHUNKED, recompute_layers=True, quantize_weights="int8"), 1.46),
     Candidate("layer recompute + chunked attention + chunked loss + int4 weights",
               dict(_CHUNKED, recompute_layers=True, quantize_weights="int4"), 1.50),
+    Candidate("layer recompute + chunked attention by heads and rows + chunked loss + int8 weights",
+              dict(_ROWS, quantize_weights="int8"), ROWS_INT8_TIME),
+    Candidate("layer recompute + chunked attention by heads and rows + chunked loss + int4 weights",
+              dict(_ROWS, quantize_weights="int4"), ROWS_INT4_TIME),
 ]
 
 

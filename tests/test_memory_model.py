@@ -22,7 +22,20 @@ sys.path.insert(0, str(REPO / "tools"))
 MEASURED = [REPO / "docs" / "bench" / f for f in (
     "memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",
     "memory_2048_all_smollm2.json", "memory_4096_quantized_smollm2.json", "memory_2048_smollm2.json",
-    "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json")]
+    "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json", "memory_4096_rows_smollm2.json",
+    "memory_2048_rows_smollm2.json")]
+# Chunked-attention rows measured before its pieces were ordered (dP gated, dQ last): ORT then held a layer's dP
+# all at once, which the pass no longer lets it do, so those peaks are not the current graph's.
+BEFORE_PIECE_ORDER = ({"memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",
+                       "memory_2048_all_smollm2.json", "memory_4096_quantized_smollm2.json",
+                       "memory_2048_smollm2.json", "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json"},
+                      {"attn-chunks", "stack-chunks", "full", "full-int8"})
+
+
+def _current_rows() -> list[dict]:
+    old_files, chunked = BEFORE_PIECE_ORDER
+    return [r for path in MEASURED for r in json.loads(path.read_text())
+            if not (path.name in old_files and r["mode"] in chunked)]
 
 
 def test_predictions_bound_every_measured_peak():
@@ -30,11 +43,11 @@ def test_predictions_bound_every_measured_peak():
     it (a looser budget than needed)."""
     from validate_memory_model import SMOLLM2, compare
 
-    rows = compare([r for path in MEASURED for r in json.loads(path.read_text())])
+    rows = compare(_current_rows())
     modes = {r["mode"] for r in rows}
-    assert {"ort-lora", "lars", "recompute", "chunked-loss", "default", "stack", "attn-chunks", "int8", "int4",
-            "stack-chunks", "full", "full-int8"} <= modes
-    assert len(rows) >= 46
+    assert {"ort-lora", "lars", "recompute", "chunked-loss", "default", "stack", "int8", "int4",
+            "stack-chunks", "full", "full-int8", "stack-rows", "full-int8-rows"} <= modes
+    assert len(rows) >= 40
     off = [r for r in rows if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
     assert off == [], off
     assert SMOLLM2["vocab_size"] == 49152
