@@ -204,8 +204,11 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
     softmax = chain[-1]
     axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-    split = lambda t, tag: helper.make_node("Split", [t, sizes], [p(f"{tag}{g}") for g in range(groups)],  # noqa
-                                            name=p(f"Split_{tag}"), axis=HEADS)
+
+    def split(t: str, tag: str):
+        return helper.make_node("Split", [t, sizes], [p(f"{tag}{g}") for g in range(groups)], name=p(f"Split_{tag}"),
+                                axis=HEADS)
+
     nodes = [split(kt, "kt"), split(v, "v")]
     per_group: dict[str, list[list[str]]] = {key: [[] for _ in range(groups)] for key in results}
     by_rows: dict[str, list[str]] = {key: [] for key in results}  # one chunk of rows, all heads
@@ -278,8 +281,6 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
 
 
 def apply(model, context: PassContext) -> PassReport:
-    from onnx import helper
-
     report = PassReport("attention_chunks")
     heads = context.attention_heads
     groups = max(1, min(context.attention_chunks, heads))
