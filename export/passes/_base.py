@@ -46,6 +46,16 @@ def initializer_map(model) -> dict:
     return {init.name: init for init in model.graph.initializer}
 
 
+def shared_initializer(model, name: str, value: np.ndarray) -> str:
+    """`name`, added to the model's initializers holding `value` unless a pass already added it (constants that
+    many nodes share: gate floors, split sizes, row bounds)."""
+    from onnx import numpy_helper
+
+    if not any(i.name == name for i in model.graph.initializer):
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
 def producers(model) -> dict:
     return {o: n for n in model.graph.node for o in n.output}
 
@@ -142,10 +152,9 @@ def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
 def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> tuple[list, list[str]]:
     """gate_after for several tensors on one condition: nodes, and the gated names in the order given. `after` may
     be several tensors: the gate then opens once all of them exist."""
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
-    if GATE_FLOOR not in {i.name for i in model.graph.initializer}:
-        model.graph.initializer.append(numpy_helper.from_array(np.array(-1, np.int64), GATE_FLOOR))
+    shared_initializer(model, GATE_FLOOR, np.array(-1, np.int64))
     afters = [after] if isinstance(after, str) else list(after)
     if len(afters) == 1:
         nodes = [helper.make_node("Size", afters, [f"{prefix}/gate_size"], name=f"{prefix}/GateSize")]

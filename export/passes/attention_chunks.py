@@ -28,7 +28,8 @@ import logging
 
 import numpy as np
 
-from ._base import GraphPass, PassContext, PassReport, backward_nodes, consumers, gate_after, gate_all, producers
+from ._base import (GraphPass, PassContext, PassReport, backward_nodes, consumers, gate_after, gate_all, producers,
+                    shared_initializer)
 from .attention_recompute import find_chain
 
 log = logging.getLogger(__name__)
@@ -94,23 +95,13 @@ def _scalar_constant(name: str, inits: dict) -> bool:
 
 
 def _split_sizes(model, heads: int, groups: int) -> str:
-    from onnx import numpy_helper
-
-    name = f"passes.attention_chunks.sizes{heads}x{groups}"
-    if name not in {i.name for i in model.graph.initializer}:
-        sizes = np.array([heads // groups + (1 if g < heads % groups else 0) for g in range(groups)], np.int64)
-        model.graph.initializer.append(numpy_helper.from_array(sizes, name))
-    return name
+    sizes = np.array([heads // groups + (1 if g < heads % groups else 0) for g in range(groups)], np.int64)
+    return shared_initializer(model, f"passes.attention_chunks.sizes{heads}x{groups}", sizes)
 
 
 def _i64(model, value: int) -> str:
     """A shared 1-D int64 initializer [value]."""
-    from onnx import numpy_helper
-
-    name = f"passes.attention_chunks.i64_{value}"
-    if name not in {i.name for i in model.graph.initializer}:
-        model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-    return name
+    return shared_initializer(model, f"passes.attention_chunks.i64_{value}", np.array([value], np.int64))
 
 
 def _row_bounds(model, prefix: str, q: str, mask: str | None, rows: int) -> tuple[list, list[list[str]]]:

@@ -33,7 +33,7 @@ from lars_artifacts import LOGITS
 
 from .. import quantization
 from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, producers,
-                    saved_for_backward, view_chain)
+                    saved_for_backward, shared_initializer, view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,6 @@ def _lm_head_weight(model) -> str | None:
     return node.input[1] if node is not None and node.op_type == "MatMul" else None
 
 
-def _const(model, name: str, value) -> str:
-    from onnx import numpy_helper
-
-    if name not in {i.name for i in model.graph.initializer}:
-        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    return name
-
-
 def store(model, init, scheme: str, block: int, table: bool) -> int:
     """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
     (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
@@ -128,7 +120,7 @@ def matmul_dequantize(model, weight: str, scheme: str, prefix: str, after: str) 
                                         name=f"{prefix}/DequantizeLinear", axis=1)], out
     gate, (packed, scale, minimum) = gate_all(
         model, prefix, [f"{weight}{INT4}", f"{weight}{INT4}.scale", f"{weight}{INT4}.min"], after)
-    four = _const(model, _FOUR, np.uint8(4))
+    four = shared_initializer(model, _FOUR, np.asarray(np.uint8(4)))
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
     return gate + [
         # low nibble: (b << 4) >> 4 in uint8 (BitwiseAnd needs opset 18); high nibble: b >> 4
