@@ -52,9 +52,25 @@ def _quiet_stderr():
 
 
 def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
-    """Write the four ORT artifacts to out_dir."""
+    """Write the four ORT artifacts to out_dir. ORT's training build runs in a child process (lars_export.ort_training
+    says why); the forward graph reaches it as a file."""
+    import onnx
+
+    from . import ort_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        forward = Path(tmp) / "forward.onnx"
+        onnx.save_model(model_proto, str(forward), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="forward.onnx_data", size_threshold=1024)
+        ort_training.call("generate", forward, list(trainable), Path(out_dir))
+
+
+def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> None:
+    """`generate` in this process, whose onnxruntime must be the training build."""
     from onnxruntime.capi import _pybind_state as C
     from onnxruntime.training import artifacts
+
+    out_dir = Path(out_dir)
 
     C.set_default_logger_severity(3)
     try:
@@ -124,7 +140,6 @@ def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
 
 def trainable_names(model_path: Path) -> list[str]:
     """Names of the trainable tensors in an ORT checkpoint."""
-    from onnxruntime.capi import _pybind_state as C
+    from . import ort_training
 
-    state = C.load_checkpoint(str(model_path))
-    return [n for n in state.parameter_names() if state.get_parameter(n).requires_grad]
+    return ort_training.call("trainable_names", Path(model_path))
