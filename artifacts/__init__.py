@@ -1,11 +1,12 @@
 """lars_artifacts: the bundle format shared by the exporter (lars_export) and the runtime (lars_ort)."""
 
-from .bundle import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, FORMAT_VERSION, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
+from .bundle import (ORT_BACKEND, ORT_TRAINING_BACKEND, TRAINING_STEP, ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, FORMAT_VERSION, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                      MANIFEST, MODEL_CONFIG, OPTIMIZER_MODEL, TOKENIZER, TOKENIZER_CONFIG, TRAINING_MODEL, WEIGHTS, Bundle,
                      Manifest, load_bundle, sha256_file, write_manifest)
 from .errors import BundleError, LarsError
 
 __all__ = [
+    "ORT_BACKEND", "ORT_TRAINING_BACKEND", "TRAINING_STEP",
     "ATTENTION_MASK", "CHECKPOINT", "EVAL_MODEL", "FORMAT_VERSION", "IGNORE_INDEX", "INPUT_IDS", "LABELS", "LOGITS",
     "MANIFEST", "MODEL_CONFIG", "OPTIMIZER_MODEL", "TOKENIZER", "TOKENIZER_CONFIG", "TRAINING_MODEL", "WEIGHTS",
     "Bundle", "Manifest", "load_bundle", "sha256_file", "write_manifest", "BundleError", "LarsError",

@@ -6,11 +6,15 @@ app that only wants to inspect a bundle) can use it.
 Layout of a bundle directory:
 
     manifest.json          what is inside (schema below), with the sha256 of every other file
-    training_model.onnx    ORT training graph: forward + loss + gradients
+    training_step.onnx     the training step in standard ONNX (forward + loss + gradients as outputs): what plain
+                           onnxruntime runs (the `ort` backend); manifest "models" says how to drive it
+    training_model.onnx    ORT training graph: forward + loss + gradients (onnxruntime-training's APIs)
     eval_model.onnx        ORT eval graph: forward + loss
     optimizer_model.onnx   ORT AdamW step
-    checkpoint             ORT checkpoint: the trainable adapter tensors (B = 0, as PEFT initialises them)
-    weights.onnx_data      frozen base weights, external data shared by training_model.onnx and eval_model.onnx
+    checkpoint             ORT checkpoint: the trainable adapter tensors (B = 0, as PEFT initialises them); both
+                           backends read it (lars_artifacts.ort_checkpoint)
+    weights.onnx_data      frozen base weights, external data shared by the three graphs; manifest "weights"
+                           indexes it so a runtime maps it once for all its sessions
     tokenizer.json         `tokenizers` tokenizer
     tokenizer_config.json  special tokens and the chat template
     config.json            the base model's Hugging Face config (for the PEFT adapter export)
@@ -28,9 +32,10 @@ from typing import Any
 from .errors import BundleError
 
 FORMAT = "lars-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training_step.onnx (standard ONNX), "models" and "weights" in the manifest
 
 MANIFEST = "manifest.json"
+TRAINING_STEP = "training_step.onnx"
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
@@ -40,7 +45,7 @@ TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MODEL_CONFIG = "config.json"
 
-REQUIRED_FILES = (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT, TOKENIZER, TOKENIZER_CONFIG, MODEL_CONFIG)
+REQUIRED_FILES = (TRAINING_STEP, TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT, TOKENIZER, TOKENIZER_CONFIG, MODEL_CONFIG)
 
 # Graph interface. Logits come out flattened to [batch*seq, vocab]: ORT's SoftmaxCrossEntropyLoss wants classes on
 # axis 1, and an app reshapes them back with the batch shape it fed.
@@ -59,7 +64,11 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-OPTIONAL_FIELDS = {"memory"}  # added after format version 1 was written; absent in older bundles
+OPTIONAL_FIELDS = {"memory"}  # may be absent
+
+# The backends a bundle serves, as keys of manifest["models"].
+ORT_BACKEND = "ort"                    # plain onnxruntime: training_step.onnx + eval_model.onnx, AdamW in the runtime
+ORT_TRAINING_BACKEND = "ort-training"  # onnxruntime-training's Module/Optimizer on ORT's own artifacts
 
 
 @dataclass
@@ -75,6 +84,15 @@ class Manifest:
     passes: list[dict[str, Any]] = field(default_factory=list)
     # {"model": MemoryModel fields, "budget_bytes", "max_seq_len", "plan"}: lars_artifacts.memory_model
     memory: dict[str, Any] = field(default_factory=dict)
+    # backend -> its step models. "ort": {"training", "eval", "checkpoint" (file names), "inputs" (user inputs, then
+    # the adapters in adapter["parameters"] order), "loss" (output name), "gradients" (adapter -> output name),
+    # "optimizer" ({"name": "adamw", beta1, beta2, eps, weight_decay, correct_bias}: ORT's AdamW, adam_mode 1),
+    # "lowering" (what the lowering stage replaced), "strict_onnx" (no com.microsoft op left)}.
+    # "ort-training": {"training", "eval", "optimizer", "checkpoint"} (ORT's artifacts).
+    models: dict[str, Any] = field(default_factory=dict)
+    # {"file": WEIGHTS, "tensors": [{"name", "offset", "length", "dtype", "shape", "models": [file names]}]}: where
+    # each frozen initializer lies in the external-data file and which graphs read it.
+    weights: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION

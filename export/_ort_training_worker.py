@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from pathlib import Path
 
 
 def generate(forward_path: str, trainable: list[str], out_dir: str) -> None:
@@ -34,6 +35,58 @@ def run_model(model_path: str, feeds_path: str, out_path: str) -> list[str]:
     return names
 
 
+def train_steps(directory: str, checkpoint: str | None, feeds_path: str, steps: int, lr: float, out_path: str,
+                save_to: str | None = None, priority_order: bool = True, optimized_to: str | None = None) -> dict:
+    """`steps` AdamW steps of ORT's own training artifacts in `directory` (training_model.onnx, optimizer_model.onnx;
+    the checkpoint `checkpoint`, default directory/checkpoint) on one batch: feeds_path (.npz) holds the graph's
+    user inputs by name, and optionally `param:<name>` arrays copied into the parameters before the first step.
+    Writes out_path (.npz): `loss` [steps], `grad:<name>` of every step (`[steps, ...]`), `param:<name>` after the
+    last step. Optionally saves the checkpoint (adapters + AdamW state) to save_to, and the graph ORT optimised and
+    ran to optimized_to. Session options as the runtime's (priority order unless told otherwise, QDQ transformers off).
+    Returns the trainable names."""
+    import numpy as np
+    from onnxruntime.capi import _pybind_state as C
+
+    C.set_default_logger_severity(3)
+    root = Path(directory)
+    state = C.load_checkpoint(checkpoint or str(root / "checkpoint"))
+    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    options = C.SessionOptions()
+    if priority_order:
+        options.execution_order = C.ExecutionOrder.PRIORITY_BASED
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if optimized_to:
+        options.optimized_model_filepath = optimized_to
+    module = C.Module(str(root / "training_model.onnx"), state, None, device, options)
+    optimizer = C.Optimizer(str(root / "optimizer_model.onnx"), state, device, C.SessionOptions())
+    data = dict(np.load(feeds_path))
+    names = [n for n in state.parameter_names() if state.get_parameter(n).requires_grad]
+    keep = []
+    for key, value in data.items():
+        if key.startswith("param:"):
+            array = np.ascontiguousarray(value, dtype=np.float32)
+            keep.append(array)
+            state.copy_parameter_from(key[6:], C.OrtValue.ortvalue_from_numpy(array, device))
+    inputs = [n for n in module.input_names(True) if n in data]
+    losses, grads = [], {n: [] for n in names}
+    for _ in range(steps):
+        out = C.OrtValueVector()
+        module.train_step([data[n] for n in inputs], out)
+        losses.append(float(out[0].numpy()))
+        for n in names:
+            grads[n].append(state.get_parameter(n).grad.numpy().copy())
+        optimizer.set_learning_rate(lr)
+        optimizer.optimizer_step()
+        module.lazy_reset_grad()
+    result = {"loss": np.array(losses)}
+    result.update({f"grad:{n}": np.stack(g) for n, g in grads.items() if g})
+    result.update({f"param:{n}": state.get_parameter(n).data.numpy().copy() for n in names})
+    np.savez(out_path, **result)
+    if save_to:
+        C.save_checkpoint(state, save_to, True)
+    return names
+
+
 def trainable_names(checkpoint: str) -> list[str]:
     from onnxruntime.capi import _pybind_state as C
 
@@ -47,7 +100,34 @@ def version() -> str:
     return onnxruntime.__version__
 
 
-FUNCTIONS = {f.__name__: f for f in (generate, run_model, trainable_names, version)}
+def dump_checkpoint(checkpoint: str, out_path: str, directory: str | None = None,
+                    resave_to: str | None = None) -> dict:
+    """What ORT's own loader sees in `checkpoint`: writes every parameter's value to out_path (.npz, by name) and
+    returns {"names", "requires_grad" (name -> bool), "properties" (name -> value)}. With `directory` (training
+    artifacts), also builds the Module and AdamW Optimizer on the loaded state, as training does, and returns the
+    optimizer's "learning_rate"; `resave_to` then saves the state (adapters + AdamW state as ORT holds them) there."""
+    import numpy as np
+    from onnxruntime.capi import _pybind_state as C
+
+    C.set_default_logger_severity(3)
+    state = C.load_checkpoint(checkpoint)
+    names = list(state.parameter_names())
+    np.savez(out_path, **{n: state.get_parameter(n).data.numpy().copy() for n in names})
+    result = {"names": names, "requires_grad": {n: bool(state.get_parameter(n).requires_grad) for n in names},
+              "properties": {n: state.get_property(n) for n in state.property_names()}}
+    if directory:
+        root = Path(directory)
+        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        module = C.Module(str(root / "training_model.onnx"), state, None, device, C.SessionOptions())
+        optimizer = C.Optimizer(str(root / "optimizer_model.onnx"), state, device, C.SessionOptions())
+        result["learning_rate"] = optimizer.get_learning_rate()
+        if resave_to:
+            C.save_checkpoint(state, resave_to, True)
+        del module, optimizer
+    return result
+
+
+FUNCTIONS = {f.__name__: f for f in (generate, run_model, train_steps, trainable_names, version, dump_checkpoint)}
 
 
 def main() -> int:

@@ -63,6 +63,10 @@ class ExportConfig:
     max_seq_len: int | None = field(default=None, metadata={
         "help": "the longest sequence (batch 1) --memory-budget must fit"})
     seed: int = field(default=0, metadata={"help": "seed of the LoRA-A initialisation and the random basis"})
+    strict_onnx: bool = field(default=False, metadata={
+        "help": "lower the training step to ONNX-domain ops only (also FusedMatMul, QuickGelu and "
+                "SimplifiedLayerNormalization, which plain onnxruntime ships as contrib ops), for ONNX runtimes "
+                "other than onnxruntime"})
     opset: int = field(default=17, metadata={"help": "ONNX opset of the exported graph (ORT 1.19.2 trains <= 21)"})
     force: bool = field(default=False, metadata={"help": "overwrite an existing bundle directory"})
 

@@ -15,8 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lars_artifacts import (CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, LABELS, LOGITS, OPTIMIZER_MODEL, TRAINING_MODEL,
-                            WEIGHTS, LarsError)
+from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
+                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, LarsError)
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,54 @@ def trainable_names(model_path: Path) -> list[str]:
     from . import ort_training
 
     return ort_training.call("trainable_names", Path(model_path))
+
+
+def write_training_step(out_dir: Path, trainable: list[str], strict: bool = False) -> dict:
+    """training_step.onnx: ORT's training graph lowered to standard ONNX (lars_export.lowering), reading the same
+    external weights file; returns the manifest's "ort" model entry (file names, input/output names, AdamW)."""
+    import onnx
+
+    from . import lowering
+
+    training = onnx.load(str(out_dir / TRAINING_MODEL), load_external_data=False)
+    user_inputs = [i.name for i in training.graph.input if i.name in (INPUT_IDS, ATTENTION_MASK, LABELS)]
+    report = lowering.lower_training_step(training, list(trainable), strict=strict)
+    outputs = [o.name for o in training.graph.output]
+    gradients = {name: f"{name}_grad" for name in trainable}
+    missing = [g for g in gradients.values() if g not in outputs]
+    if missing:
+        raise LarsError(f"the lowered training step lacks gradient output {missing[0]}; please report this model")
+    onnx.save_model(training, str(out_dir / TRAINING_STEP))
+    evalm = onnx.load(str(out_dir / EVAL_MODEL), load_external_data=False)
+    return {"training": TRAINING_STEP, "eval": EVAL_MODEL, "checkpoint": CHECKPOINT, "inputs": user_inputs,
+            "loss": outputs[0], "eval_loss": evalm.graph.output[0].name, "gradients": gradients,
+            "optimizer": {"name": "adamw", **ADAMW}, "strict_onnx": strict, "lowering": report.to_dict()}
+
+
+# What onnxblock's AdamW writes into optimizer_model.onnx (generate_artifacts' defaults: betas 0.9/0.999, eps 1e-6,
+# no weight decay, bias correction, adam_mode 1); the `ort` backend's AdamW reads it from the manifest.
+ADAMW = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True}
+
+
+def weights_index(out_dir: Path, models: list[str]) -> dict:
+    """Where each external initializer of `models` lies in WEIGHTS, and which of the models read it."""
+    import onnx
+    from onnx import helper
+
+    tensors: dict[str, dict] = {}
+    for file in models:
+        model = onnx.load(str(out_dir / file), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            if info.get("location") != WEIGHTS:
+                raise LarsError(f"{file} stores {init.name} in {info.get('location')}, not {WEIGHTS}; please report")
+            entry = {"name": init.name, "offset": int(info.get("offset", 0)), "length": int(info["length"]),
+                     "dtype": str(helper.tensor_dtype_to_np_dtype(init.data_type)), "shape": list(init.dims),
+                     "models": []}
+            known = tensors.setdefault(init.name, entry)
+            if (known["offset"], known["length"]) != (entry["offset"], entry["length"]):
+                raise LarsError(f"{init.name} lies at two places of {WEIGHTS}; please report this model")
+            known["models"].append(file)
+    return {"file": WEIGHTS, "tensors": list(tensors.values())}

@@ -16,8 +16,9 @@ from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
-from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
-                            TOKENIZER, TOKENIZER_CONFIG, LarsError, Manifest, write_manifest)
+from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
+                            OPTIMIZER_MODEL, ORT_BACKEND, ORT_TRAINING_BACKEND, TOKENIZER, TOKENIZER_CONFIG,
+                            TRAINING_MODEL, TRAINING_STEP, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 
 from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight
@@ -25,7 +26,7 @@ from .config import ExportConfig
 
 log = logging.getLogger(__name__)
 
-EXPORT_PACKAGES = ("lars", "torch", "transformers", "peft", "onnx", "onnxruntime-training-cpu", "tokenizers")
+EXPORT_PACKAGES = ("lars", "torch", "transformers", "peft", "onnx", "onnxruntime", "tokenizers")
 
 
 class Phases:
@@ -63,6 +64,9 @@ def _versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "not installed"
+    from . import ort_training
+
+    out["onnxruntime-training (gradient builder)"] = ort_training.VERSION
     out["python"] = sys.version.split()[0]
     return out
 
@@ -82,7 +86,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
     out = Path(config.out)
     if out.exists() and not config.force:
         raise LarsError(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    phases = Phases(total=6, stream=stream)
+    phases = Phases(total=7, stream=stream)
     source = load.resolve(config.model)
     model_config = load.load_config(source)
     arch = architectures.describe(model_config)
@@ -142,6 +146,13 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                 raise LarsError(f"the ORT checkpoint holds {len(trainable)} trainable tensors, expected {len(names)}; "
                                 f"please report this model")
 
+        with phases("lowering the training step to standard ONNX (plain onnxruntime)"):
+            step = ort_artifacts.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
+            models = {ORT_BACKEND: step,
+                      ORT_TRAINING_BACKEND: {"training": TRAINING_MODEL, "eval": EVAL_MODEL,
+                                             "optimizer": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT}}
+            weights = ort_artifacts.weights_index(staging, [TRAINING_STEP, EVAL_MODEL])
+
         applied = {r.name for r in reports if r.changed}
         with phases("writing tokenizer and manifest"):
             tokens = _save_tokenizer(tok, staging)
@@ -168,6 +179,8 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                     "opset": config.opset},
                 tokens=tokens,
                 passes=[r.to_dict() for r in reports],
+                models=models,
+                weights=weights,
                 memory={"model": budget.model_for(arch, config).to_dict(),
                         "budget_bytes": budget.parse_size(config.memory_budget) if config.memory_budget else None,
                         "max_seq_len": config.max_seq_len, "plan": plan},

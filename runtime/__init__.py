@@ -1,4 +1,4 @@
-"""lars_ort: the on-device runtime. Needs onnxruntime-training, numpy and tokenizers; never torch.
+"""lars_ort: the on-device runtime. Needs onnxruntime (plain), numpy and tokenizers; never torch.
 
     from lars_ort import Trainer, TrainingArgs, train
 """

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--threads", type=int, default=0)
+    ev.add_argument("--backend", default="auto", choices=("auto", "ort", "ort-training"),
+                    help="ort (plain onnxruntime; auto picks it) or ort-training (onnxruntime-training 1.19.2)")
 
     ex = sub.add_parser("export-adapter", help="write a run's adapters as a PEFT LoRA adapter")
     ex.add_argument("run", help="run directory of `lars-ort train`")
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"eval loss {summary['final_eval']['eval_loss']:.4f}", file=sys.stderr)
             print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
         elif ns.command == "eval":
-            result = trainer.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len, threads=ns.threads)
+            result = trainer.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len,
+                                            threads=ns.threads, backend=ns.backend)
             print(json.dumps(result))
         elif ns.command == "export-adapter":
             out = trainer.export_run_adapter(ns.run, ns.out, ns.bundle)

@@ -20,12 +20,13 @@ import numpy as np
 
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle, sha256_file
 from lars_artifacts.memory_model import budget_warning
+from lars_artifacts.ort_checkpoint import read_checkpoint
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
 from .config import TrainingArgs
 from .data import Batch, BatchStream, Sequence, Tokenizer, collate, eval_batches, load_sequences
-from .engine import Engine
+from .engine import open_engine
 from .metrics import MetricsWriter, Stopwatch, peak_rss_mb
 from .schedule import learning_rate
 
@@ -48,10 +49,12 @@ class Trainer:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
                  eval: bool = True, threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                 mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True,
+                 backend: str = "auto") -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
-        self.engine = Engine(self.bundle, checkpoint=checkpoint, eval=eval, threads=threads, memory_arena=memory_arena,
-                             memory_reuse=memory_reuse, mmap_threshold_mb=mmap_threshold_mb)
+        self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, eval=eval, threads=threads,
+                                  memory_arena=memory_arena, memory_reuse=memory_reuse,
+                                  mmap_threshold_mb=mmap_threshold_mb)
         self.tokenizer = load_tokenizer(self.bundle)
         self.warn_budget = warn_budget
         self._warned_shapes: set[tuple[int, int]] = set()
@@ -165,7 +168,7 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
 
     session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
-                   warn_budget=False)  # checked once above for --batch-size x --seq-len
+                   backend=args.backend, warn_budget=False)  # checked once above for --batch-size x --seq-len
     if args.resume:
         ckpt.check_run_bundle(run, bundle)
         saved = ckpt.latest(run)
@@ -240,14 +243,14 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
 
 
 def evaluate_file(bundle_path: str | os.PathLike, data: str, run: str | None = None, batch_size: int = 4,
-                  seq_len: int = 256, mask_prompt: bool = True, threads: int = 0) -> dict:
+                  seq_len: int = 256, mask_prompt: bool = True, threads: int = 0, backend: str = "auto") -> dict:
     """`lars-ort eval`: loss and perplexity of the bundle (with a run's latest adapters if given) on a file."""
     bundle = load_bundle(bundle_path)
     checkpoint = None
     if run:
         ckpt.check_run_bundle(Path(run), bundle)
         checkpoint = ckpt.latest(Path(run)).ort_checkpoint
-    trainer = Trainer(bundle, checkpoint=checkpoint, eval=True, threads=threads)
+    trainer = Trainer(bundle, checkpoint=checkpoint, eval=True, threads=threads, backend=backend)
     seqs = load_sequences(data, trainer.tokenizer, seq_len, mask_prompt)
     return trainer.evaluate(eval_batches(seqs, batch_size, trainer.tokenizer.pad_id))
 
@@ -259,9 +262,5 @@ def export_run_adapter(run: str | os.PathLike, out: str | os.PathLike, bundle_pa
     bundle = load_bundle(bundle_path or info["bundle"])
     ckpt.check_run_bundle(run, bundle)
     saved = ckpt.latest(run)
-    from .engine import _capi
-
-    state = _capi().load_checkpoint(str(saved.ort_checkpoint))
-    tensors = {p["onnx_name"]: state.get_parameter(p["onnx_name"]).data.numpy()
-               for p in bundle.manifest.adapter["parameters"] if state.has_parameter(p["onnx_name"])}
+    tensors = read_checkpoint(saved.ort_checkpoint).parameters  # ORT's format, read without onnxruntime
     return write_peft_adapter(bundle, tensors, out)

@@ -1,4 +1,5 @@
-"""What the passes' sibling tests share: a LoRA linear in PEFT's parameter layout, and an ORT training Module."""
+"""What the passes' sibling tests share: a LoRA linear in PEFT's parameter layout, and one step of ORT's training
+Module."""
 
 from __future__ import annotations
 
@@ -20,20 +21,29 @@ def lora_linear(d_in: int, d_out: int, rank: int, scale: float = 2.0):
     return LoraLinear()
 
 
-def ort_module(directory, optimized_to=None, priority_order: bool = True):
-    """(C bindings, checkpoint state, Module) over the artifacts in `directory`; optionally dump ORT's optimised
-    training graph to `optimized_to` (what ORT actually runs)."""
-    from onnxruntime.capi import _pybind_state as C
+def ort_train_step(directory, feeds, optimized_to=None, priority_order: bool = True):
+    """(loss, {trainable: gradient}) of one training step of ORT's own artifacts in `directory` on `feeds` (arrays in
+    the order of the graph's user inputs), run by onnxruntime-training 1.19.2 in a child process
+    (lars_export.ort_training) with the runtime's session options; optionally dump the graph ORT optimised and ran
+    to `optimized_to`."""
+    import tempfile
+    from pathlib import Path
 
-    state = C.load_checkpoint(str(directory / "checkpoint"))
-    options = C.SessionOptions()
-    if priority_order:
-        options.execution_order = C.ExecutionOrder.PRIORITY_BASED  # what the runtime uses
-    options.add_session_config_entry("session.disable_quant_qdq", "1")  # what the runtime uses
-    if optimized_to:
-        options.optimized_model_filepath = str(optimized_to)
-    device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    return C, state, C.Module(str(directory / "training_model.onnx"), state, None, device, options)
+    import numpy as np
+    import onnx
+
+    from lars_export import ort_training
+
+    directory = Path(directory)
+    graph = onnx.load(str(directory / "training_model.onnx"), load_external_data=False)
+    names = [i.name for i in graph.graph.input][: len(feeds)]
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "feeds.npz", **dict(zip(names, feeds)))
+        trainable = ort_training.call("train_steps", directory, None, Path(tmp) / "feeds.npz", 1, 0.0,
+                                      Path(tmp) / "out.npz", None, priority_order,
+                                      str(optimized_to) if optimized_to else None)
+        out = np.load(Path(tmp) / "out.npz")
+        return float(out["loss"][0]), {n: out[f"grad:{n}"][0] for n in trainable}
 
 
 TWO_BLOCK_TRAINABLE = {f"layers.{i}.{m}.lora_{ab}.default.weight" for i in (0, 1) for m in ("up", "down")

@@ -9,7 +9,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_module
+from lars_export.passes._testing import attention_lm, ort_train_step
 from lars_export.passes.attention_chunks import ATTENTION_CHUNKS
 
 D, H, R, V, T = 16, 4, 2, 11, 6
@@ -36,10 +36,8 @@ def exact(tmp_path_factory):
 
 
 def _grads(directory, ids, labels):
-    C, state, module = ort_module(directory)
-    out = C.OrtValueVector()
-    module.train_step([ids, labels], out)
-    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in TRAINABLE}
+    loss, grads = ort_train_step(directory, [ids, labels])
+    return loss, {n: grads[n] for n in TRAINABLE}
 
 
 def _saved_softmax(model) -> list[str]:
@@ -115,7 +113,7 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
             np.testing.assert_allclose(grads[name], exact_grads[name], rtol=1e-5, atol=1e-6 * np.abs(ref).max())
 
     # The graph ORT runs: every group's two Softmax nodes are still there and nothing saves probabilities.
-    ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    ort_train_step(tmp_path, [ids, labels], optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2 * pieces
     assert _saved_softmax(optimized) == []

@@ -8,7 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_module
+from lars_export.passes._testing import attention_lm, ort_train_step
 from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
 
 D, H, R, V, T = 8, 2, 2, 11, 6
@@ -32,10 +32,8 @@ def _artifacts(tmp_path, model):
 
 
 def _grads(directory, ids, labels):
-    C, state, module = ort_module(directory)
-    out = C.OrtValueVector()
-    module.train_step([ids, labels], out)
-    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in (A_NAME, B_NAME)}
+    loss, grads = ort_train_step(directory, [ids, labels])
+    return loss, {n: grads[n] for n in (A_NAME, B_NAME)}
 
 
 def _saved_softmax(model) -> list[str]:
@@ -73,7 +71,7 @@ def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabiliti
 
     # The graph ORT actually runs: its optimisations (fusion, common-subexpression elimination) must neither merge
     # the copy back into the forward nor leave a forward Softmax read by the backward.
-    ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
+    ort_train_step(tmp_path, [ids, labels], optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert sum(n.op_type == "Softmax" for n in optimized.graph.node) == 2  # forward + recompute
     assert _saved_softmax(optimized) == []

@@ -9,17 +9,15 @@ import pytest
 from lars_export.passes import PassContext
 from lars_export.passes._base import backward_nodes, consumers, producers
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
-from lars_export.passes._testing import export_lm, ort_module, two_block_lm
+from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
 from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
 
 
 def _step(root, ids, labels):
-    C, state, module = ort_module(root)
-    out = C.OrtValueVector()
-    module.train_step([ids, labels], out)
-    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in sorted(TRAINABLE)}
+    loss, grads = ort_train_step(root, [ids, labels])
+    return loss, {n: grads[n] for n in sorted(TRAINABLE)}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

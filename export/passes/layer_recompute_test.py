@@ -7,7 +7,7 @@ import onnx
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_module
+from lars_export.passes._testing import lora_linear, ort_train_step
 from lars_export.passes.layer_recompute import LAYER_RECOMPUTE, _layer_of
 
 D, F, R, V, T = 6, 10, 2, 9, 5
@@ -84,16 +84,13 @@ def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tm
 
     ids = rng.integers(0, 20, size=T).astype(np.int64)
     labels = rng.integers(0, V, size=T).astype(np.int64)
-    C, state, module = ort_module(tmp_path, optimized_to=tmp_path / "optimized.onnx")
-    out = C.OrtValueVector()
-    module.train_step([ids, labels], out)
+    ours, grads = ort_train_step(tmp_path, [ids, labels], optimized_to=tmp_path / "optimized.onnx")
     loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(ids)), torch.from_numpy(labels))
     loss.backward()
     params = dict(model.named_parameters())
-    np.testing.assert_allclose(float(out[0].numpy()), loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(ours, loss.item(), rtol=1e-5)
     for name in sorted(TRAINABLE):
-        np.testing.assert_allclose(state.get_parameter(name).grad.numpy(), params[name].grad.numpy(),
-                                   rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(grads[name], params[name].grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
 
     # The graph ORT runs: the copies survived its common-subexpression elimination.
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)

@@ -10,7 +10,7 @@ import pytest
 from lars_export import quantization
 from lars_export.passes import PassContext, run_passes
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
-from lars_export.passes._testing import export_lm, ort_module, two_block_lm
+from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
 from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
 
@@ -56,10 +56,8 @@ def _build(root, model, scheme: str, passes: tuple[str, ...]):
 
 
 def _step(root, ids, labels):
-    C, state, module = ort_module(root)
-    out = C.OrtValueVector()
-    module.train_step([ids, labels], out)
-    return float(out[0].numpy()), {n: state.get_parameter(n).grad.numpy().copy() for n in TRAINABLE}
+    loss, grads = ort_train_step(root, [ids, labels])
+    return loss, {n: grads[n] for n in TRAINABLE}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
@@ -93,7 +91,7 @@ def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, 
     # The graph ORT runs: no dequantization folded back into a float32 initializer, none duplicated, and no
     # dequantized matrix kept from the forward for the backward.
     stored = onnx.load(str(tmp_path / "bundle" / "training_model.onnx"))
-    ort_module(tmp_path / "bundle", optimized_to=tmp_path / "optimized.onnx")
+    ort_train_step(tmp_path / "bundle", [ids, labels], optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     big_floats = [i.name for i in optimized.graph.initializer if i.data_type == onnx.TensorProto.FLOAT
                   and int(np.prod(i.dims)) >= 1024]

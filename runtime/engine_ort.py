@@ -1,0 +1,186 @@
+"""The `ort` backend (the default): the bundle's standard-ONNX training step on plain onnxruntime.
+
+training_step.onnx takes the batch and every adapter tensor as inputs and returns the loss and every adapter
+gradient as outputs (the exporter lowered ORT's training-only ops to standard ONNX: lars_export.lowering). This
+engine keeps the adapters, their gradients and both AdamW moments in four flat float32 buffers; each tensor is a
+view into its buffer, bound to the session once through IO binding, so ORT reads the adapters from and writes the
+gradients into those buffers directly, and the AdamW update (optimizer.py) runs over the flat buffers in place.
+
+The frozen weights are mapped from the bundle's weights.onnx_data once (numpy memmap) and handed to the training
+and the eval session as the same external initializers: one mapping serves both sessions, and ORT copies nothing
+to the heap (prepacking is off: session.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from lars_artifacts import (CHECKPOINT, ORT_BACKEND, WEIGHTS, Bundle, BundleError, LarsError)
+from lars_artifacts.ort_checkpoint import OptimizerState, OrtCheckpoint, read_checkpoint, write_checkpoint
+
+from .data import Batch
+from .engine import batch_feeds
+from .optimizer import AdamW, AdamWConfig
+from .session import first_line, session_options
+
+
+class OrtEngine:
+    backend = ORT_BACKEND
+
+    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
+                 threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
+                 mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)  # warnings and up; ORT logs every graph transformer at INFO
+        self.ort, self.bundle = ort, bundle
+        manifest = bundle.manifest
+        spec = manifest.models.get(ORT_BACKEND)
+        if not spec:
+            raise BundleError(f"bundle {bundle.path} has no standard-ONNX training step; re-export it with this "
+                              f"lars (`lars-export`)")
+        self.spec = spec
+        self.vocab_size, self.max_seq_len = manifest.vocab_size, manifest.max_seq_len
+        self.adapter_names = [p["onnx_name"] for p in manifest.adapter["parameters"]]
+        shapes = [tuple(p["shape"]) for p in manifest.adapter["parameters"]]
+
+        # Adapters, gradients and moments: one flat buffer each, a view per tensor.
+        sizes = [int(np.prod(s)) for s in shapes]
+        total = sum(sizes)
+        self.params, self.grads, self.m1, self.m2 = (np.zeros(total, np.float32) for _ in range(4))
+        bounds = np.cumsum([0, *sizes])
+        self._views = {kind: {n: buf[a:b].reshape(s) for n, a, b, s in zip(self.adapter_names, bounds[:-1],
+                                                                            bounds[1:], shapes)}
+                       for kind, buf in (("params", self.params), ("grads", self.grads), ("m1", self.m1),
+                                         ("m2", self.m2))}
+        self.optimizer = AdamW(AdamWConfig(**{k: v for k, v in spec["optimizer"].items() if k != "name"}), total)
+        self.step_count = 0
+        self.learning_rate = 0.0
+        self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.get("checkpoint", CHECKPOINT)))
+
+        settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order)
+        self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
+        try:
+            self.session = self._session(session_options(ort, *settings), spec["training"])
+            self.eval_session = self._session(session_options(ort, *settings), spec["eval"]) if eval else None
+        except Exception as e:
+            raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
+                              f"({first_line(e)[:300]}); re-export it with this lars") from None
+        self.has_eval = eval
+        self.loss_name = spec["loss"]
+        self.binding = self.session.io_binding()
+        for name in self.adapter_names:
+            self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._views["params"][name]))
+        outputs = [o.name for o in self.session.get_outputs()]
+        self._loss_index = outputs.index(self.loss_name)
+        gradient_outputs = spec["gradients"]
+        for name in outputs:
+            if name in self._gradient_by_output(gradient_outputs):
+                view = self._views["grads"][self._gradient_by_output(gradient_outputs)[name]]
+                self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(view))
+            else:  # the loss (and logits where the training step outputs them): ORT allocates
+                self.binding.bind_output(name, "cpu")
+
+    @staticmethod
+    def _gradient_by_output(gradients: dict) -> dict:
+        return {out: param for param, out in gradients.items()}
+
+    def _session(self, options, file: str):
+        """A session of `file` whose frozen initializers are the shared mapped ones (options are per session)."""
+        uses = [t for t in self._weights if file in t["models"]]
+        if uses:
+            options.add_external_initializers([t["name"] for t in uses], [t["value"] for t in uses])
+        return self.ort.InferenceSession(self.bundle.file(file), options, providers=["CPUExecutionProvider"])
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _load_checkpoint(self, path: str) -> None:
+        saved = read_checkpoint(path)  # BundleError, naming the file, on anything damaged
+        for name in self.adapter_names:
+            if name not in saved.parameters:
+                raise BundleError(f"checkpoint {path} lacks adapter tensor {name}: it belongs to another bundle")
+            value, view = saved.parameters[name], self._views["params"][name]
+            if value.shape != view.shape:
+                raise BundleError(f"checkpoint {path} holds {name} with shape {list(value.shape)}, the bundle says "
+                                  f"{list(view.shape)}: it belongs to another bundle")
+            view[...] = value
+        if saved.optimizer is not None:
+            for kind, moments in (("m1", saved.optimizer.first_moments), ("m2", saved.optimizer.second_moments)):
+                for name in self.adapter_names:
+                    if name in moments:
+                        self._views[kind][name][...] = moments[name]
+            self.step_count = int(saved.optimizer.step)
+            self.learning_rate = float(saved.optimizer.learning_rate)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """ORT checkpoint with adapters and AdamW state, loadable by onnxruntime-training too."""
+        copy = {kind: {n: v.copy() for n, v in views.items()} for kind, views in self._views.items()}
+        write_checkpoint(str(path), OrtCheckpoint(
+            parameters=copy["params"], requires_grad={n: True for n in self.adapter_names},
+            optimizer=OptimizerState(step=self.step_count, learning_rate=self.learning_rate,
+                                     initial_learning_rate=self.learning_rate, first_moments=copy["m1"],
+                                     second_moments=copy["m2"]),
+            properties={}))
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch, lr: float) -> float:
+        """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss."""
+        if batch.label_tokens == 0:
+            raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
+        loss = self.forward_backward(batch)
+        self.step_count += 1
+        self.learning_rate = float(lr)
+        self.optimizer.update(self.params, self.grads, self.m1, self.m2, lr, self.step_count)
+        return loss
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Loss and gradients (in the gradient buffer, see `gradients`), no update."""
+        ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
+        for name, value in zip(self.spec["inputs"], (ids, mask, labels)):
+            self.binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(self.binding)
+        return float(self.binding.get_outputs()[self._loss_index].numpy())
+
+    def eval_step(self, batch: Batch) -> float:
+        if self.eval_session is None:
+            raise RuntimeError("Engine was created with eval=False")
+        ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
+        feeds = dict(zip(self.spec["inputs"], (ids, mask, labels)))
+        feeds.update(self._views["params"])
+        return float(self.eval_session.run([self.spec["eval_loss"]], feeds)[0])
+
+    # -- tensors -------------------------------------------------------------------------------------------------
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._views["params"].items()}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._views["grads"].items()}
+
+    def set_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, value in tensors.items():
+            self._views["params"][name][...] = value
+
+
+def _map_weights(bundle: Bundle) -> list[dict]:
+    """The frozen initializers as numpy views of one read-only memory map of the weights file, wrapped as
+    OrtValues (no copy), with the graphs that read each."""
+    import onnxruntime as ort
+
+    index = bundle.manifest.weights
+    tensors = index.get("tensors", [])
+    if not tensors:
+        return []
+    path = bundle.file(index.get("file", WEIGHTS))
+    mapped = np.memmap(path, mode="r")
+    out = []
+    for t in tensors:
+        dtype = np.dtype(t["dtype"])
+        count = int(np.prod(t["shape"])) if t["shape"] else 1
+        if t["offset"] + count * dtype.itemsize > mapped.size or count * dtype.itemsize != t["length"]:
+            raise BundleError(f"{path} is shorter than the manifest's index of {t['name']}: the bundle is damaged, "
+                              f"re-export it")
+        array = np.ndarray(tuple(t["shape"]), dtype=dtype, buffer=mapped, offset=t["offset"])
+        out.append({"name": t["name"], "models": t["models"], "array": array,
+                    "value": ort.OrtValue.ortvalue_from_numpy(array)})
+    return out
