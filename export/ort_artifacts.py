@@ -83,7 +83,9 @@ def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> Non
                 additional_output_names=[LOGITS])
     except Exception as e:  # ORT raises RuntimeError/Fail with a C++ message; say which node if it names one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LarsError(f"onnxruntime-training could not build the training graph: {first[:400]}; "
+        # ORT's C++ messages start with the source location and a long signature; the reason is at the end.
+        reason = first.rsplit(" was false. ", 1)[-1] if " was false. " in first else first
+        raise LarsError(f"onnxruntime-training could not build the training graph: {reason[-400:]}; "
                         f"please report this model and command") from None
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
         if not (out_dir / name).is_file():

@@ -51,11 +51,19 @@ def _random_b(trainer):
     return adapters
 
 
-def _close(ours, ref, name):
+def _close(ours, ref, name, tolerance):
+    """Equal up to float32 rounding: |ours - ref| <= tolerance * max|ref|, and parallel (cosine in float64)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     scale = np.abs(ref).max()
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=max(4e-8, 1e-6 * scale), err_msg=name)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tolerance * scale + 1e-12, err_msg=name)
     cosine = float((ours * ref).sum() / (np.linalg.norm(ours) * np.linalg.norm(ref) + 1e-30))
-    assert cosine > 1 - 1e-9 or scale == 0, (name, cosine)
+    assert cosine > 1 - 1e-8 or scale == 0, (name, cosine)
+
+
+# Measured on these bundles (|diff| / max|ref|): gradients at steps 1 and 2 <= 1e-6, the loss <= 1e-7 relative,
+# gradients at step 20 <= 3e-5 and adapters <= 3e-6: ORT 1.32's kernels sum in other orders than 1.19's, and 20
+# Adam steps magnify that rounding (m/sqrt(v) of a near-zero gradient). A wrong lowering is off by 1e-2 or more.
+GRADIENT_EARLY, GRADIENT_LATE, ADAPTER = 3e-6, 1e-4, 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -68,8 +76,10 @@ def test_plain_onnxruntime_trains_like_onnxruntime_training(bundles, tmp_path, a
     trainer.engine.set_adapter_tensors(adapters)
     batch = _feeds(trainer, tmp_path / "feeds.npz", adapters)
 
-    losses = [trainer.step(batch, LR) for _ in range(STEPS)]
-    grads = trainer.engine.gradients()  # the last step's: the update leaves the gradient buffer as it was
+    losses, grads = [], []
+    for _ in range(STEPS):
+        losses.append(trainer.step(batch, LR))
+        grads.append(trainer.engine.gradients())  # the update leaves the gradient buffer as it was
 
     ort_training.call("train_steps", bundle.path, None, tmp_path / "feeds.npz", STEPS, LR, tmp_path / "ref.npz")
     ref = np.load(tmp_path / "ref.npz")
@@ -77,8 +87,9 @@ def test_plain_onnxruntime_trains_like_onnxruntime_training(bundles, tmp_path, a
     assert losses[-1] < losses[0] - 0.05  # it learns
     finals = trainer.adapter_tensors()
     for name in trainer.engine.adapter_names:
-        _close(grads[name], ref[f"grad:{name}"][-1], f"grad {name}")
-        _close(finals[name], ref[f"param:{name}"], f"adapter {name}")
+        for step, tolerance in ((0, GRADIENT_EARLY), (1, GRADIENT_EARLY), (STEPS - 1, GRADIENT_LATE)):
+            _close(grads[step][name], ref[f"grad:{name}"][step], f"step {step + 1} gradient {name}", tolerance)
+        _close(finals[name], ref[f"param:{name}"], f"adapter {name}", ADAPTER)
 
 
 def test_strict_onnx_leaves_no_contrib_op_and_the_default_only_shipped_ones(bundles):
@@ -105,9 +116,9 @@ def test_a_run_continues_across_backends(bundles, tmp_path):
     ort_ckpt = tmp_path / "ort-step3"
     ort_training.call("train_steps", bundle.path, None, tmp_path / "feeds.npz", 3, LR, tmp_path / "a.npz", ort_ckpt)
     assert read_checkpoint(ort_ckpt).optimizer.step == 3
-    ort_training.call("train_steps", bundle.path, ort_ckpt, tmp_path / "feeds.npz", 3, LR, tmp_path / "b.npz")
     np.savez(tmp_path / "batch.npz", input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-             labels=batch.labels.reshape(-1))
+             labels=batch.labels.reshape(-1))  # no `param:` entries: the adapters come from the checkpoint
+    ort_training.call("train_steps", bundle.path, ort_ckpt, tmp_path / "batch.npz", 3, LR, tmp_path / "b.npz")
     ort_continued = np.load(tmp_path / "b.npz")
 
     resumed = Trainer(bundle, eval=False, checkpoint=ort_ckpt)
@@ -115,7 +126,7 @@ def test_a_run_continues_across_backends(bundles, tmp_path):
     losses = [resumed.step(batch, LR) for _ in range(3)]
     np.testing.assert_allclose(losses, ort_continued["loss"], rtol=1e-6)
     for name, value in resumed.adapter_tensors().items():
-        _close(value, ort_continued[f"param:{name}"], name)
+        _close(value, ort_continued[f"param:{name}"], name, ADAPTER)
 
     # The other way: plain onnxruntime's own checkpoint after its 6 steps, continued by ORT and by itself.
     plain_ckpt = tmp_path / "plain-step6"
@@ -125,7 +136,7 @@ def test_a_run_continues_across_backends(bundles, tmp_path):
     plain_losses = [resumed.step(batch, LR) for _ in range(2)]
     np.testing.assert_allclose(plain_losses, ort_after["loss"], rtol=1e-6)
     for name, value in resumed.adapter_tensors().items():
-        _close(value, ort_after[f"param:{name}"], name)
+        _close(value, ort_after[f"param:{name}"], name, ADAPTER)
 
 
 def test_the_ort_training_backend_says_what_it_needs_on_plain_onnxruntime(bundles):

@@ -1,4 +1,5 @@
-"""The runtime in an environment with the base install only: no torch, transformers or optimum installed.
+"""The runtime in an environment with the base install only: plain onnxruntime, no onnxruntime-training, and no torch,
+transformers or optimum installed.
 
 The environment is built once (from this repo, `pip install -e .` without extras) into .venv-runtime/ and reused;
 `make test` builds it before pytest runs.
@@ -35,11 +36,18 @@ def runtime_python():
     return python
 
 
-def test_base_install_has_no_torch(runtime_python):
+def test_base_install_has_no_torch_and_plain_onnxruntime(runtime_python):
     probe = "import importlib.util, json; print(json.dumps({m: importlib.util.find_spec(m) is not None for m in %r}))"
     out = subprocess.run([str(runtime_python), "-c", probe % (FORBIDDEN,)], capture_output=True, text=True,
                          check=True).stdout
     assert json.loads(out) == {m: False for m in FORBIDDEN}
+    # The runtime's onnxruntime is the plain one: no training build installed, no training API in it.
+    probe = ("import importlib.metadata as m, importlib.util as u, json, onnxruntime; "
+             "print(json.dumps([onnxruntime.__version__, u.find_spec('onnxruntime.training') is not None, "
+             "sorted(d.metadata['Name'] for d in m.distributions() if 'onnxruntime' in d.metadata['Name'])]))")
+    version, has_training, dists = json.loads(subprocess.run([str(runtime_python), "-c", probe], capture_output=True,
+                                                             text=True, check=True).stdout)
+    assert dists == ["onnxruntime"] and not has_training and tuple(map(int, version.split(".")[:2])) >= (1, 31)
 
 
 def test_lars_ort_trains_evaluates_and_exports_without_torch(runtime_python, tiny_bundles, tmp_path):

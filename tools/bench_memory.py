@@ -26,6 +26,11 @@ A bundle mode takes a runtime setting after "@" (default: the runtime's memory-f
   @heap     glibc's default heap for every tensor (no mmap threshold)
   @arena    ORT's defaults: CPU arena, memory patterns and buffer reuse on
   e.g. --modes ort-lora,ort-lora@reuse,lars,lars@reuse
+and a backend after ":" (default: ort, the runtime's default):
+  :ort           plain onnxruntime on the bundle's standard-ONNX training step (the base install's)
+  :ort-training  onnxruntime-training 1.19.2 on ORT's own artifacts (the exporter's training build, put first on
+                 the runtime environment's path)
+  e.g. --modes default:ort,default:ort-training,full-int8:ort,full-int8:ort-training
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
 the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
 """
@@ -73,9 +78,17 @@ RUNTIME_SETTINGS = {"": {}, "reuse": {"memory_reuse": True}, "heap": {"mmap_thre
                     "arena": {"memory_arena": True, "memory_reuse": True}}
 
 
+BACKENDS = ("ort", "ort-training")
+
+
 def split_mode(mode: str) -> tuple[str, str]:
-    base, _, setting = mode.partition("@")
+    """(bundle or reference mode, runtime setting); the backend suffix is split_backend's."""
+    base, _, setting = mode.partition(":")[0].partition("@")
     return base, setting
+
+
+def split_backend(mode: str) -> str:
+    return mode.partition(":")[2] or "ort"
 
 
 # ----------------------------------------------------------------------------------------------------------- workers
@@ -139,7 +152,8 @@ def worker_floor(a) -> list[float]:
 def worker_ort(a) -> list[float]:
     from lars_ort import Trainer
 
-    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, **RUNTIME_SETTINGS[a.setting])
+    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, backend=a.backend,
+                      **RUNTIME_SETTINGS[a.setting])
     vocab = trainer.bundle.manifest.vocab_size
     times = []
     for step in range(a.steps + 1):
@@ -201,13 +215,19 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
     base, setting = split_mode(mode)
     python = a.runtime_python if base in BUNDLE_MODES else sys.executable
-    cmd = [python, __file__, "--worker", mode, "--setting", setting, "--seq-len", str(seq),
+    backend = split_backend(mode)
+    env = None
+    if backend == "ort-training":  # the training build first on the path, ahead of the base install's onnxruntime
+        from lars_export import ort_training
+
+        env = ort_training.child_env()
+    cmd = [python, __file__, "--worker", mode, "--setting", setting, "--backend", backend, "--seq-len", str(seq),
            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
            "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
-    row = {"mode": mode, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
+    row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
            "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch}
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         child, start, high = psutil.Process(proc.pid), time.time(), 0.0
         while proc.poll() is None:
             try:
@@ -316,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--setting", default="", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default="ort", help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
@@ -326,10 +347,11 @@ def main(argv=None) -> int:
 
     modes = [m for m in a.modes.split(",") if m]
     unknown = [m for m in modes if split_mode(m)[0] not in MODES or split_mode(m)[1] not in RUNTIME_SETTINGS
-               or (split_mode(m)[1] and split_mode(m)[0] not in BUNDLE_MODES)]
+               or ((split_mode(m)[1] or ":" in m) and split_mode(m)[0] not in BUNDLE_MODES)
+               or split_backend(m) not in BACKENDS]
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}, bundle modes optionally with "
-                f"@{', @'.join(s for s in RUNTIME_SETTINGS if s)}")
+                f"@{', @'.join(s for s in RUNTIME_SETTINGS if s)} and :{' or :'.join(BACKENDS)}")
     cache = Path(a.cache)
     cache.mkdir(parents=True, exist_ok=True)
     print("preparing the model folder and the bundle ...", file=sys.stderr, flush=True)

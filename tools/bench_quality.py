@@ -52,6 +52,7 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
     import numpy as np
 
     from lars_artifacts import load_bundle
+    from lars_artifacts.ort_checkpoint import read_checkpoint
     from lars_ort import Trainer
     from lars_ort.data import BatchStream, eval_batches, load_sequences
     from lars_ort.schedule import learning_rate
@@ -72,7 +73,6 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
         step_fn = lambda batch, lr: trainer.step(batch, lr)  # noqa: E731
     else:
         import torch
-        from onnxruntime.capi import _pybind_state as C
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -81,12 +81,12 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
         cfg = bundle.manifest.adapter
         model = get_peft_model(base, LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
                                                 target_modules=cfg["target_modules"], task_type="CAUSAL_LM"))
-        state = C.load_checkpoint(bundle.file("checkpoint"))
+        initial = read_checkpoint(bundle.file("checkpoint")).parameters
         params = dict(model.named_parameters())
         with torch.no_grad():
             for p in cfg["parameters"]:
                 params[p["onnx_name"].removeprefix("model.")].copy_(
-                    torch.from_numpy(state.get_parameter(p["onnx_name"]).data.numpy()))
+                    torch.from_numpy(initial[p["onnx_name"]]))
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
 

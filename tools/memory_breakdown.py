@@ -70,10 +70,10 @@ def probe_shapes(bundle: Path, names: list[str]) -> dict[str, tuple[tuple[int, .
     import onnx
     from onnxruntime.capi import _pybind_state as C
 
-    from lars_artifacts import TRAINING_MODEL
+    from lars_artifacts import TRAINING_STEP
 
     C.set_default_logger_severity(3)
-    model = onnx.load(str(bundle / TRAINING_MODEL), load_external_data=False)
+    model = onnx.load(str(bundle / TRAINING_STEP), load_external_data=False)  # standard ONNX: plain ORT runs it
     known = {o.name for o in model.graph.output}
     for name in names:
         if name not in known:
@@ -105,10 +105,10 @@ def probe_shapes(bundle: Path, names: list[str]) -> dict[str, tuple[tuple[int, .
 def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
     import onnx
 
-    from lars_artifacts import TRAINING_MODEL, load_bundle
+    from lars_artifacts import TRAINING_STEP, load_bundle
 
     manifest = load_bundle(bundle).manifest
-    model = onnx.load(str(bundle / TRAINING_MODEL), load_external_data=False)
+    model = onnx.load(str(bundle / TRAINING_STEP), load_external_data=False)
     saved = saved_tensors(model)
     shapes = probe_shapes(bundle, sorted(saved))
     vocab = manifest.vocab_size
