@@ -24,4 +24,4 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
 clean:
-	rm -rf $(VENV) .venv-runtime out runs
+	rm -rf $(VENV) .venv-runtime .venv-py313 out runs

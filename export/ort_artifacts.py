@@ -141,10 +141,10 @@ def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
 
 
 def trainable_names(model_path: Path) -> list[str]:
-    """Names of the trainable tensors in an ORT checkpoint."""
-    from . import ort_training
+    """Names of the trainable tensors in an ORT checkpoint (read by lars' own reader of ORT's format)."""
+    from lars_artifacts.ort_checkpoint import read_checkpoint
 
-    return ort_training.call("trainable_names", Path(model_path))
+    return [name for name, grad in read_checkpoint(model_path).requires_grad.items() if grad]
 
 
 def write_training_step(out_dir: Path, trainable: list[str], strict: bool = False) -> dict:

@@ -98,12 +98,12 @@ def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path)
 def test_every_adapter_tensor_is_its_own_trainable_parameter(arch, tiny_bundles):
     """The TorchScript exporter merges identical initializers; all-zero lora_B would collapse (BRIEF §4)."""
     from lars_artifacts.ort_checkpoint import read_checkpoint
-    from lars_export import ort_artifacts
+    from lars_export import ort_training
 
     bundle = load_bundle(tiny_bundles[arch])
     saved = read_checkpoint(bundle.file("checkpoint"))
     trainable = [n for n, grad in saved.requires_grad.items() if grad]
-    assert sorted(trainable) == sorted(ort_artifacts.trainable_names(bundle.path / "checkpoint"))  # ORT's own view
+    assert sorted(trainable) == sorted(ort_training.call("trainable_names", bundle.path / "checkpoint"))  # ORT's view
     expected = [p["onnx_name"] for p in bundle.manifest.adapter["parameters"]]
     assert sorted(trainable) == sorted(expected)
     assert len(set(trainable)) == 28
