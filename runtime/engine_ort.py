@@ -6,9 +6,12 @@ engine keeps the adapters, their gradients and both AdamW moments in four flat f
 view into its buffer, bound to the session once through IO binding, so ORT reads the adapters from and writes the
 gradients into those buffers directly, and the AdamW update (optimizer.py) runs over the flat buffers in place.
 
-The frozen weights are mapped from the bundle's weights.onnx_data once (numpy memmap) and handed to the training
-and the eval session as the same external initializers: one mapping serves both sessions, and ORT copies nothing
-to the heap (prepacking is off: session.py).
+The frozen weights are mapped from the bundle's weights.onnx_data once (numpy memmap, pages read on first use) and
+handed to the training and the eval session as the same shared initializers (SessionOptions.add_initializer: ORT
+uses the caller's buffer as it is), with prepacking off (session.py). Measured on SmolLM2-135M's default bundle at
+512 tokens, a train step, an eval and a train step: peak RSS 1,456 MB this way; 2,077 MB with each session mapping
+the file itself (the eval session's mapping is a second ~600 MB of resident pages); and 1,442 MB right after load
+through add_external_initializers, which copies them.
 """
 
 from __future__ import annotations
@@ -88,10 +91,12 @@ class OrtEngine:
         return {out: param for param, out in gradients.items()}
 
     def _session(self, options, file: str):
-        """A session of `file` whose frozen initializers are the shared mapped ones (options are per session)."""
+        """A session of `file` whose frozen initializers are the shared mapped ones (options are per session, and
+        ORT refuses an initializer the graph does not have: the manifest's index says which graph reads which)."""
         uses = [t for t in self._weights if file in t["models"]]
         if uses:
-            options.add_external_initializers([t["name"] for t in uses], [t["value"] for t in uses])
+            for t in uses:
+                options.add_initializer(t["name"], t["value"])
         return self.ort.InferenceSession(self.bundle.file(file), options, providers=["CPUExecutionProvider"])
 
     # -- checkpoints ---------------------------------------------------------------------------------------------

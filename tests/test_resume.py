@@ -7,7 +7,7 @@ import pytest
 
 from lars_ort import TrainingArgs, train
 from lars_ort.checkpoint import latest
-from lars_ort.engine import _capi
+from lars_artifacts.ort_checkpoint import read_checkpoint
 from tiny import TRAIN_TEXT
 
 
@@ -18,8 +18,7 @@ def _args(out, **kw):
 
 
 def _adapters(run):
-    state = _capi().load_checkpoint(str(latest(run).ort_checkpoint))
-    return {n: state.get_parameter(n).data.numpy().copy() for n in state.parameter_names()}
+    return read_checkpoint(latest(run).ort_checkpoint).parameters
 
 
 def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_bundles, tmp_path):

@@ -14,14 +14,16 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model", str(tiny_models["llama"]),
                           "--seq-lens", "16,32", "--steps", "1", "--cache", str(tmp_path / "cache"),
                           "--modes", "peft,ort-lora,ort-lora@reuse,lars,lars-random,recompute,chunked-loss,default,"
-                                     "attn-chunks,full,stack-rows,floor",
+                                     "attn-chunks,full,stack-rows,floor,default:ort-training",
                           "--json", str(tmp_path / "m.json"), "--plot", str(tmp_path / "m.png")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "m.json").read_text())
     modes = ("peft", "ort-lora", "ort-lora@reuse", "lars", "lars-random", "recompute", "chunked-loss", "default",
-             "attn-chunks", "full", "stack-rows", "floor")
+             "attn-chunks", "full", "stack-rows", "floor", "default:ort-training")
     assert {(r["mode"], r["seq_len"]) for r in rows} == {(m, s) for m in modes for s in (16, 32)}
+    backends = {r["mode"]: r.get("backend") for r in rows}
+    assert backends["default"] == "ort" and backends["default:ort-training"] == "ort-training"
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 0

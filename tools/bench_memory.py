@@ -215,13 +215,13 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).
     base, setting = split_mode(mode)
     python = a.runtime_python if base in BUNDLE_MODES else sys.executable
-    backend = split_backend(mode)
+    backend = split_backend(mode) if base in BUNDLE_MODES else None  # PyTorch rows have none
     env = None
     if backend == "ort-training":  # the training build first on the path, ahead of the base install's onnxruntime
         from lars_export import ort_training
 
         env = ort_training.child_env()
-    cmd = [python, __file__, "--worker", mode, "--setting", setting, "--backend", backend, "--seq-len", str(seq),
+    cmd = [python, __file__, "--worker", mode, "--setting", setting, "--backend", backend or "ort", "--seq-len", str(seq),
            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
            "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,

@@ -216,6 +216,17 @@ class Builder:
     def f32(self, value) -> str:
         return self.const(value, np.float32, "f32")
 
+    def f32_after(self, value: float, after: str) -> str:
+        """The float32 scalar `value`, available only once the tensor `after` exists: Where(Size(after) > -1, v, v).
+
+        A lowered gradient must not compute anything from forward tensors alone: ORT's priority-based order runs
+        such a node with the forward and keeps its output until the backward reads it (a Sigmoid(αx) of the MLP
+        width per layer, measured). Scaling by this scalar ties a chain to the gradient input at no memory cost.
+        `after` must have a dynamic shape (ORT folds Size of a static one)."""
+        size = self.op("Size", [after])
+        open_ = self.op("Greater", [size, self.const(-1, np.int64, "i64")])
+        return self.op("Where", [open_, self.f32(value), self.f32(value)])
+
     # -- ops whose form depends on the opset ----------------------------------------------------------------------
     def reduce(self, op_type: str, x: str, axes: list[int] | None, keepdims: int, output=None) -> str:
         """ReduceSum / ReduceMean over `axes` (None: all), with axes as an input where the opset wants one."""

@@ -31,12 +31,14 @@ def check(node, ctx) -> str | None:
 def replace(node, b) -> None:
     dy, x, scale, inv_std = node.input[:4]
     axes = norm_axes(node, b.ctx, x)
-    x_hat = b.op("Mul", [x, inv_std])
-    big_b = b.op("Mul", [b.op("Mul", [dy, scale]), inv_std])
-    mean_c = b.reduce("ReduceMean", b.op("Mul", [big_b, x_hat]), axes, keepdims=1)
-    b.op("Sub", [big_b, b.op("Mul", [x_hat, mean_c])], [node.output[0]])
+    # Every product with x or r takes a dY-derived operand first: a node on forward tensors alone (x̂ = x·r) would
+    # run with the forward and keep an [rows, hidden] tensor per norm until the backward (ORT's priority order).
+    big_b = b.op("Mul", [b.op("Mul", [dy, scale]), inv_std])           # B = dY·scale·r
+    mean_bx = b.reduce("ReduceMean", b.op("Mul", [big_b, x]), axes, keepdims=1)
+    coeff = b.op("Mul", [mean_bx, inv_std])                            # mean(B·x̂) = r·mean(B·x)
+    b.op("Sub", [big_b, b.op("Mul", [b.op("Mul", [x, coeff]), inv_std])], [node.output[0]])  # B − x̂·mean(B·x̂)
     if len(node.output) > 1 and b.ctx.is_used(node.output[1]):
-        rows = b.op("Reshape", [b.op("Mul", [dy, x_hat]),
+        rows = b.op("Reshape", [b.op("Mul", [b.op("Mul", [dy, x]), inv_std]),   # dY·x̂
                                 b.op("Concat", [b.i64([-1]), b.op("Shape", [scale])], axis=0)])
         b.reduce("ReduceSum", rows, [0], keepdims=0, output=[node.output[1]])
 
