@@ -168,3 +168,19 @@ def test_export_errors_name_the_problem(tmp_path):
         one_line_error(proc.returncode, proc.stderr, needle)
     assert not (tmp_path / "o").exists()
     del torch
+
+
+def test_damaged_run_checkpoint_is_an_error_not_a_crash(tiny_bundles, capsys, tmp_path):
+    """ORT's own loader segfaults on a zeroed checkpoint; the plain backend reads ORT's format itself and says so."""
+    run = tmp_path / "run"
+    code, err = run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out", run, *TRAIN)
+    assert code == 0, err
+    checkpoint = run / "checkpoints" / (run / "latest").read_text().strip() / "checkpoint"
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 4: len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)
+    checkpoint.write_bytes(bytes(data))
+    for argv in (["train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out", run, "--resume",
+                  "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--no-progress"],
+                 ["eval", tiny_bundles["llama"], "--data", EVAL_TEXT, "--run", run, "--seq-len", "32"],
+                 ["export-adapter", run, "--out", tmp_path / "adapter"]):
+        one_line_error(*run_ort(capsys, *argv), str(checkpoint))
