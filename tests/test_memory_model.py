@@ -23,7 +23,9 @@ MEASURED = [REPO / "docs" / "bench" / f for f in (
     "memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",
     "memory_2048_all_smollm2.json", "memory_4096_quantized_smollm2.json", "memory_2048_smollm2.json",
     "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json", "memory_4096_rows_smollm2.json",
-    "memory_2048_rows_smollm2.json")]
+    "memory_2048_rows_smollm2.json",
+    # both backends side by side (plain onnxruntime 1.32 and onnxruntime-training 1.19.2)
+    "backends_2048_smollm2.json", "backends_4096_smollm2.json", "backends_2048_time_smollm2.json")]
 # Chunked-attention rows measured before its pieces were ordered (dP gated, dQ last): ORT then held a layer's dP
 # all at once, which the pass no longer lets it do, so those peaks are not the current graph's.
 BEFORE_PIECE_ORDER = ({"memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",

@@ -6,8 +6,10 @@ BUNDLE=${BUNDLE:-out/smollm2-lora}
 RUN=${RUN:-runs/demo}
 STEPS=${STEPS:-30}
 
-if [ ! -f "$BUNDLE/manifest.json" ]; then
-  lars-export --out "$BUNDLE"
+# (Re-)export unless a bundle of this lars' format is there already.
+if ! python -c "import json, sys, lars_artifacts as a; sys.exit(json.load(open('$BUNDLE/manifest.json'))
+                ['format_version'] != a.FORMAT_VERSION)" 2>/dev/null; then
+  lars-export --out "$BUNDLE" --force
 fi
 rm -rf "$RUN"
 echo "== held-out loss before fine-tuning"
