@@ -71,7 +71,6 @@ def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> Non
     from onnxruntime.training import artifacts
 
     out_dir = Path(out_dir)
-
     C.set_default_logger_severity(3)
     try:
         # generate_artifacts optimises the graph in a session whose options we cannot set, and that session logs
@@ -152,6 +151,8 @@ def write_training_step(out_dir: Path, trainable: list[str], strict: bool = Fals
     external weights file; returns the manifest's "ort" model entry (file names, input/output names, AdamW)."""
     import onnx
 
+    from lars_ort.optimizer import AdamWConfig
+
     from . import lowering
 
     training = onnx.load(str(out_dir / TRAINING_MODEL), load_external_data=False)
@@ -166,12 +167,9 @@ def write_training_step(out_dir: Path, trainable: list[str], strict: bool = Fals
     evalm = onnx.load(str(out_dir / EVAL_MODEL), load_external_data=False)
     return {"training": TRAINING_STEP, "eval": EVAL_MODEL, "checkpoint": CHECKPOINT, "inputs": user_inputs,
             "loss": outputs[0], "eval_loss": evalm.graph.output[0].name, "gradients": gradients,
-            "optimizer": {"name": "adamw", **ADAMW}, "strict_onnx": strict, "lowering": report.to_dict()}
-
-
-# What onnxblock's AdamW writes into optimizer_model.onnx (generate_artifacts' defaults: betas 0.9/0.999, eps 1e-6,
-# no weight decay, bias correction, adam_mode 1); the `ort` backend's AdamW reads it from the manifest.
-ADAMW = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.0, "correct_bias": True}
+            # the AdamW generate_artifacts writes into optimizer_model.onnx (its defaults are AdamWConfig's)
+            "optimizer": {"name": "adamw", **AdamWConfig().to_dict()}, "strict_onnx": strict,
+            "lowering": report.to_dict()}
 
 
 def weights_index(out_dir: Path, models: list[str]) -> dict:

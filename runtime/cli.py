@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 
 from lars_artifacts import LarsError
 
-from .config import TrainingArgs, load_config_file
+from .config import BACKENDS, TrainingArgs, load_config_file
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=4)
     ev.add_argument("--seq-len", type=int, default=256)
     ev.add_argument("--threads", type=int, default=0)
-    ev.add_argument("--backend", default="auto", choices=("auto", "ort", "ort-training"),
+    ev.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="ort (plain onnxruntime; auto picks it) or ort-training (onnxruntime-training 1.19.2)")
 
     ex = sub.add_parser("export-adapter", help="write a run's adapters as a PEFT LoRA adapter")

@@ -14,6 +14,10 @@ from typing import Any
 from lars_artifacts import LarsError
 
 
+# The runtime's backends (lars_ort.engine): auto picks plain onnxruntime.
+BACKENDS = ("auto", "ort", "ort-training")
+
+
 def _opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
@@ -40,7 +44,7 @@ class TrainingArgs:
     threads: int = _opt(0, "ORT intra-op threads (0: ORT's default)")
     backend: str = _opt("auto", "ort: the bundle's standard-ONNX step on plain onnxruntime (auto picks it); "
                                 "ort-training: ORT's training artifacts on onnxruntime-training 1.19.2 (which must "
-                                "then be this environment's onnxruntime)", choices=("auto", "ort", "ort-training"))
+                                "then be this environment's onnxruntime)", choices=BACKENDS)
     memory_arena: bool = _opt(False, "ORT's CPU arena and memory patterns: a little faster, ~1.4 GB more at 1024 "
                                      "tokens on SmolLM2 (README, Runtime memory settings)")
     memory_reuse: bool = _opt(False, "ORT's buffer reuse between tensors of one size: holds dead buffers until their "
@@ -64,8 +68,8 @@ class TrainingArgs:
                 raise LarsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LarsError(f"--lr must be positive, got {self.lr}")
-        if self.backend not in ("auto", "ort", "ort-training"):
-            raise LarsError(f"--backend {self.backend!r} is unknown; use auto, ort or ort-training")
+        if self.backend not in BACKENDS:
+            raise LarsError(f"--backend {self.backend!r} is unknown; use one of {', '.join(BACKENDS)}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise LarsError(f"--schedule {self.schedule!r} is unknown; use cosine, linear or constant")
 

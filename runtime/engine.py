@@ -19,9 +19,8 @@ import numpy as np
 
 from lars_artifacts import IGNORE_INDEX, Bundle, LarsError
 
+from .config import BACKENDS
 from .data import Batch
-
-BACKENDS = ("auto", "ort", "ort-training")
 
 
 def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.PathLike | None = None, **options):

@@ -78,24 +78,19 @@ class OrtEngine:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._views["params"][name]))
         outputs = [o.name for o in self.session.get_outputs()]
         self._loss_index = outputs.index(self.loss_name)
-        gradient_outputs = spec["gradients"]
+        param_of_output = {out: param for param, out in spec["gradients"].items()}
         for name in outputs:
-            if name in self._gradient_by_output(gradient_outputs):
-                view = self._views["grads"][self._gradient_by_output(gradient_outputs)[name]]
+            if name in param_of_output:
+                view = self._views["grads"][param_of_output[name]]
                 self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(view))
             else:  # the loss (and logits where the training step outputs them): ORT allocates
                 self.binding.bind_output(name, "cpu")
 
-    @staticmethod
-    def _gradient_by_output(gradients: dict) -> dict:
-        return {out: param for param, out in gradients.items()}
-
     def _session(self, options, file: str):
         """A session of `file` whose frozen initializers are the shared mapped ones (options are per session, and
         ORT refuses an initializer the graph does not have: the manifest's index says which graph reads which)."""
-        uses = [t for t in self._weights if file in t["models"]]
-        if uses:
-            for t in uses:
+        for t in self._weights:
+            if file in t["models"]:
                 options.add_initializer(t["name"], t["value"])
         return self.ort.InferenceSession(self.bundle.file(file), options, providers=["CPUExecutionProvider"])
 

@@ -12,12 +12,12 @@ import os
 
 import numpy as np
 
-from lars_artifacts import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle, BundleError, LarsError)
+from lars_artifacts import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, ORT_TRAINING_BACKEND, TRAINING_MODEL, Bundle,
+                            BundleError, LarsError)
 
 from .data import Batch
 from .engine import batch_feeds
 from .session import first_line as _first_line, session_options
-from .engine import batch_feeds
 
 
 def _capi():
@@ -30,7 +30,7 @@ def _capi():
 class OrtTrainingEngine:
     """Module + Optimizer over one bundle. `eval=False` skips loading the eval graph (and its weight copy)."""
 
-    backend = "ort-training"
+    backend = ORT_TRAINING_BACKEND
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
                  threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,

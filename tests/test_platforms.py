@@ -9,7 +9,6 @@
 Running a bundle on aarch64 itself (emulated) is tools/check_aarch64.sh, on demand: too slow for the suite.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -21,12 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from base_install import FORBIDDEN, REPO, base_install_python, env_of
 from tiny import TRAIN_TEXT
 
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-py313"
 PYTHON313 = Path(os.environ.get("LARS_PYTHON313", "/root/.pyenv/versions/3.13.0/bin/python3.13"))
-FORBIDDEN = ("torch", "transformers", "optimum", "peft")
 
 # What pip on a glibc 2.28 aarch64 machine accepts: every manylinux_2_x up to 2.28 and the legacy manylinux2014 alias.
 # pip does not expand a single `--platform manylinux_2_28_aarch64` to the older manylinux tags, and tokenizers and
@@ -68,22 +65,11 @@ def test_base_install_resolves_for_linux_aarch64(python_version, tmp_path):
         assert filename.endswith(("-any.whl", "aarch64.whl")), f"{name}: {filename}"
 
 
-def _stamp() -> str:
-    return hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="session")
 def py313_python():
     if not PYTHON313.exists():
         pytest.skip(f"python3.13 not found at {PYTHON313} (set LARS_PYTHON313 to another path)")
-    python = VENV / "bin" / "python"
-    stamp = VENV / ".lars-stamp"
-    if not (python.exists() and stamp.exists() and stamp.read_text() == _stamp()):
-        subprocess.run([str(PYTHON313), "-m", "venv", "--clear", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(REPO)],
-                       check=True)
-        stamp.write_text(_stamp())
-    return python
+    return base_install_python(REPO / ".venv-py313", PYTHON313)
 
 
 def test_python313_base_install_has_onnxruntime_and_no_torch(py313_python):
@@ -102,9 +88,7 @@ def test_python313_base_install_has_onnxruntime_and_no_torch(py313_python):
 
 
 def test_lars_ort_trains_on_python313(py313_python, tiny_bundles, tmp_path):
-    bindir = py313_python.parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("PYTHONPATH", None)
+    bindir, env = py313_python.parent, env_of(py313_python)
     run = tmp_path / "run"
     train = subprocess.run([str(bindir / "lars-ort"), "train", str(tiny_bundles["llama"]), "--data", str(TRAIN_TEXT),
                             "--out", str(run), "--steps", "3", "--batch-size", "2", "--seq-len", "32",

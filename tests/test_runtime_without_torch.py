@@ -5,35 +5,19 @@ The environment is built once (from this repo, `pip install -e .` without extras
 `make test` builds it before pytest runs.
 """
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from base_install import FORBIDDEN, REPO, base_install_python, env_of
 from tiny import EVAL_TEXT, TRAIN_TEXT
-
-REPO = Path(__file__).resolve().parent.parent
-VENV = REPO / ".venv-runtime"
-FORBIDDEN = ("torch", "transformers", "optimum", "peft")
-
-
-def _stamp() -> str:
-    return hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")
 def runtime_python():
-    python = VENV / "bin" / "python"
-    stamp = VENV / ".lars-stamp"
-    if not (python.exists() and stamp.exists() and stamp.read_text() == _stamp()):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
-        stamp.write_text(_stamp())
-    return python
+    return base_install_python(REPO / ".venv-runtime", sys.executable)
 
 
 def test_base_install_has_no_torch_and_plain_onnxruntime(runtime_python):
@@ -51,9 +35,7 @@ def test_base_install_has_no_torch_and_plain_onnxruntime(runtime_python):
 
 
 def test_lars_ort_trains_evaluates_and_exports_without_torch(runtime_python, tiny_bundles, tmp_path):
-    bindir = runtime_python.parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("PYTHONPATH", None)
+    bindir, env = runtime_python.parent, env_of(runtime_python)
     run = tmp_path / "run"
     train = subprocess.run([str(bindir / "lars-ort"), "train", str(tiny_bundles["qwen2"]), "--data", str(TRAIN_TEXT),
                             "--eval-data", str(EVAL_TEXT), "--out", str(run), "--steps", "4", "--batch-size", "2",

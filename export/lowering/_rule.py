@@ -51,6 +51,15 @@ def has_input(node, index: int) -> bool:
     return len(node.input) > index and node.input[index] != ""
 
 
+def _unique(hint: str, taken: set) -> str:
+    """`hint`, or `hint_k` with the smallest k not in `taken`; recorded as taken."""
+    name, k = hint, 1
+    while name in taken:
+        name, k = f"{hint}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 class Lowering:
     """The graph as the rules see it: names in use, producers and consumers, element types and ranks (inferred on
     demand), constant values of small tensors, and the constants the rules add (shared initializers)."""
@@ -94,18 +103,11 @@ class Lowering:
 
     def fresh(self, hint: str) -> str:
         """A tensor name not used anywhere in the graph yet."""
-        name, k = hint, 1
-        while name in self.taken:
-            name, k = f"{hint}_{k}", k + 1
-        self.taken.add(name)
-        return name
+        return _unique(hint, self.taken)
 
     def fresh_node(self, hint: str) -> str:
-        name, k = hint, 1
-        while name in self.node_names:
-            name, k = f"{hint}_{k}", k + 1
-        self.node_names.add(name)
-        return name
+        """A node name not used in the graph yet."""
+        return _unique(hint, self.node_names)
 
     # -- types ----------------------------------------------------------------------------------------------------
     def elem_type(self, name: str) -> int | None:
