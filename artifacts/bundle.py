@@ -84,8 +84,8 @@ class Manifest:
     passes: list[dict[str, Any]] = field(default_factory=list)
     # {"model": MemoryModel fields, "budget_bytes", "max_seq_len", "plan"}: lars_artifacts.memory_model
     memory: dict[str, Any] = field(default_factory=dict)
-    # backend -> its step models. "ort": {"training", "eval", "checkpoint" (file names), "inputs" (user inputs, then
-    # the adapters in adapter["parameters"] order), "loss" (output name), "gradients" (adapter -> output name),
+    # backend -> its step models. "ort": {"training", "eval", "checkpoint" (file names), "inputs" (the batch inputs;
+    # every adapter is an input too, by its onnx_name), "loss" (output name), "gradients" (adapter -> output name),
     # "optimizer" ({"name": "adamw", beta1, beta2, eps, weight_decay, correct_bias}: ORT's AdamW, adam_mode 1),
     # "lowering" (what the lowering stage replaced), "strict_onnx" (no com.microsoft op left)}.
     # "ort-training": {"training", "eval", "optimizer", "checkpoint"} (ORT's artifacts).
