@@ -64,7 +64,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-OPTIONAL_FIELDS = {"memory"}  # may be absent
+# may be absent; manifest_sha256 is absent from bundles written before it was added, which still load
+OPTIONAL_FIELDS = {"memory", "manifest_sha256"}
+
+# The JSON type of each manifest field (bool is no int here): the runtime indexes into them.
+FIELD_TYPES = {"source_model": dict, "architecture": dict, "adapter": dict, "io": dict, "tokens": dict,
+               "exporter": dict, "passes": list, "memory": dict, "models": dict, "weights": dict, "files": dict,
+               "format": str, "format_version": int, "manifest_sha256": str}
+JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer"}
 
 # The backends a bundle serves, as keys of manifest["models"].
 ORT_BACKEND = "ort"                    # plain onnxruntime: training_step.onnx + eval_model.onnx, AdamW in the runtime
@@ -96,6 +103,9 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    # sha256 of the manifest's own content (manifest_digest): the file hashes above guard the other files, this
+    # guards them and everything else the manifest says. Set by write_manifest.
+    manifest_sha256: str = ""
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=False) + "\n"
@@ -113,6 +123,11 @@ class Manifest:
         missing = [n for n in names if n not in data and n not in OPTIONAL_FIELDS]
         if missing:
             raise BundleError(f"{where} lacks {', '.join(missing)}; the file is damaged, re-export the bundle")
+        for name in names:
+            if name in data:
+                _check_json_type(data[name], FIELD_TYPES[name], f"{where}: {name}")
+        _check_files(data["files"], where)
+        _check_runtime_fields(data, where)
         return cls(**{n: data[n] for n in names if n in data})
 
     # Convenience views used by the runtime.
@@ -135,13 +150,75 @@ class Manifest:
                               ).hexdigest()[:16]
 
 
+def _damaged(what: str) -> BundleError:
+    return BundleError(f"{what}; the manifest is damaged, re-export the bundle with `lars-export`")
+
+
+def _check_json_type(value: Any, expected: type, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, expected):  # JSON true is no integer
+        raise _damaged(f"{what} must be {JSON_TYPE_NAMES[expected]}, got {type(value).__name__}")
+
+
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_files(files: dict[str, Any], where: str) -> None:
+    """Each entry is a plain file name in the bundle directory with {"sha256": 64 hex digits, "bytes": size}."""
+    for name, info in files.items():
+        entry = f"{where}: files entry {name!r}"
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name or "\0" in name:
+            raise _damaged(f"{entry} is not a file name in the bundle directory")
+        if not isinstance(info, dict):
+            raise _damaged(f"{entry} must be an object with sha256 and bytes")
+        for key in ("sha256", "bytes"):
+            if key not in info:
+                raise _damaged(f"{entry} lacks {key!r}")
+        if not _is_count(info["bytes"]):
+            raise _damaged(f"{entry} has bytes {info['bytes']!r}, not a size")
+        digest = info["sha256"]
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise _damaged(f"{entry} has sha256 {digest!r}, not 64 hex digits")
+
+
+def _check_runtime_fields(data: dict[str, Any], where: str) -> None:
+    """The nested fields the runtime reads directly: a gap here would otherwise be a KeyError mid-run."""
+    for key in ("vocab_size", "max_position_embeddings"):
+        if not _is_count(data["architecture"].get(key), minimum=1):
+            raise _damaged(f"{where}: architecture.{key} must be a positive integer, "
+                           f"got {data['architecture'].get(key)!r}")
+    adapter = data["adapter"]
+    _check_json_type(adapter.get("peft_config"), dict, f"{where}: adapter.peft_config")
+    _check_json_type(adapter.get("parameters"), list, f"{where}: adapter.parameters")
+    for n, parameter in enumerate(adapter["parameters"]):
+        what = f"{where}: adapter.parameters[{n}]"
+        _check_json_type(parameter, dict, what)
+        for key in ("onnx_name", "peft_key"):
+            _check_json_type(parameter.get(key), str, f"{what}.{key}")
+        shape = parameter.get("shape")
+        if not (isinstance(shape, list) and all(_is_count(d, minimum=1) for d in shape)):
+            raise _damaged(f"{what}.shape must be a list of positive integers, got {shape!r}")
+
+
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of a manifest's content but its own manifest_sha256, as canonical JSON (sorted keys, no spaces).
+
+    Computed from the parsed JSON on both sides, so it does not depend on the file's layout.
+    """
+    content = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
-    """Hash every file in `directory` (but the manifest) into the manifest and write it."""
+    """Hash every file in `directory` (but the manifest) into the manifest, then the manifest itself, and write it."""
     directory = Path(directory)
     manifest.files = {}
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name != MANIFEST:
             manifest.files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    # hashed as load_bundle will read it back: tuples become lists, keys strings
+    manifest.manifest_sha256 = manifest_digest(json.loads(manifest.to_json()))
     out = directory / MANIFEST
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(manifest.to_json())
@@ -168,13 +245,18 @@ def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path} is missing: {directory} is not a lars bundle; "
                           f"create one with `lars-export --out {directory}`")
     try:
-        data = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{manifest_path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e}); "
+        data = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 JSON text"
+        raise BundleError(f"{manifest_path} is not valid JSON ({reason}); "
                           f"the bundle is damaged, re-export it with `lars-export`") from None
     if not isinstance(data, dict):
         raise BundleError(f"{manifest_path} is not a JSON object; the bundle is damaged, re-export it")
     manifest = Manifest.from_dict(data, str(manifest_path))
+    # after from_dict, so a manifest of another format or version says that rather than that it changed
+    if manifest.manifest_sha256 and manifest.manifest_sha256 != manifest_digest(data):
+        raise BundleError(f"{manifest_path} does not match its own manifest_sha256: it was edited or damaged after "
+                          f"export; re-export the bundle with `lars-export`")
     for name in REQUIRED_FILES:
         if name not in manifest.files:
             raise BundleError(f"{manifest_path} lists no {name}; the bundle is damaged, re-export it with `lars-export`")

@@ -13,6 +13,8 @@ import numpy as np
 
 from lars_artifacts import Bundle, LarsError
 
+from .config import check_output_directory
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -20,6 +22,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 def write_peft_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], out: str | Path) -> Path:
     from safetensors.numpy import save_file
 
+    check_output_directory(out, "adapter directory")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -12,10 +11,10 @@ from typing import Any
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (the OS's own high-water mark).
+    """Peak resident set size of this process so far, in MiB (the OS's own high-water mark); 0.0 where unknown.
 
     On Linux this is VmHWM of this process's address space: getrusage's ru_maxrss survives exec, so a process
-    started by a large parent would report the parent's peak.
+    started by a large parent would report the parent's peak. On Windows it is the peak working set.
     """
     try:
         with open("/proc/self/status") as f:
@@ -24,8 +23,53 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    if sys.platform == "win32":
+        return _windows_peak_working_set() / 2**20
+    try:
+        import resource  # POSIX only: imported here so the module loads on Windows
+    except ImportError:
+        return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _windows_peak_working_set() -> int:
+    """PeakWorkingSetSize of this process in bytes (GetProcessMemoryInfo, via ctypes: psutil is no dependency)."""
+    import ctypes
+    from ctypes import wintypes
+
+    class ProcessMemoryCounters(ctypes.Structure):  # PROCESS_MEMORY_COUNTERS, psapi.h
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD),
+                    ("PeakWorkingSetSize", ctypes.c_size_t), ("WorkingSetSize", ctypes.c_size_t),
+                    ("QuotaPeakPagedPoolUsage", ctypes.c_size_t), ("QuotaPagedPoolUsage", ctypes.c_size_t),
+                    ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t), ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+                    ("PagefileUsage", ctypes.c_size_t), ("PeakPagefileUsage", ctypes.c_size_t)]
+
+    try:
+        kernel32 = ctypes.WinDLL("kernel32")
+        get_info = kernel32.K32GetProcessMemoryInfo  # kernel32's export of psapi's GetProcessMemoryInfo (Windows 7+)
+    except (OSError, AttributeError):
+        return 0
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    get_info.argtypes = [wintypes.HANDLE, ctypes.POINTER(ProcessMemoryCounters), wintypes.DWORD]
+    get_info.restype = wintypes.BOOL
+    counters = ProcessMemoryCounters()
+    counters.cb = ctypes.sizeof(counters)
+    if not get_info(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        return 0
+    return counters.PeakWorkingSetSize
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says a new allocation can get without swapping (Linux MemAvailable); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class Stopwatch:

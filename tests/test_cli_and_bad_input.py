@@ -184,3 +184,302 @@ def test_damaged_run_checkpoint_is_an_error_not_a_crash(tiny_bundles, capsys, tm
                  ["eval", tiny_bundles["llama"], "--data", EVAL_TEXT, "--run", run, "--seq-len", "32"],
                  ["export-adapter", run, "--out", tmp_path / "adapter"]):
         one_line_error(*run_ort(capsys, *argv), str(checkpoint))
+
+
+# --- Options: every value checked before any slow work -----------------------------------------------------------
+
+@pytest.mark.parametrize("values, needle", [
+    ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
+    ({"lr": 0.0}, "--lr must be above 0"),
+    ({"steps": 2.5}, "--steps must be an integer, got 2.5"),
+    ({"batch_size": "3"}, "--batch-size must be an integer, got '3'"),
+    ({"seq_len": True}, "--seq-len must be an integer, got True"),
+    ({"warmup_steps": -1}, "--warmup-steps must be at least 0"),
+    ({"min_lr_ratio": 1.5}, "--min-lr-ratio must be between 0 and 1"),
+    ({"min_lr_ratio": -0.1}, "--min-lr-ratio must be between 0 and 1"),
+    ({"save_every": -1}, "--save-every must be at least 0"),
+    ({"eval_every": -2}, "--eval-every must be at least 0"),
+    ({"eval_batches": -1}, "--eval-batches must be at least 0"),
+    ({"keep_checkpoints": 0}, "--keep-checkpoints must be at least 1"),
+    ({"threads": -1}, "--threads must be between 0"),
+    ({"threads": 2**31}, "--threads must be between 0"),
+    ({"mmap_threshold_mb": float("nan")}, "--mmap-threshold-mb must be a finite number"),
+    ({"mmap_threshold_mb": -1.0}, "--mmap-threshold-mb must be between 0 and 32"),
+    ({"mmap_threshold_mb": 10**400}, "--mmap-threshold-mb must be a finite number"),
+    ({"seed": -1}, "--seed must be at least 0"),
+    ({"seed": 1.0}, "--seed must be an integer"),
+    ({"schedule": "cos"}, "--schedule must be one of cosine, linear, constant"),
+    ({"backend": "cuda"}, "--backend must be one of auto, ort, ort-training"),
+    ({"progress": "no"}, "--progress must be true or false, got 'no'"),
+    ({"mask_prompt": 1}, "--mask-prompt must be true or false"),
+    ({"data": 5}, "--data must be a string, got 5"),
+    ({"eval_data": ["a.txt"]}, "--eval-data must be a string"),
+])
+def test_training_args_validate_every_field(values, needle):
+    from lars_artifacts import LarsError
+    from lars_ort.config import TrainingArgs
+
+    with pytest.raises(LarsError, match="^" + needle.replace("(", r"\(")):
+        TrainingArgs(**values).validate()
+
+
+def test_training_args_widen_an_int_to_a_float():
+    from lars_ort.config import TrainingArgs
+
+    args = TrainingArgs(lr=1, min_lr_ratio=0, mmap_threshold_mb=2)
+    args.validate()
+    assert (args.lr, args.min_lr_ratio, args.mmap_threshold_mb) == (1.0, 0.0, 2.0)
+    assert all(isinstance(v, float) for v in (args.lr, args.min_lr_ratio, args.mmap_threshold_mb))
+
+
+def test_trainer_level_users_get_the_same_checks(tiny_bundles, tmp_path):
+    from lars_artifacts import LarsError
+    from lars_ort.config import TrainingArgs
+    from lars_ort.trainer import train
+
+    for values, needle in (({"lr": float("nan")}, "--lr"), ({"seed": -5}, "--seed"), ({"steps": "10"}, "--steps")):
+        with pytest.raises(LarsError, match=needle):
+            train(tiny_bundles["llama"], TrainingArgs(data=str(TRAIN_TEXT), out=str(tmp_path / "r"), **values))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr=-inf"], "--lr must be a finite number, got -inf"),
+    (["--lr", "0"], "--lr must be above 0"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio must be between 0 and 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--mmap-threshold-mb", "inf"], "--mmap-threshold-mb must be a finite number"),
+    (["--threads", "99999999999"], "--threads must be between 0 and 1024"),
+])
+def test_cli_rejects_bad_numbers(flags, needle, tiny_bundles, capsys, tmp_path):
+    one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out", tmp_path / "r",
+                            *TRAIN, *flags), needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_flags_are_checked(tiny_bundles, capsys):
+    for flags, needle in ((["--batch-size", "0"], "--batch-size must be at least 1"),
+                          (["--seq-len", "-4"], "--seq-len must be at least 1"),
+                          (["--threads", "-1"], "--threads must be between 0")):
+        one_line_error(*run_ort(capsys, "eval", tiny_bundles["llama"], "--data", EVAL_TEXT, *flags), needle)
+
+
+def test_config_file_value_of_the_wrong_type_names_the_file(tiny_bundles, capsys, tmp_path):
+    cases = [
+        ("train.yaml", "steps: 2.5\n", "config file {}: steps must be an integer, got 2.5"),
+        ("train.yaml", "lr: '1e-4'\n", "config file {}: lr must be a number, got '1e-4'"),
+        ("train.yml", "progress: 'no'\n", "config file {}: progress must be true or false"),
+        ("train.toml", 'batch-size = "4"\n', "config file {}: batch-size must be an integer, got '4'"),
+        ("train.toml", "lr = nan\n", "config file {}: lr must be a finite number, got nan"),
+        ("train.toml", "seed = -1\n", "config file {}: seed must be at least 0"),
+        ("train.json", '{"keep_checkpoints": 0}', "config file {}: keep_checkpoints must be at least 1"),
+        ("train.json", '{"min_lr_ratio": true}', "config file {}: min_lr_ratio must be a number, got True"),
+        ("train.toml", "[train]\nsteps = 3\n", "config file {}: unknown option 'train' (options go at the top"),
+        ("train.yaml", "steps: 3\nsteps: 4\n", "config file {} is not valid YAML: 'steps' is given twice"),
+        ("train.json", '{"lr": 0.1, "lr": 0.2}', "config file {} is not valid JSON: 'lr' is given twice"),
+        ("train.yaml", "batch-size: 2\nbatch_size: 3\n", "config file {}: batch_size is given twice"),
+    ]
+    for name, text, needle in cases:
+        cfg = tmp_path / name
+        cfg.write_text(text)
+        one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out",
+                                tmp_path / "r", "--config", cfg), needle.format(cfg))
+    assert not (tmp_path / "r").exists()
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `lr: 1e-4` as a string; the config loader reads it as YAML 1.2 does."""
+    import yaml
+
+    from lars_ort.config import TrainingArgs, load_config_file
+
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("lr: 1e-4\nmin_lr_ratio: 5E-2\nmmap-threshold-mb: 1.5e+0\nsteps: 1_000\nwarmup_steps: 0x10\n")
+    values = load_config_file(str(cfg))
+    assert values == {"lr": 1e-4, "min_lr_ratio": 0.05, "mmap_threshold_mb": 1.5, "steps": 1000, "warmup_steps": 16}
+    TrainingArgs(**values).validate()
+    assert yaml.safe_load("lr: 1e-4") == {"lr": "1e-4"}  # PyYAML's own SafeLoader is left as it is
+    cfg.write_text("lr: 1\n")
+    args = TrainingArgs(**load_config_file(str(cfg)))
+    args.validate()
+    assert args.lr == 1.0 and isinstance(args.lr, float)
+
+
+def test_unreadable_config_files(tiny_bundles, capsys, tmp_path):
+    garbage = tmp_path / "garbage.toml"
+    garbage.write_bytes(bytes(range(256)))
+    (tmp_path / "dir.yaml").mkdir()
+    cases = [(garbage, "is not valid TOML: it is not UTF-8 text"),
+             (tmp_path / "dir.yaml", "is a directory"),
+             (tmp_path / "missing.json", "does not exist"),
+             (tmp_path / "train.ini", "must end in .toml, .yaml, .yml or .json")]
+    (tmp_path / "train.ini").write_text("steps = 3\n")
+    for cfg, needle in cases:
+        one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out",
+                                tmp_path / "r", "--config", cfg), str(cfg), needle)
+
+
+# --- Output directories ---------------------------------------------------------------------------------------------
+
+def test_out_that_is_a_file(tiny_bundles, capsys, tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("mine\n")
+    one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out", existing,
+                            *TRAIN), f"--out {existing} is a file")
+    one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out",
+                            existing / "run", *TRAIN), f"lies under {existing}, which is a file")
+    one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "no-run", "--out", existing),
+                   f"--out {existing} is a file")
+    assert existing.read_text() == "mine\n"
+
+
+def test_export_adapter_out_that_is_a_file_after_training(tiny_bundles, capsys, tmp_path):
+    """The library path (write_peft_adapter) refuses it too, not only the CLI."""
+    from lars_artifacts import LarsError, load_bundle
+    from lars_ort.adapters import write_peft_adapter
+
+    existing = tmp_path / "adapter"
+    existing.write_text("")
+    with pytest.raises(LarsError, match="adapter directory .* is a file"):
+        write_peft_adapter(load_bundle(tiny_bundles["llama"]), {}, existing)
+
+
+def test_out_in_a_read_only_directory(tiny_bundles, capsys, tmp_path, monkeypatch):
+    import os
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if getattr(os, "geteuid", lambda: 1)() == 0:  # root may write anywhere: let os.access answer as for a user
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(read_only)
+                            else real_access(p, mode, **kw))
+    try:
+        one_line_error(*run_ort(capsys, "train", tiny_bundles["llama"], "--data", TRAIN_TEXT, "--out",
+                                read_only / "run", *TRAIN), f"directory {read_only} is not writable")
+        one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "no-run", "--out", read_only / "adapter"),
+                       f"directory {read_only} is not writable")
+    finally:
+        read_only.chmod(0o755)
+
+
+@pytest.mark.parametrize("error, needles", [
+    (OSError(28, "No space left on device", "/runs/a/checkpoints/.step-3.tmp"),
+     ["/runs/a/checkpoints/.step-3.tmp: No space left on device", "free disk space", "--resume"]),
+    (PermissionError(13, "Permission denied", "/runs/a/metrics.jsonl"),
+     ["/runs/a/metrics.jsonl: Permission denied", "permissions"]),
+    (IsADirectoryError(21, "Is a directory", "/runs/a/run.json"), ["/runs/a/run.json: Is a directory"]),
+    (FileExistsError(17, "File exists", "/runs/a"), ["/runs/a: File exists"]),
+    (OSError(28, "No space left on device"), ["error: No space left on device; free disk space"]),
+])
+def test_os_errors_are_one_line(error, needles, capsys, monkeypatch, tmp_path):
+    """The safety net for what no check foresaw: a full disk or a permission changed mid-run."""
+    from lars_ort import trainer
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trainer, "train", failing)
+    monkeypatch.setattr(trainer, "export_run_adapter", failing)
+    one_line_error(*run_ort(capsys, "train", tmp_path / "b", "--data", TRAIN_TEXT, "--out", tmp_path / "r"), *needles)
+    one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "r", "--out", tmp_path / "a"), *needles)
+
+
+# --- Windows: lars_ort.metrics without `resource` -------------------------------------------------------------------
+
+def test_metrics_import_without_the_resource_module():
+    code = ("import sys; sys.modules['resource'] = None\n"
+            "import lars_ort.metrics as m\n"
+            "peak = m.peak_rss_mb()\n"
+            "assert isinstance(peak, float) and peak > 0, peak\n"
+            "sys.modules.pop('lars_ort.metrics')\n"
+            "real_open = open\n"
+            "import builtins; builtins.open = lambda *a, **k: (_ for _ in ()).throw(OSError('no /proc'))\n"
+            "import lars_ort.metrics as m\n"
+            "assert m.peak_rss_mb() == 0.0\n"  # neither /proc nor resource: unknown, not a crash
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_windows_peak_working_set_reads_process_memory_counters(monkeypatch):
+    """GetProcessMemoryInfo stood in for by a fake kernel32: the structure and the call as Windows would see them."""
+    import ctypes
+    import types
+    from ctypes import wintypes
+
+    from lars_ort import metrics
+
+    def get_current_process():
+        return -1
+
+    def get_process_memory_info(handle, counters_ref, size):
+        counters = counters_ref._obj
+        # two DWORDs and eight SIZE_Ts: 72 bytes on 64-bit Windows (DWORD is a c_ulong, 8 bytes, off Windows)
+        assert handle == -1 and size == ctypes.sizeof(counters) == counters.cb == (
+            2 * ctypes.sizeof(wintypes.DWORD) + 8 * ctypes.sizeof(ctypes.c_size_t))
+        counters.PeakWorkingSetSize = 300 * 2**20
+        return 1
+
+    # plain functions, so the code under test can set argtypes / restype on them as on ctypes functions
+    kernel32 = types.SimpleNamespace(GetCurrentProcess=get_current_process,
+                                     K32GetProcessMemoryInfo=get_process_memory_info)
+    monkeypatch.setattr(ctypes, "WinDLL", lambda name: kernel32, raising=False)
+    assert metrics._windows_peak_working_set() == 300 * 2**20
+
+
+# --- Manifest -----------------------------------------------------------------------------------------------------
+
+def _edit_manifest(bundle, edit):
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda m: m["files"]["checkpoint"].pop("bytes"), ["files entry 'checkpoint' lacks 'bytes'", "re-export"]),
+    (lambda m: m["files"]["tokenizer.json"].pop("sha256"), ["files entry 'tokenizer.json' lacks 'sha256'",
+                                                            "re-export"]),
+    (lambda m: m["files"]["checkpoint"].update(bytes="12"), ["files entry 'checkpoint' has bytes '12'"]),
+    (lambda m: m["files"]["checkpoint"].update(sha256=None), ["files entry 'checkpoint' has sha256 None"]),
+    (lambda m: m.update(files=list(m["files"])), ["files must be an object, got list", "re-export"]),
+    (lambda m: m["files"].update({"../../etc/passwd": m["files"]["checkpoint"]}),
+     ["files entry '../../etc/passwd' is not a file name"]),
+    (lambda m: m.pop("architecture"), ["lacks architecture", "re-export"]),
+    (lambda m: m.update(adapter=[]), ["adapter must be an object, got list"]),
+    (lambda m: m.update(format_version="2"), ["format version 2"]),
+    (lambda m: m["architecture"].pop("vocab_size"), ["architecture.vocab_size must be a positive integer"]),
+    (lambda m: m["adapter"]["parameters"][0].pop("peft_key"), ["adapter.parameters[0].peft_key must be a string"]),
+    (lambda m: m["adapter"]["parameters"][1].update(shape=[4, "64"]), ["adapter.parameters[1].shape must be a list"]),
+])
+def test_malformed_manifest(edit, needles, bundle_copy, capsys, tmp_path):
+    _edit_manifest(bundle_copy, edit)
+    one_line_error(*run_ort(capsys, "train", bundle_copy, "--data", TRAIN_TEXT, "--out", tmp_path / "r", *TRAIN),
+                   "manifest.json", *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_edited_manifest_fails_its_own_sha256(bundle_copy, capsys, tmp_path):
+    def grow_an_adapter(m):
+        m["adapter"]["parameters"][0]["shape"][0] += 1
+
+    _edit_manifest(bundle_copy, grow_an_adapter)
+    one_line_error(*run_ort(capsys, "train", bundle_copy, "--data", TRAIN_TEXT, "--out", tmp_path / "r", *TRAIN),
+                   "manifest.json", "manifest_sha256", "re-export")
+    assert not (tmp_path / "r").exists()
+
+
+def test_manifest_without_its_sha256_still_loads(bundle_copy):
+    """Bundles written before manifest_sha256 existed load as before; the layout of the JSON does not matter."""
+    from lars_artifacts import load_bundle
+
+    assert load_bundle(bundle_copy).manifest.manifest_sha256
+    _edit_manifest(bundle_copy, lambda m: None)  # rewritten without indentation: same content, same hash
+    load_bundle(bundle_copy)
+    _edit_manifest(bundle_copy, lambda m: m.pop("manifest_sha256"))
+    assert load_bundle(bundle_copy).manifest.manifest_sha256 == ""
