@@ -23,6 +23,15 @@ from .config import BACKENDS
 from .data import Batch
 
 
+class NonFiniteStep(LarsError):
+    """A training step whose loss or gradients hold NaN or inf. The engine did not apply the update: the adapters
+    and the optimizer state are those before the step."""
+
+    def __init__(self, loss: float, what: str) -> None:
+        super().__init__(f"the {what} of this step is NaN or inf (loss {loss}); the update was skipped")
+        self.loss, self.what = loss, what
+
+
 def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.PathLike | None = None, **options):
     """The engine for `backend` (auto: plain onnxruntime)."""
     if backend not in BACKENDS:
@@ -49,6 +58,9 @@ def batch_feeds(batch: Batch, vocab_size: int, max_seq_len: int) -> tuple[np.nda
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise LarsError(f"token id {int(ids.max() if ids.max() >= vocab_size else ids.min())} is outside "
                         f"the model's vocabulary [0, {vocab_size}); tokenise with the bundle's tokenizer")
+    if mask.size and ((mask != 0) & (mask != 1)).any():
+        raise LarsError(f"attention_mask holds {int(mask[(mask != 0) & (mask != 1)][0])}; it must be 1 (token) or 0 "
+                        f"(padding)")
     bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size))
     if bad.any():
         raise LarsError(f"label {int(labels[bad][0])} is outside the model's vocabulary [0, {vocab_size}) and is not "

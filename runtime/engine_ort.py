@@ -24,7 +24,7 @@ from lars_artifacts import (CHECKPOINT, ORT_BACKEND, WEIGHTS, Bundle, BundleErro
 from lars_artifacts.ort_checkpoint import OptimizerState, OrtCheckpoint, read_checkpoint, write_checkpoint
 
 from .data import Batch
-from .engine import batch_feeds
+from .engine import NonFiniteStep, batch_feeds
 from .optimizer import AdamW, AdamWConfig
 from .session import first_line, session_options
 
@@ -125,10 +125,15 @@ class OrtEngine:
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def train_step(self, batch: Batch, lr: float) -> float:
-        """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss."""
+        """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss. A NaN/inf
+        loss or gradient raises NonFiniteStep before anything is updated."""
         if batch.label_tokens == 0:
             raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
         loss = self.forward_backward(batch)
+        if not np.isfinite(loss):
+            raise NonFiniteStep(loss, "loss")
+        if not np.isfinite(self.grads).all():
+            raise NonFiniteStep(loss, "gradient")
         self.step_count += 1
         self.learning_rate = float(lr)
         self.optimizer.update(self.params, self.grads, self.m1, self.m2, lr, self.step_count)

@@ -15,8 +15,10 @@ import numpy as np
 from lars_artifacts import (CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, ORT_TRAINING_BACKEND, TRAINING_MODEL, Bundle,
                             BundleError, LarsError)
 
+from lars_artifacts.ort_checkpoint import read_checkpoint
+
 from .data import Batch
-from .engine import batch_feeds
+from .engine import NonFiniteStep, batch_feeds
 from .session import first_line as _first_line, session_options
 
 
@@ -44,6 +46,7 @@ class OrtTrainingEngine:
         manifest = bundle.manifest
         self.vocab_size, self.max_seq_len = manifest.vocab_size, manifest.max_seq_len
         ckpt = str(checkpoint) if checkpoint else bundle.file(CHECKPOINT)
+        read_checkpoint(ckpt)  # ORT's loader crashes on a damaged file; this raises BundleError naming it
         try:
             self.state = C.load_checkpoint(ckpt)
         except Exception as e:
@@ -69,10 +72,17 @@ class OrtTrainingEngine:
         return list(batch_feeds(batch, self.vocab_size, self.max_seq_len))
 
     def train_step(self, batch: Batch, lr: float) -> float:
-        """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss."""
+        """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss. A NaN/inf
+        loss or gradient raises NonFiniteStep before anything is updated."""
         if batch.label_tokens == 0:
             raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
         loss = self.forward_backward(batch)
+        what = "loss" if not np.isfinite(loss) else None
+        if what is None and not all(np.isfinite(g).all() for g in self.gradients().values()):
+            what = "gradient"
+        if what:
+            self.module.lazy_reset_grad()
+            raise NonFiniteStep(loss, what)
         self.optimizer.set_learning_rate(lr)
         self.optimizer.optimizer_step()
         self.module.lazy_reset_grad()

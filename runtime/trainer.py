@@ -19,15 +19,17 @@ from typing import Callable, Iterable, Sequence as Seq
 import numpy as np
 
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle, sha256_file
-from lars_artifacts.memory_model import budget_warning
+from lars_artifacts.memory_model import MemoryModel, budget_warning
 from lars_artifacts.ort_checkpoint import read_checkpoint
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
 from .config import TrainingArgs
 from .data import Batch, BatchStream, Sequence, Tokenizer, collate, eval_batches, load_sequences
-from .engine import open_engine
-from .metrics import MetricsWriter, Stopwatch, peak_rss_mb
+from .engine import NonFiniteStep, open_engine
+from .health import TrainingHealth
+from .interrupt import StopOnSignal
+from .metrics import MetricsWriter, Stopwatch, available_memory_bytes, peak_rss_mb
 from .schedule import learning_rate
 
 Callback = Callable[[dict], None]
@@ -37,6 +39,19 @@ def load_tokenizer(bundle: Bundle) -> Tokenizer:
     config = json.loads(Path(bundle.file(TOKENIZER_CONFIG)).read_text())
     return Tokenizer(bundle.file(TOKENIZER), bundle.manifest.tokens, config.get("chat_template"),
                      bundle.manifest.vocab_size)
+
+
+def _int_array(value, name: str) -> np.ndarray:
+    """An int64 array of `value`, refusing floats, bools and strings that np.asarray would cast silently."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # ragged nested lists
+        raise LarsError(f"{name} must be a rectangular array of integers [batch, sequence]") from None
+    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        raise LarsError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise LarsError(f"{name} holds {array.max()}, beyond int64")
+    return array.astype(np.int64, copy=False)
 
 
 class Trainer:
@@ -62,14 +77,17 @@ class Trainer:
     # -- steps on tokens or text -------------------------------------------------------------------------------
     def batch(self, input_ids, attention_mask=None, labels=None) -> Batch:
         """A Batch from token ids [b, t] (labels default to the next token; the last position has none)."""
-        ids = np.asarray(input_ids, dtype=np.int64)
+        ids = _int_array(input_ids, "input_ids")
         if ids.ndim != 2:
             raise LarsError(f"input_ids must be 2-D [batch, sequence], got shape {ids.shape}")
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else _int_array(attention_mask, "attention_mask")
         if labels is None:
+            if mask.shape != ids.shape:
+                raise LarsError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}; "
+                                f"pass one mask value per token")
             labels = np.full_like(ids, -100)
             labels[:, :-1] = np.where(mask[:, 1:] == 1, ids[:, 1:], -100)
-        return Batch(ids, mask, np.asarray(labels, dtype=np.int64))
+        return Batch(ids, mask, _int_array(labels, "labels"))
 
     def text_batch(self, texts: Seq[str]) -> Batch:
         seqs = []
@@ -80,7 +98,10 @@ class Trainer:
 
     def step(self, batch: Batch, lr: float) -> float:
         """One AdamW step; returns the loss before the update. Warns (once per batch shape) when the step is
-        predicted to exceed the bundle's memory budget."""
+        predicted to exceed the bundle's memory budget. A NaN/inf loss or gradient raises NonFiniteStep (a
+        LarsError) and leaves the adapters and optimizer state as they were."""
+        if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
+            raise LarsError(f"learning rate {lr!r} must be a finite number >= 0")
         shape = tuple(batch.input_ids.shape)
         if self.warn_budget and shape not in self._warned_shapes:
             self._warned_shapes.add(shape)
@@ -107,6 +128,8 @@ class Trainer:
         if not count:
             raise LarsError("evaluation data has no label tokens")
         loss = total / count
+        if not math.isfinite(loss):
+            raise LarsError(f"evaluation loss is {loss}: the adapters or the model produce NaN/inf on this data")
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 80.0)), "eval_tokens": count}
 
     # -- state ----------------------------------------------------------------------------------------------------
@@ -146,8 +169,20 @@ def _file_id(path: str) -> dict:
     return {"path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
 
-def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Callback] = ()) -> dict:
-    """The `lars-ort train` loop. Returns a summary (first/last loss, final eval, where the checkpoint is)."""
+def _last_saved(saved_step: int | None) -> str:
+    return (f"checkpoint step {saved_step} is intact" if saved_step is not None
+            else "no checkpoint was written; the run restarts from step 0 with --resume")
+
+
+def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Callback] = (),
+          handle_signals: bool = True) -> dict:
+    """The `lars-ort train` loop. Returns a summary (first/last loss, final eval, where the checkpoint is, and
+    `interrupted`: the signal that stopped it early, if one did).
+
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (interrupt.py; `handle_signals=False` leaves an
+    embedding app's handlers alone). A step with a NaN/inf loss or gradient is skipped and counted; adapters that
+    are non-finite or diverged are never saved (health.py).
+    """
     args.validate()
     if not args.data:
         raise LarsError("no training data: pass --data FILE (.txt or .jsonl)")
@@ -157,47 +192,126 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
     if args.seq_len > bundle.manifest.max_seq_len:
         raise LarsError(f"--seq-len {args.seq_len} exceeds the model's context of {bundle.manifest.max_seq_len} "
                         f"tokens; lower --seq-len")
+    run = Path(args.out)
+    resume = args.resume
+    if resume and not ckpt.is_run(run):  # killed before it wrote anything: nothing is lost by starting it
+        print(f"warning: {run} holds no run to resume (no {ckpt.RUN_FILE}); starting it from step 0",
+              file=sys.stderr, flush=True)
+        resume = False
+    if resume:
+        info = ckpt.check_run_bundle(run, bundle)
+    else:
+        ckpt.ensure_new_run(run)  # checked before the (slow) data and session load
     over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len)
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
-    run = Path(args.out)
+    _check_fits_in_memory(bundle, args.batch_size, args.seq_len)
     tok = load_tokenizer(bundle)
     seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt)
     eval_seqs = load_sequences(args.eval_data, tok, args.seq_len, args.mask_prompt) if args.eval_data else None
+    for name, loaded in (("--data", seqs), ("--eval-data", eval_seqs)):
+        _report_cut_examples(name, loaded, args.seq_len)
     data_id = _file_id(args.data)
 
     session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
                    backend=args.backend, warn_budget=False)  # checked once above for --batch-size x --seq-len
-    if args.resume:
-        ckpt.check_run_bundle(run, bundle)
-        saved = ckpt.latest(run)
-        if saved.state.get("data", {}).get("sha256") != data_id["sha256"]:
-            raise LarsError(f"--data {args.data} differs from the data run {run} was trained on "
-                            f"({saved.state.get('data', {}).get('path')}); resume with the same file")
-        start = int(saved.state["step"])
-        position = saved.state["position"]
-        trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint, **session)
-    else:
-        ckpt.ensure_new_run(run)  # checked before the (slow) session load
-        start, position = 0, {"epoch": 0, "index": 0}
-        trainer = Trainer(bundle, **session)
-        ckpt.create_run(run, bundle, args.to_dict())  # only once the bundle loaded: a failed start leaves no run
-    stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
+    run.mkdir(parents=True, exist_ok=True)
+    with ckpt.RunLock(run):
+        saved = None
+        if resume:
+            info = ckpt.check_run_bundle(run, bundle)  # again, under the lock
+            saved = ckpt.resumable(run)
+            if saved:
+                ckpt.warn_skipped(saved)
+            _check_resume(run, info, args, data_id, saved)
+        start = saved.step if saved else 0
+        position = saved.state["position"] if saved else {"epoch": 0, "index": 0}
+        trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint if saved else None, **session)
+        if resume:
+            changed = ckpt.changed_args(info, args.to_dict())
+            ckpt.truncate_metrics(run, start)
+            ckpt.record_resume(run, info, args.to_dict(), start, changed)
+        else:
+            ckpt.create_run(run, bundle, args.to_dict(), data_id["sha256"])  # once the bundle loaded
+        if position["index"] > len(seqs):
+            raise LarsError(f"checkpoint {saved.path} is at data position {position['index']} of a file with "
+                            f"{len(seqs)} sequences; the run directory was altered, start a new --out")
+        stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
+        best_loss = saved.state.get("best_loss") if saved else None
+        return _loop(run, bundle, trainer, stream, args, eval_seqs, data_id, start, best_loss, callbacks,
+                     handle_signals)
 
+
+def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int) -> None:
+    """Say so before a step the machine cannot hold, instead of being OOM-killed mid-run: an error when the batch's
+    own token arrays exceed the available memory, a warning when the bundle's memory model predicts a larger peak."""
+    available = available_memory_bytes()
+    if available is None:
+        return
+    arrays = batch_size * (seq_len + 1) * 8 * 4  # ids, mask, labels, and the collation's copy, int64
+    if arrays > available:
+        raise LarsError(f"--batch-size {batch_size} x --seq-len {seq_len} needs {arrays / 2**30:.1f} GB for the token "
+                        f"arrays alone; this machine has {available / 2**30:.1f} GB available: lower --batch-size")
+    model = (bundle.manifest.memory or {}).get("model")
+    if model:
+        peak = MemoryModel.from_dict(model).peak_bytes(batch_size, seq_len)
+        if peak > available:
+            print(f"warning: a step of batch {batch_size} x {seq_len} tokens is predicted to peak at "
+                  f"{peak / 2**30:.2f} GB; this machine has {available / 2**30:.2f} GB available: lower --batch-size "
+                  f"or --seq-len, or export with more memory passes (README, A memory budget)", file=sys.stderr,
+                  flush=True)
+
+
+def _report_cut_examples(option: str, dataset, seq_len: int) -> None:
+    """Examples cut to --seq-len or dropped are said, never silent."""
+    truncated, dropped = getattr(dataset, "truncated", 0), getattr(dataset, "dropped", 0)
+    if truncated or dropped:
+        print(f"warning: {option}: {truncated} examples longer than --seq-len {seq_len} were cut"
+              + (f", {dropped} dropped (no completion token left within --seq-len)" if dropped else "")
+              + "; raise --seq-len to keep them whole", file=sys.stderr, flush=True)
+
+
+def _check_resume(run: Path, info: dict, args: TrainingArgs, data_id: dict, saved) -> None:
+    """A resume continues the same run: same data, and the same result-deciding arguments unless overridden."""
+    then = saved.state.get("data", {}).get("sha256") if saved else info.get("data_sha256")
+    if then is not None and then != data_id["sha256"]:
+        raise LarsError(f"--data {args.data} differs from the data run {run} was trained on "
+                        f"({info.get('args', {}).get('data')}); resume with the same file")
+    changed = ckpt.changed_args(info, args.to_dict())
+    if changed and not args.resume_with_changes:
+        listed = ", ".join(f"--{k.replace('_', '-')} {now} (was {was})" for k, (was, now) in changed.items())
+        raise LarsError(f"--resume with {listed} would not continue run {run} as it was started; pass the "
+                        f"original values, or add --resume-with-changes to continue with these")
+
+
+def _loop(run: Path, bundle: Bundle, trainer: Trainer, stream: BatchStream, args: TrainingArgs, eval_seqs,
+          data_id: dict, start: int, best_loss: float | None, callbacks: Seq[Callback], handle_signals: bool) -> dict:
+    tok = trainer.tokenizer
     metrics = MetricsWriter(run / ckpt.METRICS_FILE)
     reporters: list[Callback] = [metrics.write, *callbacks]
     bar = ProgressBar(total=args.steps, initial=start) if args.progress else None
     if bar:
         reporters.append(bar)
+    health = TrainingHealth(bundle.manifest.vocab_size, max_skipped=args.max_skipped_steps)
+    if isinstance(best_loss, (int, float)):
+        health.best = float(best_loss)
+    saved_step: int | None = start if start else None
 
     def report(record: dict) -> None:
         for cb in reporters:
             cb(record)
 
     def save(step: int) -> Path:
-        state = {"step": step, "position": stream.state(), "data": data_id, "bundle_id": bundle.manifest.bundle_id}
-        return ckpt.save(run, trainer.engine, state, keep=args.keep_checkpoints)
+        nonlocal saved_step
+        if not health.healthy:
+            raise LarsError(f"not saving step {step}: {health.unhealthy_reason(_last_saved(saved_step))}")
+        state = {"step": step, "position": stream.state(), "data": data_id, "bundle_id": bundle.manifest.bundle_id,
+                 "best_loss": health.best if math.isfinite(health.best) else None}
+        path = ckpt.save(run, trainer.engine, state, keep=args.keep_checkpoints)
+        saved_step = step
+        stop.abandon_message = f"continue with --resume (checkpoint step {step} is intact)"
+        return path
 
     def evaluate(step: int) -> dict:
         result = trainer.evaluate(eval_batches(eval_seqs, args.batch_size, tok.pad_id, args.eval_batches))
@@ -205,33 +319,74 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
         report(record)
         return record
 
-    summary: dict = {"run": str(run), "start_step": start, "losses": []}
+    summary: dict = {"run": str(run), "start_step": start, "losses": [], "skipped_steps": 0}
     step = start
+    in_step = False  # between taking a batch and finishing its update: a checkpoint now would not be consistent
+    stop = StopOnSignal(handle_signals, f"continue with --resume ({_last_saved(saved_step)})")
     try:
-        if eval_seqs is not None and start == 0:
-            summary["initial_eval"] = evaluate(0)
-        while step < args.steps:
-            batch = stream.next()
-            lr = learning_rate(step, lr=args.lr, steps=args.steps, warmup_steps=args.warmup_steps,
-                               schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
-            clock = Stopwatch()
-            loss = trainer.step(batch, lr)
-            seconds = clock.seconds()
-            step += 1
-            if not math.isfinite(loss):
-                raise LarsError(f"loss became {loss} at step {step}; lower --lr (the last checkpoint is intact)")
-            summary["losses"].append(loss)
-            report({"step": step, "loss": loss, "lr": lr, "tokens": batch.tokens, "step_s": seconds,
-                    "tokens_per_s": batch.tokens / seconds, "peak_rss_mb": peak_rss_mb()})
-            if eval_seqs is not None and args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                evaluate(step)
-            if args.save_every and step % args.save_every == 0 and step < args.steps:
-                save(step)
-        if eval_seqs is not None:
-            summary["final_eval"] = evaluate(step)
-        summary["checkpoint"] = str(save(step))
-    except KeyboardInterrupt:
-        if step > start:
+        with stop:
+            if eval_seqs is not None and start == 0:
+                summary["initial_eval"] = evaluate(0)
+            while step < args.steps and not stop.requested:
+                in_step = True
+                batch = stream.next()
+                lr = learning_rate(step, lr=args.lr, steps=args.steps, warmup_steps=args.warmup_steps,
+                                   schedule=args.schedule, min_lr_ratio=args.min_lr_ratio)
+                clock = Stopwatch()
+                try:
+                    loss, skipped = trainer.step(batch, lr), None
+                except NonFiniteStep as e:
+                    loss, skipped = e.loss, e.what
+                seconds = clock.seconds()
+                step += 1
+                in_step = False
+                record = {"step": step, "loss": loss, "lr": lr, "tokens": batch.tokens, "step_s": seconds,
+                          "tokens_per_s": batch.tokens / seconds, "peak_rss_mb": peak_rss_mb()}
+                if skipped:
+                    summary["skipped_steps"] += 1
+                    record["skipped"] = f"non-finite {skipped}"
+                    print(f"warning: step {step}: the {skipped} is NaN or inf; update skipped", file=sys.stderr,
+                          flush=True)
+                report(record)
+                if skipped:
+                    health.skipped(step, skipped, _last_saved(saved_step))
+                    continue
+                summary["losses"].append(loss)
+                if health.observe(step, loss):  # the adapters of step - 1 are the diverged ones
+                    moved = ckpt.quarantine(run, step - 1)
+                    if moved:
+                        remaining = ckpt.step_dirs(run)
+                        saved_step = int(remaining[-1].name[5:]) if remaining else None
+                        print(f"warning: step {step}: the loss rose to {loss:.3f}, near ln(vocab) "
+                              f"{health.uniform_loss:.3f}; moved the checkpoint(s) holding these adapters aside: "
+                              f"{', '.join(moved)}", file=sys.stderr, flush=True)
+                health.raise_if_diverged_too_long(_last_saved(saved_step))
+                if eval_seqs is not None and args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                    evaluate(step)
+                if (args.save_every and step % args.save_every == 0 and step < args.steps
+                        and health.healthy and not stop.requested):
+                    save(step)
+            if stop.requested:
+                summary["interrupted"] = stop.requested
+                summary["exit_code"] = stop.exit_code
+                if step > start and saved_step != step:
+                    summary["checkpoint"] = str(save(step))
+                elif saved_step is not None:
+                    summary["checkpoint"] = str(run / ckpt.CHECKPOINTS / f"step-{saved_step:08d}")
+            else:
+                if eval_seqs is not None:
+                    summary["final_eval"] = evaluate(step)
+                    final_loss = summary["final_eval"]["eval_loss"]
+                else:  # the last update is judged by no step's loss: one more forward pass on the next batch
+                    peek = BatchStream(stream.seqs, args.batch_size, tok.pad_id, args.seed, stream.epoch, stream.index)
+                    final_loss = trainer.engine.forward_backward(peek.next()) if health.judging else 0.0
+                if health.looks_diverged(final_loss):
+                    raise LarsError(f"training diverged at the last step: its adapters score a loss of "
+                                    f"{final_loss:.3f}, near ln(vocab) = {health.uniform_loss:.3f} (a uniform guess),"
+                                    f" after {health.best:.3f}; not saved; lower --lr; {_last_saved(saved_step)}")
+                summary["checkpoint"] = str(save(step))
+    except KeyboardInterrupt:  # raised by a callback (or SIGINT where the handler is not ours): save if consistent
+        if step > start and not in_step and health.healthy and saved_step != step:
             summary["checkpoint"] = str(save(step))
         raise
     finally:
@@ -249,7 +404,9 @@ def evaluate_file(bundle_path: str | os.PathLike, data: str, run: str | None = N
     checkpoint = None
     if run:
         ckpt.check_run_bundle(Path(run), bundle)
-        checkpoint = ckpt.latest(Path(run)).ort_checkpoint
+        saved = ckpt.latest(Path(run))
+        ckpt.warn_skipped(saved)
+        checkpoint = saved.ort_checkpoint
     trainer = Trainer(bundle, checkpoint=checkpoint, eval=True, threads=threads, backend=backend)
     seqs = load_sequences(data, trainer.tokenizer, seq_len, mask_prompt)
     return trainer.evaluate(eval_batches(seqs, batch_size, trainer.tokenizer.pad_id))
@@ -259,8 +416,11 @@ def export_run_adapter(run: str | os.PathLike, out: str | os.PathLike, bundle_pa
     """`lars-ort export-adapter`: the run's latest adapters as a PEFT adapter directory."""
     run = Path(run)
     info = ckpt.read_run(run)
+    if not (bundle_path or info.get("bundle")):
+        raise LarsError(f"{run / ckpt.RUN_FILE} does not name its bundle; pass --bundle")
     bundle = load_bundle(bundle_path or info["bundle"])
     ckpt.check_run_bundle(run, bundle)
-    saved = ckpt.latest(run)
+    saved = ckpt.latest(run)  # verified: sums, structure, finite tensors
+    ckpt.warn_skipped(saved)
     tensors = read_checkpoint(saved.ort_checkpoint).parameters  # ORT's format, read without onnxruntime
     return write_peft_adapter(bundle, tensors, out)

@@ -69,3 +69,24 @@ def test_export_train_adapter_roundtrip_on_smollm2(smol_bundle, tmp_path):
         with peft_model.disable_adapter():
             plain = peft_model(**feeds).logits
     assert (adapted - plain).abs().max() > 1e-3
+
+
+def test_a_diverging_run_is_stopped_and_its_adapters_never_saved(smol_bundle, tmp_path, capsys):
+    """--lr 1e9 pins SmolLM2's loss near ln(vocab) = 10.8 (its adapters destroyed): the run stops with an error
+    naming the divergence, and only checkpoints from before it stay resumable (here none: the first update is the one
+    that destroys them)."""
+    from lars_ort import checkpoint as ckpt
+    from lars_ort.cli import main as ort_main
+
+    run = tmp_path / "run"
+    code = ort_main(["train", str(smol_bundle), "--data", str(TRAIN_TEXT), "--out", str(run), "--steps", "30",
+                     "--batch-size", "1", "--seq-len", "32", "--lr", "1e9", "--warmup-steps", "0", "--save-every", "1",
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    line = [x for x in err.splitlines() if x.startswith("error:")][0]
+    assert "training diverged at step" in line and "ln(vocab) = 10.803" in line and "lower --lr" in line
+    # step 1 was saved before step 2's loss showed its adapters destroyed: moved aside, never resumed or exported
+    assert ckpt.step_dirs(run) == [] and (run / "checkpoints" / "diverged-step-00000001").is_dir()
+    code = ort_main(["export-adapter", str(run), "--out", str(tmp_path / "adapter")])
+    assert code == 2 and "no checkpoint yet" in capsys.readouterr().err
