@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .errors import BundleError
 
 FILE_IDENTIFIER = b"ODTC"
@@ -562,27 +563,5 @@ def _encode(checkpoint: OrtCheckpoint) -> _Writer:
 
 def write_checkpoint(path: str | os.PathLike, checkpoint: OrtCheckpoint) -> None:
     """Write `checkpoint` as ORT's training checkpoint file (format version 2, what onnxruntime-training 1.19.2
-    loads) at `path`: to path + ".tmp" first, synced to disk, then renamed over `path`."""
-    writer = _encode(checkpoint)
-    path = Path(path)
-    tmp = Path(str(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for part in writer.parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    loads) at `path`, atomically (lars_artifacts.atomic)."""
+    write_atomic(path, _encode(checkpoint).parts, sync_dir=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lars_artifacts import Bundle, BundleError, LarsError, sha256_file
+from lars_artifacts.atomic import fsync_dir, write_atomic
 from lars_artifacts.ort_checkpoint import read_checkpoint
 
 RUN_FILE = "run.json"
@@ -64,30 +65,6 @@ class DamagedCheckpoint(LarsError):
 
 
 # -- files -------------------------------------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are durable without it
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
 
 class RunLock:
     """An exclusive lock on a run directory for as long as a process trains it (released by the OS if it dies)."""
@@ -157,7 +134,7 @@ def create_run(run: Path, bundle: Bundle, args: dict, data_sha256: str) -> None:
     run.mkdir(parents=True, exist_ok=True)
     info = {"bundle": str(bundle.path.resolve()), "bundle_id": bundle.manifest.bundle_id, "data_sha256": data_sha256,
             "args": args, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_atomic(run / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    write_atomic(run / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 def read_run(run: Path) -> dict:
@@ -194,7 +171,7 @@ def record_resume(run: Path, info: dict, args: dict, step: int, changed: dict) -
     info.setdefault("resumes", []).append({"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                            "changed": {k: list(v) for k, v in changed.items()}})
     info["args"] = args
-    _write_atomic(run / RUN_FILE, json.dumps(info, indent=2) + "\n")
+    write_atomic(run / RUN_FILE, json.dumps(info, indent=2) + "\n")
 
 
 # -- metrics.jsonl -----------------------------------------------------------------------------------------------
@@ -218,7 +195,7 @@ def truncate_metrics(run: Path, step: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        _write_atomic(path, "".join(kept))
+        write_atomic(path, "".join(kept))
     return dropped
 
 
@@ -265,9 +242,9 @@ def save(run: Path, engine, state: dict, keep: int = 2) -> Path:
         _make_room(root, keep, final)
         tmp.mkdir()
         engine.save(tmp / ORT_CHECKPOINT)
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
-        _write_atomic(tmp / SUMS_FILE, _sha256_lines(tmp, (ORT_CHECKPOINT, STATE_FILE)))
-        _fsync_dir(tmp)
+        write_atomic(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+        write_atomic(tmp / SUMS_FILE, _sha256_lines(tmp, (ORT_CHECKPOINT, STATE_FILE)))
+        fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume that replays it)
             old = root / f".{name}.old.tmp"
             shutil.rmtree(old, ignore_errors=True)
@@ -276,8 +253,8 @@ def save(run: Path, engine, state: dict, keep: int = 2) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
-        _write_atomic(run / LATEST, name + "\n")
+        fsync_dir(root)
+        write_atomic(run / LATEST, name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = [p.name for p in step_dirs(run)]
@@ -303,7 +280,7 @@ def quarantine(run: Path, from_step: int) -> list[str]:
     if moved:
         remaining = step_dirs(run)
         if remaining:
-            _write_atomic(run / LATEST, remaining[-1].name + "\n")
+            write_atomic(run / LATEST, remaining[-1].name + "\n")
         else:
             (run / LATEST).unlink(missing_ok=True)
     return moved

@@ -105,3 +105,26 @@ def test_alloc_trace_finds_the_peak_and_what_is_alive_there(tiny_models, tmp_pat
     assert out.returncode == 0, out.stderr
     peak = float(out.stdout.split("at its peak ")[1].split(" MB")[0].replace(",", ""))
     assert peak > 0 and "allocated during the step and alive at the peak" in out.stdout
+
+
+def test_chaos_kills_damages_resumes_and_compares_bit_for_bit(tiny_bundles, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "chaos.py"), "--bundle", str(tiny_bundles["llama"]),
+                          "--data", str(REPO / "tests" / "data" / "hamlet_act1.txt"), "--kills", "4", "--damages", "3",
+                          "--steps", "40", "--seq-len", "32", "--batch-size", "2", "--save-every", "3",
+                          "--json", str(tmp_path / "chaos.json")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    counts = json.loads((tmp_path / "chaos.json").read_text())["counts"]
+    assert counts["trials"] == 7 and counts["kills"] == 4 and counts["damages"] == 3
+    assert counts["resumable"] == 7 and counts["stuck"] == 0 and counts["bit_identical"] == 7
+    assert counts["with_duplicate_steps"] == 0
+    assert "| 7 | 4 | 3 | 7 | 0 | 7 | 0 |" in out.stdout
+
+
+def test_bench_data_memory_on_small_files(tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_data_memory.py"), "--mb", "2", "--batches", "2",
+                          "--seq-len", "64", "--cache", str(tmp_path / "cache"), "--json", str(tmp_path / "d.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "d.json").read_text())
+    assert {r["file"] for r in rows} >= {"data-1mb.jsonl", "data-2mb.jsonl", "data-1mb.txt", "data-2mb.txt"}, rows
+    assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
