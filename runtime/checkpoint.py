@@ -219,6 +219,9 @@ def step_dirs(run: Path) -> list[Path]:
     """The committed checkpoint directories, oldest first (temporaries and anything else are ignored)."""
     root = run / CHECKPOINTS
     if not root.is_dir():
+        if root.exists():
+            raise LarsError(f"{root} is not a directory; the run directory is damaged: move it aside to resume "
+                            f"from step 0, or start a new --out")
         return []
     return sorted(p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and p.is_dir())
 
@@ -254,13 +257,17 @@ def save(run: Path, engine, state: dict, keep: int = 2) -> Path:
         else:
             tmp.rename(final)
         fsync_dir(root)
-        write_atomic(run / LATEST, name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = [p.name for p in step_dirs(run)]
         raise LarsError(f"cannot write checkpoint {final}: {e.strerror or e}; free space or fix permissions, then "
                         f"continue with --resume (" + (f"{kept[-1]} is intact" if kept else "no checkpoint yet")
                         + ")") from None
+    try:  # only a pointer for people: the checkpoint is committed already
+        write_atomic(run / LATEST, name + "\n")
+    except OSError as e:
+        print(f"warning: could not update {run / LATEST} ({e.strerror or e}); checkpoint {name} is saved",
+              file=sys.stderr, flush=True)
     for old in step_dirs(run)[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -279,10 +286,13 @@ def quarantine(run: Path, from_step: int) -> list[str]:
             moved.append(target.name)
     if moved:
         remaining = step_dirs(run)
-        if remaining:
-            write_atomic(run / LATEST, remaining[-1].name + "\n")
-        else:
-            (run / LATEST).unlink(missing_ok=True)
+        try:
+            if remaining:
+                write_atomic(run / LATEST, remaining[-1].name + "\n")
+            else:
+                (run / LATEST).unlink(missing_ok=True)
+        except OSError:
+            pass  # a pointer for people only; loading never reads it
     return moved
 
 

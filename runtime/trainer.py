@@ -224,6 +224,9 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
             saved = ckpt.resumable(run)
             if saved:
                 ckpt.warn_skipped(saved)
+            else:
+                print(f"warning: run {run} has no checkpoint yet; training it from step 0", file=sys.stderr,
+                      flush=True)
             _check_resume(run, info, args, data_id, saved)
         start = saved.step if saved else 0
         position = saved.state["position"] if saved else {"epoch": 0, "index": 0}
