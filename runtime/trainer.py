@@ -7,6 +7,7 @@ metrics file are callbacks too, so an embedding app gets the same numbers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -198,10 +199,16 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
         print(f"warning: {run} holds no run to resume (no {ckpt.RUN_FILE}); starting it from step 0",
               file=sys.stderr, flush=True)
         resume = False
-    if resume:
-        info = ckpt.check_run_bundle(run, bundle)
-    else:
+    if not resume:
         ckpt.ensure_new_run(run)  # checked before the (slow) data and session load
+    with contextlib.ExitStack() as held:
+        if resume:  # a second trainer of this run is refused before it loads anything
+            held.enter_context(ckpt.RunLock(run))
+        return _train_locked(bundle, run, resume, args, callbacks, handle_signals, held)
+
+
+def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, callbacks: Seq[Callback],
+                  handle_signals: bool, held: contextlib.ExitStack) -> dict:
     over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len)
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
@@ -216,34 +223,35 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
     session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
                    backend=args.backend, warn_budget=False)  # checked once above for --batch-size x --seq-len
-    run.mkdir(parents=True, exist_ok=True)
-    with ckpt.RunLock(run):
-        saved = None
-        if resume:
-            info = ckpt.check_run_bundle(run, bundle)  # again, under the lock
-            saved = ckpt.resumable(run)
-            if saved:
-                ckpt.warn_skipped(saved)
-            else:
-                print(f"warning: run {run} has no checkpoint yet; training it from step 0", file=sys.stderr,
-                      flush=True)
-            _check_resume(run, info, args, data_id, saved)
-        start = saved.step if saved else 0
-        position = saved.state["position"] if saved else {"epoch": 0, "index": 0}
-        trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint if saved else None, **session)
-        if resume:
-            changed = ckpt.changed_args(info, args.to_dict())
-            ckpt.truncate_metrics(run, start)
-            ckpt.record_resume(run, info, args.to_dict(), start, changed)
+    if not resume:
+        run.mkdir(parents=True, exist_ok=True)
+        held.enter_context(ckpt.RunLock(run))
+    saved = None
+    if resume:
+        info = ckpt.check_run_bundle(run, bundle)
+        saved = ckpt.resumable(run)
+        if saved:
+            ckpt.warn_skipped(saved)
         else:
-            ckpt.create_run(run, bundle, args.to_dict(), data_id["sha256"])  # once the bundle loaded
-        if position["index"] > len(seqs):
-            raise LarsError(f"checkpoint {saved.path} is at data position {position['index']} of a file with "
-                            f"{len(seqs)} sequences; the run directory was altered, start a new --out")
-        stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
-        best_loss = saved.state.get("best_loss") if saved else None
-        return _loop(run, bundle, trainer, stream, args, eval_seqs, data_id, start, best_loss, callbacks,
-                     handle_signals)
+            print(f"warning: run {run} has no checkpoint yet; training it from step 0", file=sys.stderr,
+                  flush=True)
+        _check_resume(run, info, args, data_id, saved)
+    start = saved.step if saved else 0
+    position = saved.state["position"] if saved else {"epoch": 0, "index": 0}
+    if position["index"] > len(seqs):
+        raise LarsError(f"checkpoint {saved.path} is at data position {position['index']} of a file with "
+                        f"{len(seqs)} sequences; the run directory was altered, start a new --out")
+    trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint if saved else None, **session)
+    if resume:
+        changed = ckpt.changed_args(info, args.to_dict())
+        ckpt.truncate_metrics(run, start)
+        ckpt.record_resume(run, info, args.to_dict(), start, changed)
+    else:
+        ckpt.create_run(run, bundle, args.to_dict(), data_id["sha256"])  # once the bundle loaded
+    stream = BatchStream(seqs, args.batch_size, tok.pad_id, args.seed, position["epoch"], position["index"])
+    best_loss = saved.state.get("best_loss") if saved else None
+    return _loop(run, bundle, trainer, stream, args, eval_seqs, data_id, start, best_loss, callbacks,
+                 handle_signals)
 
 
 def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int) -> None:
