@@ -3,7 +3,6 @@ checkpoints, changed arguments, concurrent trainers, signals, full disks, NaN an
 
 import errno
 import json
-import os
 import shutil
 import signal
 import subprocess
