@@ -133,20 +133,21 @@ class _IntFile:
     process ends. Appends are buffered writes and reads are seek + read (appends only while loading): neither maps
     the file, whose touched pages would count in the process's resident memory."""
 
-    def __init__(self, dtype) -> None:
+    def __init__(self, dtype, directory: str | Path | None = None) -> None:
         self.dtype = np.dtype(dtype)
         self.size = 0
+        self.directory = directory
         try:
-            self.file = tempfile.TemporaryFile(prefix="lars-data-")
+            self.file = tempfile.TemporaryFile(prefix="lars-data-", dir=directory)
         except OSError as e:
-            raise _store_error(e) from None
+            raise _store_error(e, directory) from None
 
     def append(self, values) -> None:
         array = np.asarray(values, dtype=self.dtype)
         try:
             self.file.write(array.tobytes())
         except OSError as e:
-            raise _store_error(e) from None
+            raise _store_error(e, self.directory) from None
         self.size += array.size
 
     def read(self, start: int, count: int) -> np.ndarray:
@@ -159,9 +160,10 @@ class _IntFile:
         self.size = 0
 
 
-def _store_error(e: OSError) -> LarsError:
-    return LarsError(f"cannot store the tokenized data in {tempfile.gettempdir()} ({e.strerror or e}); free space "
-                     f"there or set TMPDIR to a directory with room for 4 bytes a token")
+def _store_error(e: OSError, directory: str | Path | None) -> LarsError:
+    where = directory or tempfile.gettempdir()
+    return LarsError(f"cannot store the tokenized data in {where} ({e.strerror or e}); free space there (4 bytes a "
+                     f"token)" + ("" if directory else " or set TMPDIR to a directory with room"))
 
 
 def _close_files(*files) -> None:
@@ -188,13 +190,13 @@ class SequenceSet:
     reader at a time.
     """
 
-    def __init__(self, seq_len: int) -> None:
+    def __init__(self, seq_len: int, store_dir: str | Path | None = None) -> None:
         self.seq_len = seq_len
         self.truncated = 0
         self.dropped = 0
-        self._stream = _IntFile(np.int32)           # documents packed with EOS between them
-        self._example_tokens = _IntFile(np.int32)
-        self._examples = _IntFile(np.int64)         # (start in _example_tokens, length, masked prompt tokens)
+        self._stream = _IntFile(np.int32, store_dir)           # documents packed with EOS between them
+        self._example_tokens = _IntFile(np.int32, store_dir)
+        self._examples = _IntFile(np.int64, store_dir)         # (start in _example_tokens, length, masked prompt)
         self._close = weakref.finalize(self, _close_files, self._stream.file, self._example_tokens.file,
                                        self._examples.file)
 
@@ -495,15 +497,19 @@ def _load_text(path: Path, tok: Tokenizer, data: SequenceSet) -> None:
         data.clear_stream()
 
 
-def load_sequences(path: str | Path, tok: Tokenizer, seq_len: int, mask_prompt: bool = True) -> SequenceSet:
+def load_sequences(path: str | Path, tok: Tokenizer, seq_len: int, mask_prompt: bool = True,
+                   store_dir: str | Path | None = None) -> SequenceSet:
     """Read a data file into sequences of at most seq_len + 1 tokens (inputs plus the last target).
+
+    The token store's unnamed files go to `store_dir` (default: TMPDIR). `lars-ort train` passes the run directory:
+    /tmp is a RAM-backed tmpfs on many systems, where the store would cost memory after all.
 
     The result counts what did not fit: `truncated` examples cut to seq_len + 1 tokens, `dropped` examples with no
     target token left (SequenceSet). Any bad value is a LarsError naming the file, the line and the fix.
     """
     path = Path(path)
     kind = _data_format(path)
-    data = SequenceSet(seq_len)
+    data = SequenceSet(seq_len, store_dir)
     try:
         if kind == ".jsonl":
             _load_jsonl(path, tok, mask_prompt, data)

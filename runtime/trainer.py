@@ -214,8 +214,10 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
         print(f"warning: {over}", file=sys.stderr, flush=True)
     _check_fits_in_memory(bundle, args.batch_size, args.seq_len)
     tok = load_tokenizer(bundle)
-    seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt)
-    eval_seqs = load_sequences(args.eval_data, tok, args.seq_len, args.mask_prompt) if args.eval_data else None
+    run.mkdir(parents=True, exist_ok=True)  # the token store lives beside the checkpoints, not in a RAM /tmp
+    seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt, store_dir=run)
+    eval_seqs = (load_sequences(args.eval_data, tok, args.seq_len, args.mask_prompt, store_dir=run)
+                 if args.eval_data else None)
     for name, loaded in (("--data", seqs), ("--eval-data", eval_seqs)):
         _report_cut_examples(name, loaded, args.seq_len)
     data_id = _file_id(args.data)
@@ -224,7 +226,6 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
                    backend=args.backend, warn_budget=False)  # checked once above for --batch-size x --seq-len
     if not resume:
-        run.mkdir(parents=True, exist_ok=True)
         held.enter_context(ckpt.RunLock(run))
     saved = None
     if resume:

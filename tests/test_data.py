@@ -1,6 +1,7 @@
 """Data formats, packing, masking, batching and the resumable data position."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -395,3 +396,18 @@ def test_messages_without_a_chat_template_name_the_line(tiny_bundles, tmp_path):
     data.write_text(chat({"role": "user", "content": "hi"}) + "\n")
     with pytest.raises(LarsError, match=r"chat.jsonl line 1: the bundle has no chat template.*use \{\"text\"\}"):
         load_sequences(data, plain, seq_len=16)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc (Linux)")
+def test_token_store_lives_in_the_given_directory_and_leaves_nothing(tok, tmp_path):
+    """`lars-ort train` puts the store in the run directory: /tmp is RAM (tmpfs) on many systems."""
+    def store_files():
+        links = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                 if os.path.exists(f"/proc/self/fd/{fd}")]
+        return [x for x in links if x.startswith(str(tmp_path))]
+
+    data = load_sequences(TRAIN_TEXT, tok, 32, store_dir=tmp_path)
+    assert len(store_files()) == 3 and len(data) > 10
+    assert list(tmp_path.iterdir()) == []  # unnamed files: nothing to clean up after a crash
+    data.close()
+    assert store_files() == []
