@@ -34,7 +34,8 @@ class OrtEngine:
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
                  threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                 mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, priority_order: bool = True,
+                 profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)  # warnings and up; ORT logs every graph transformer at INFO
@@ -63,7 +64,7 @@ class OrtEngine:
         self.learning_rate = 0.0
         self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.get("checkpoint", CHECKPOINT)))
 
-        settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order)
+        settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix)
         self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
         try:
             self.session = self._session(session_options(ort, *settings), spec["training"])

@@ -9,7 +9,7 @@ from .allocator import set_mmap_threshold
 
 
 def session_options(ort, threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
-                    mmap_threshold_mb: float = 1.0, priority_order: bool = True):
+                    mmap_threshold_mb: float = 1.0, priority_order: bool = True, profile_prefix: str | None = None):
     if not memory_arena:  # with the arena on, ORT keeps its own blocks and the heap matters less
         set_mmap_threshold(int(mmap_threshold_mb * 2**20))
     options = ort.SessionOptions()
@@ -32,6 +32,9 @@ def session_options(ort, threads: int = 0, memory_arena: bool = False, memory_re
     # ORT >= 1.20 prepacks MatMul weights into heap copies of the memory-mapped frozen weights: +725 MB after load
     # on an 8-layer SmolLM2-width model (measured). The weights stay where the bundle's file maps them.
     options.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix:  # ORT's profiler: a JSON trace per session (tools/profile_step.py reads it)
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if priority_order:
         # ORT's priority-based order runs Shape/Size nodes as early as possible and forward nodes before
         # backward ones, so tensors the backward only measures (or that LARS projects) die with the forward.

@@ -128,3 +128,18 @@ def test_bench_data_memory_on_small_files(tmp_path):
     rows = json.loads((tmp_path / "d.json").read_text())
     assert {r["file"] for r in rows} >= {"data-1mb.jsonl", "data-2mb.jsonl", "data-1mb.txt", "data-2mb.txt"}, rows
     assert all(r["tokens"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+
+
+def test_profile_step_splits_kernel_time_by_op_and_direction(tiny_bundles, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "profile_step.py"), str(tiny_bundles["llama"]),
+                          "--seq-len", "32", "--steps", "2", "--threads", "1", "--json", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "p.json").read_text())
+    ops = {r["op"]: r for r in result["ops"]}
+    assert result["forward_ms"] > 0 and result["backward_ms"] > 0
+    assert result["unmatched_ms"] <= 0.05 * result["kernel_ms"]
+    assert abs(sum(r["ms"] for r in result["ops"]) - result["kernel_ms"]) < 1e-6 * max(1.0, result["kernel_ms"])
+    assert ops["Gather"]["forward_ms"] > 0  # the embedding lookup only runs forward
+    assert result["minor_faults"] >= 0 and result["user_s"] >= 0 and result["peak_rss_mb"] > 0
+    assert "| op type | ms / step |" in out.stdout
