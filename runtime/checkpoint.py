@@ -201,6 +201,24 @@ def truncate_metrics(run: Path, step: int) -> int:
 
 # -- checkpoints -------------------------------------------------------------------------------------------------
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory named step-NNNNNNNN."""
+    return int(STEP_DIR.fullmatch(path.name).group(1))
+
+
+def _point_latest(run: Path, name: str | None) -> None:
+    """Move the `latest` pointer (to nothing: remove it). Only people and scripts read it, so a failure to write it
+    is a warning, never the loss of a committed checkpoint."""
+    try:
+        if name:
+            write_atomic(run / LATEST, name + "\n")
+        else:
+            (run / LATEST).unlink(missing_ok=True)
+    except OSError as e:
+        print(f"warning: could not update {run / LATEST} ({e.strerror or e}); the checkpoints are unaffected",
+              file=sys.stderr, flush=True)
+
+
 def _sha256_lines(directory: Path, names: tuple[str, ...]) -> str:
     return "".join(f"{sha256_file(directory / n)}  {n}\n" for n in names)
 
@@ -263,11 +281,7 @@ def save(run: Path, engine, state: dict, keep: int = 2) -> Path:
         raise LarsError(f"cannot write checkpoint {final}: {e.strerror or e}; free space or fix permissions, then "
                         f"continue with --resume (" + (f"{kept[-1]} is intact" if kept else "no checkpoint yet")
                         + ")") from None
-    try:  # only a pointer for people: the checkpoint is committed already
-        write_atomic(run / LATEST, name + "\n")
-    except OSError as e:
-        print(f"warning: could not update {run / LATEST} ({e.strerror or e}); checkpoint {name} is saved",
-              file=sys.stderr, flush=True)
+    _point_latest(run, name)
     for old in step_dirs(run)[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -279,20 +293,14 @@ def quarantine(run: Path, from_step: int) -> list[str]:
     or exported (only `step-*` directories are). Returns their new names."""
     moved = []
     for path in step_dirs(run):
-        if int(STEP_DIR.fullmatch(path.name).group(1)) >= from_step:
+        if step_of(path) >= from_step:
             target = path.with_name("diverged-" + path.name)
             shutil.rmtree(target, ignore_errors=True)
             path.rename(target)
             moved.append(target.name)
     if moved:
         remaining = step_dirs(run)
-        try:
-            if remaining:
-                write_atomic(run / LATEST, remaining[-1].name + "\n")
-            else:
-                (run / LATEST).unlink(missing_ok=True)
-        except OSError:
-            pass  # a pointer for people only; loading never reads it
+        _point_latest(run, remaining[-1].name if remaining else None)
     return moved
 
 
@@ -310,7 +318,6 @@ def _make_room(root: Path, keep: int, final: Path) -> None:
 
 def verify(path: Path) -> dict:
     """The state of checkpoint directory `path` after checking it whole; DamagedCheckpoint says what is not."""
-    match = STEP_DIR.fullmatch(path.name)
     for name in (ORT_CHECKPOINT, STATE_FILE):
         if not (path / name).is_file():
             raise DamagedCheckpoint(f"{path}: {name} is missing")
@@ -335,7 +342,7 @@ def verify(path: Path) -> dict:
     ints += [position.get(k) for k in ("epoch", "index")] if isinstance(position, dict) else [None]
     if not all(type(v) is int and v >= 0 for v in ints):
         raise DamagedCheckpoint(f"{path / STATE_FILE} does not hold a step and a data position")
-    if match and int(match.group(1)) != state["step"]:
+    if STEP_DIR.fullmatch(path.name) and step_of(path) != state["step"]:
         raise DamagedCheckpoint(f"{path / STATE_FILE} says step {state['step']}, its directory {path.name}")
     try:
         saved = read_checkpoint(path / ORT_CHECKPOINT)

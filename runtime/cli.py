@@ -22,14 +22,14 @@ def _add_training_flags(parser: argparse.ArgumentParser) -> None:
     """Flags generated from TrainingArgs; their default is None so a config file value is not overridden."""
     helps = TrainingArgs.help()
     for f in fields(TrainingArgs):
-        flag = "--" + f.name.replace("_", "-")
+        option = flag(f.name)
         default = f.default if f.default is not MISSING else None
         text = f"{helps[f.name]} (default: {default})"
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            parser.add_argument(option, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+            parser.add_argument(option, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
                                 help=text)
 
 

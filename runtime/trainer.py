@@ -25,7 +25,7 @@ from lars_artifacts.ort_checkpoint import read_checkpoint
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
-from .config import TrainingArgs
+from .config import TrainingArgs, flag
 from .data import Batch, BatchStream, Sequence, Tokenizer, collate, eval_batches, load_sequences
 from .engine import NonFiniteStep, open_engine
 from .health import TrainingHealth
@@ -236,7 +236,7 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
         else:
             print(f"warning: run {run} has no checkpoint yet; training it from step 0", file=sys.stderr,
                   flush=True)
-        _check_resume(run, info, args, data_id, saved)
+        changed = _check_resume(run, info, args, data_id, saved)
     start = saved.step if saved else 0
     position = saved.state["position"] if saved else {"epoch": 0, "index": 0}
     if position["index"] > len(seqs):
@@ -244,7 +244,6 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
                         f"{len(seqs)} sequences; the run directory was altered, start a new --out")
     trainer = Trainer(bundle, checkpoint=saved.ort_checkpoint if saved else None, **session)
     if resume:
-        changed = ckpt.changed_args(info, args.to_dict())
         ckpt.truncate_metrics(run, start)
         ckpt.record_resume(run, info, args.to_dict(), start, changed)
     else:
@@ -284,17 +283,19 @@ def _report_cut_examples(option: str, dataset, seq_len: int) -> None:
               + "; raise --seq-len to keep them whole", file=sys.stderr, flush=True)
 
 
-def _check_resume(run: Path, info: dict, args: TrainingArgs, data_id: dict, saved) -> None:
-    """A resume continues the same run: same data, and the same result-deciding arguments unless overridden."""
+def _check_resume(run: Path, info: dict, args: TrainingArgs, data_id: dict, saved) -> dict[str, tuple]:
+    """A resume continues the same run: same data, and the same result-deciding arguments unless overridden.
+    Returns the changed arguments ({name: (then, now)}) that --resume-with-changes accepted."""
     then = saved.state.get("data", {}).get("sha256") if saved else info.get("data_sha256")
     if then is not None and then != data_id["sha256"]:
         raise LarsError(f"--data {args.data} differs from the data run {run} was trained on "
                         f"({info.get('args', {}).get('data')}); resume with the same file")
     changed = ckpt.changed_args(info, args.to_dict())
     if changed and not args.resume_with_changes:
-        listed = ", ".join(f"--{k.replace('_', '-')} {now} (was {was})" for k, (was, now) in changed.items())
+        listed = ", ".join(f"{flag(k)} {now} (was {was})" for k, (was, now) in changed.items())
         raise LarsError(f"--resume with {listed} would not continue run {run} as it was started; pass the "
                         f"original values, or add --resume-with-changes to continue with these")
+    return changed
 
 
 def _loop(run: Path, bundle: Bundle, trainer: Trainer, stream: BatchStream, args: TrainingArgs, eval_seqs,
@@ -322,7 +323,7 @@ def _loop(run: Path, bundle: Bundle, trainer: Trainer, stream: BatchStream, args
                  "best_loss": health.best if math.isfinite(health.best) else None}
         path = ckpt.save(run, trainer.engine, state, keep=args.keep_checkpoints)
         saved_step = step
-        stop.abandon_message = f"continue with --resume (checkpoint step {step} is intact)"
+        stop.abandon_message = f"continue with --resume ({_last_saved(step)})"
         return path
 
     def evaluate(step: int) -> dict:
@@ -368,7 +369,7 @@ def _loop(run: Path, bundle: Bundle, trainer: Trainer, stream: BatchStream, args
                     moved = ckpt.quarantine(run, step - 1)
                     if moved:
                         remaining = ckpt.step_dirs(run)
-                        saved_step = int(remaining[-1].name[5:]) if remaining else None
+                        saved_step = ckpt.step_of(remaining[-1]) if remaining else None
                         print(f"warning: step {step}: the loss rose to {loss:.3f}, near ln(vocab) "
                               f"{health.uniform_loss:.3f}; moved the checkpoint(s) holding these adapters aside: "
                               f"{', '.join(moved)}", file=sys.stderr, flush=True)
