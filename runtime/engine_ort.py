@@ -26,14 +26,14 @@ from lars_artifacts.ort_checkpoint import OptimizerState, OrtCheckpoint, read_ch
 from .data import Batch
 from .engine import NonFiniteStep, batch_feeds
 from .optimizer import AdamW, AdamWConfig
-from .session import first_line, session_options
+from .session import first_line, run_options, session_options
 
 
 class OrtEngine:
     backend = ORT_BACKEND
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
-                 threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
+                 threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True,
                  profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
@@ -73,18 +73,23 @@ class OrtEngine:
             raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
                               f"({first_line(e)[:300]}); re-export it with this lars") from None
         self.has_eval = eval
+        self.run_options = run_options(ort, memory_arena)
         self.loss_name = spec["loss"]
         self.binding = self.session.io_binding()
         for name in self.adapter_names:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._views["params"][name]))
         outputs = [o.name for o in self.session.get_outputs()]
-        self._loss_index = outputs.index(self.loss_name)
         param_of_output = {out: param for param, out in spec["gradients"].items()}
+        # The loss lands in a buffer of ours too: a tensor ORT allocated outlives the run, and one in an arena region
+        # keeps that whole region from being shrunk back (measured: ~1 GB held between steps at 2048 tokens).
+        self._loss = np.zeros((), np.float32)
         for name in outputs:
             if name in param_of_output:
                 view = self._views["grads"][param_of_output[name]]
                 self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(view))
-            else:  # the loss (and logits where the training step outputs them): ORT allocates
+            elif name == self.loss_name:
+                self.binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(self._loss))
+            else:  # logits, where the training step outputs them: ORT allocates
                 self.binding.bind_output(name, "cpu")
 
     def _session(self, options, file: str):
@@ -145,8 +150,8 @@ class OrtEngine:
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
         for name, value in zip(self.spec["inputs"], (ids, mask, labels)):
             self.binding.bind_cpu_input(name, value)
-        self.session.run_with_iobinding(self.binding)
-        return float(self.binding.get_outputs()[self._loss_index].numpy())
+        self.session.run_with_iobinding(self.binding, self.run_options)
+        return float(self._loss)
 
     def eval_step(self, batch: Batch) -> float:
         if self.eval_session is None:
@@ -154,7 +159,7 @@ class OrtEngine:
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
         feeds = dict(zip(self.spec["inputs"], (ids, mask, labels)))
         feeds.update(self._views["params"])
-        return float(self.eval_session.run([self.spec["eval_loss"]], feeds)[0])
+        return float(self.eval_session.run([self.spec["eval_loss"]], feeds, self.run_options)[0])
 
     # -- tensors -------------------------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ class OrtTrainingEngine:
     backend = ORT_TRAINING_BACKEND
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
-                 threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
+                 threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
         C = _capi()
         if not hasattr(C, "Module"):

@@ -64,7 +64,7 @@ class Trainer:
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
-                 eval: bool = True, threads: int = 0, memory_arena: bool = False, memory_reuse: bool = False,
+                 eval: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True,
                  backend: str = "auto") -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
