@@ -41,9 +41,11 @@ class ExportConfig:
                 "backward (the backward recomputes each group's probabilities): only one group's T x T tensors "
                 "exist at a time (exact; supersedes --recompute-attention; at or above the head count: one head at "
                 "a time; < 2: whole)"})
-    attention_row_chunks: int = field(default=0, metadata={
-        "help": "also compute each group of heads' attention in this many chunks of query rows, one after the other, "
-                "forward and backward: one chunk's [T/N, T] tensors at a time (exact; < 2: all rows at once)"})
+    attention_row_chunks: int = field(default=8, metadata={
+        "help": "compute each layer's attention (each group of heads') in this many chunks of query rows, one after "
+                "the other, forward and backward; under the causal mask a chunk reads only the keys up to its last "
+                "row, so the attention does (N + 1) / 2N of the work and one chunk's [T/N, <= T] tensors exist at a "
+                "time (exact; < 2: all rows at once, every score computed)"})
     recompute_layers: bool = field(default=False, metadata={
         "help": "keep only each decoder block's input and recompute the block in the backward (exact; one more "
                 "forward per step; LARS then saves nothing more: pair it with --lars-basis none)"})

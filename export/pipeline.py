@@ -131,7 +131,10 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                                          quantize=config.quantize_weights, quantize_block=config.quantize_block_size,
                                          attention_chunks=config.attention_chunks,
                                          attention_row_chunks=config.attention_row_chunks,
-                                         attention_heads=arch["num_attention_heads"])
+                                         attention_heads=arch["num_attention_heads"],
+                                         # every architecture lars exports is a decoder LM trained without a KV
+                                         # cache: its mask hides the keys after each query's own position
+                                         causal_attention=True)
             enabled = passes.enabled_passes(config)
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 

@@ -10,7 +10,8 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   lars-random  LARS with a random basis, alone
   recompute exact LoRA + attention recompute alone
   chunked-loss exact LoRA + the chunked loss alone
-  default   the exporter's defaults: LARS + attention recompute + chunked loss
+  default   the exporter's defaults: LARS + attention in 8 causal row chunks + chunked loss; default-whole: the
+            defaults before the row chunks (LARS + attention recompute + chunked loss)
   stack     exact LoRA + layer recompute + attention recompute + chunked loss (--lars-basis none
             --recompute-layers): the lowest-memory exact bundle
   int8, int4  exact LoRA with the frozen weights stored quantized, no other pass (--quantize-weights)
@@ -20,12 +21,13 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   full      every memory pass: stack-chunks with INT4 frozen weights; full-int8: with INT8 ones
   stack-rows  stack-chunks with each head's query rows in 4 chunks and the loss in 16 (--attention-row-chunks 4
             --loss-chunks 16); full-int8-rows: the same with INT8 frozen weights
+  full-int8-causal  layer recompute, attention in 16 causal row chunks (all heads at once), INT8 frozen weights
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
-  @reuse    ORT's buffer reuse on (arena and memory patterns still off)
-  @heap     glibc's default heap for every tensor (no mmap threshold)
-  @arena    ORT's defaults: CPU arena, memory patterns and buffer reuse on
-  e.g. --modes ort-lora,ort-lora@reuse,lars,lars@reuse
+  @malloc   ORT's arena off (--no-memory-arena): a malloc per tensor, those of 1 MB and more in their own mapping
+  @heap     ORT's arena off and glibc's default heap for every tensor (no mmap threshold)
+  @reuse    ORT's buffer reuse on
+  e.g. --modes default,default@malloc,lars,lars@reuse
 and a backend after ":" (default: ort, the runtime's default):
   :ort           plain onnxruntime on the bundle's standard-ONNX training step (the base install's)
   :ort-training  onnxruntime-training 1.19.2 on ORT's own artifacts (the exporter's training build, put first on
@@ -48,7 +50,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 # Bundle modes: the export settings of each (everything else equal).
-_NO_PASSES = {"lars_basis": "none", "recompute_attention": False, "loss_chunks": 0}
+_NO_PASSES = {"lars_basis": "none", "recompute_attention": False, "attention_row_chunks": 0, "loss_chunks": 0}
+_WHOLE = {"attention_row_chunks": 0}  # the stacks as first measured: attention rows whole (no causal row chunks)
 PER_HEAD = 1024  # --attention-chunks above the head count: one head at a time
 BUNDLE_MODES = {
     "ort-lora": _NO_PASSES,
@@ -57,15 +60,20 @@ BUNDLE_MODES = {
     "recompute": {**_NO_PASSES, "recompute_attention": True},
     "chunked-loss": {**_NO_PASSES, "loss_chunks": 8},
     "default": {},  # the exporter's defaults
-    "stack": {"lars_basis": "none", "recompute_layers": True},
+    "default-whole": {"attention_row_chunks": 0},  # the defaults before causal row chunks: attention whole
+    "default-rows4": {"attention_row_chunks": 4},
+    "full-int8-causal": {"lars_basis": "none", "recompute_layers": True, "attention_row_chunks": 16,
+                         "quantize_weights": "int8"},
+    "stack": {**_WHOLE, "lars_basis": "none", "recompute_layers": True},
     "int8": {**_NO_PASSES, "quantize_weights": "int8"},
     "int4": {**_NO_PASSES, "quantize_weights": "int4"},
-    "stack-int8": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int8"},
-    "stack-int4": {"lars_basis": "none", "recompute_layers": True, "quantize_weights": "int4"},
+    "stack-int8": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "quantize_weights": "int8"},
+    "stack-int4": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "quantize_weights": "int4"},
     "attn-chunks": {**_NO_PASSES, "attention_chunks": PER_HEAD},
-    "stack-chunks": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD},
-    "full": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD, "quantize_weights": "int4"},
-    "full-int8": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
+    "stack-chunks": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD},
+    "full": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
+             "quantize_weights": "int4"},
+    "full-int8": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
                   "quantize_weights": "int8"},
     "stack-rows": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
                    "attention_row_chunks": 4, "loss_chunks": 16},
@@ -74,8 +82,8 @@ BUNDLE_MODES = {
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
-RUNTIME_SETTINGS = {"": {}, "reuse": {"memory_reuse": True}, "heap": {"mmap_threshold_mb": 0},
-                    "arena": {"memory_arena": True, "memory_reuse": True}}
+RUNTIME_SETTINGS = {"": {}, "malloc": {"memory_arena": False}, "heap": {"memory_arena": False, "mmap_threshold_mb": 0},
+                    "reuse": {"memory_reuse": True}}
 
 
 BACKENDS = ("ort", "ort-training")

@@ -17,6 +17,9 @@ class PassContext:
     attention_chunks: int = 0  # attention_chunks: groups of heads computed one at a time (< 2: whole)
     attention_heads: int = 0  # the model's attention heads (attention_chunks splits them)
     attention_row_chunks: int = 0  # attention_chunks: chunks of each group's query rows, one at a time (< 2: whole)
+    # attention_chunks: the attention mask is causal and query i is key i (a decoder LM's training step), so a
+    # chunk of query rows skips the keys after its last row
+    causal_attention: bool = False
     quantize: str = "none"  # quantize_frozen: storage of the frozen matrices (none, int8, int4)
     quantize_block: int = 32  # quantize_frozen: INT4 block size along the reduction axis
 

@@ -136,6 +136,40 @@ def _row_bounds(model, prefix: str, q: str, mask: str | None, rows: int) -> tupl
     return nodes, bounds
 
 
+def _axes(model, *axes: int) -> str:
+    return shared_initializer(model, "passes.attention_chunks.axes" + "_".join(map(str, axes)),
+                              np.array(axes, np.int64))
+
+
+def _pad_zeros(model, prefix: str, q: str) -> list:
+    """Nodes computing the zeros that lead a Pad's pads for a tensor of q's rank: one per axis (the begins), one
+    per axis but the last, and one per axis but the last two (the ends before the key axis of Kᵀ, of V)."""
+    from onnx import helper
+
+    p = lambda s: f"{prefix}/rows/{s}"  # noqa: E731
+    nodes = []
+    for tag, end in (("all", None), ("but1", -1), ("but2", -2)):
+        shape = helper.make_node("Shape", [q], [p(f"shape_{tag}")], name=p(f"Shape_{tag}"),
+                                 **({} if end is None else {"end": end}))
+        nodes += [shape, helper.make_node("Mul", [p(f"shape_{tag}"), _i64(model, 0)], [p(f"zeros_{tag}")],
+                                          name=p(f"Zeros_{tag}"))]
+    return nodes
+
+
+def _pads(model, prefix: str, r: str, end: str) -> list:
+    """Nodes computing a chunk's pads (Pad-13 layout, begins then ends) that grow its dKᵀ [..., hd, end] and
+    dV [..., end, hd] to T keys: T - end zeros after the last key."""
+    from onnx import helper
+
+    p = lambda s: f"{prefix}/{s}"  # noqa: E731
+    rows = f"{prefix}/rows"
+    return [helper.make_node("Sub", [f"{rows}/t", end], [p(f"{r}/skipped")], name=p(f"{r}/Skipped")),
+            helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but1", p(f"{r}/skipped")],
+                             [p(f"{r}/pads_dkt")], name=p(f"{r}/PadsKt"), axis=0),
+            helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but2", p(f"{r}/skipped"), _i64(model, 0)],
+                             [p(f"{r}/pads_dv")], name=p(f"{r}/PadsV"), axis=0)]
+
+
 def _piece(model, chain, tag: str, q: str, kt: str, v: str, mask: str | None, d_out: str | None, axis: int):
     """Nodes of one piece of the core (a group of heads, all its rows or one chunk of them) from its q, kt, v (and
     its rows of the mask when sliced): {"o"} forward, else {"dq", "dkt", "dv"} from its rows of d_out. In the
@@ -183,59 +217,91 @@ def _piece(model, chain, tag: str, q: str, kt: str, v: str, mask: str | None, d_
 
 
 def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt: str, v: str, results: dict,
-                 d_out: str | None = None, rows: int = 1) -> list:
+                 d_out: str | None = None, rows: int = 1, causal: bool = False) -> list:
     """Nodes computing the attention core of `chain` from q, kt, v ([batch, heads, ...]) in `groups` groups of
     heads, one after the other, into results["o"] (forward, d_out None), or from the output gradient d_out into
     results["dq"], ["dkt"], ["dv"]. With rows >= 2 the query rows also run in that many chunks, one after the other
     (each chunk through every group): a chunk's probabilities need all keys but only its rows (softmax is per row),
-    so the outputs and dQ are concatenated by rows, and dKᵀ and dV summed over the chunks."""
+    so the outputs and dQ are concatenated by rows, and dKᵀ and dV summed over the chunks.
+
+    `causal` (the mask hides every key after the query's own position, and query i is key i: a decoder LM's
+    training step): a chunk of rows [start, end) reads only the keys before `end`, and its dKᵀ and dV are padded
+    with zeros to T before the sum. The skipped scores are masked, so their probabilities are exactly 0 (exp
+    underflows) and leaving them out changes no value: with N chunks the core does (N + 1) / 2N of the work."""
     from onnx import helper
 
-    sizes = _split_sizes(model, heads, groups)
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
     softmax = chain[-1]
     axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
+    parts: dict[str, list[str]] = {}  # tag -> the tensor's part of each group of heads
 
-    def split(t: str, tag: str):
-        return helper.make_node("Split", [t, sizes], [p(f"{tag}{g}") for g in range(groups)], name=p(f"Split_{tag}"),
-                                axis=HEADS)
+    def split(t: str, tag: str) -> list:
+        """Nodes splitting t into parts[tag] by groups of heads; none for one group (a Split copies)."""
+        if groups == 1:
+            parts[tag] = [t]
+            return []
+        parts[tag] = [p(f"{tag}{g}") for g in range(groups)]
+        return [helper.make_node("Split", [t, _split_sizes(model, heads, groups)], parts[tag], name=p(f"Split_{tag}"),
+                                 axis=HEADS)]
 
-    nodes = [split(kt, "kt"), split(v, "v")]
+    masks = [next(i for i in node.input if i != chain[k].output[0]) for k, node in enumerate(chain[1:-1])
+             if node.op_type in _MASK_OPS]
+    mask = masks[0] if masks else None
+    skip = causal and rows >= 2 and mask is not None  # without a mask in the chain nothing says keys are hidden
+    nodes = [] if skip else split(kt, "kt") + split(v, "v")
     per_group: dict[str, list[list[str]]] = {key: [[] for _ in range(groups)] for key in results}
     by_rows: dict[str, list[str]] = {key: [] for key in results}  # one chunk of rows, all heads
     previous = None
     if rows < 2:
-        nodes += [split(q, "q")] + ([split(d_out, "do")] if d_out else [])
+        nodes += split(q, "q") + (split(d_out, "do") if d_out else [])
         chunks = [("", None, None)]
     else:
         row_axis = _i64(model, -2)
-        masks = [next(i for i in node.input if i != chain[k].output[0]) for k, node in enumerate(chain[1:-1])
-                 if node.op_type in _MASK_OPS]
-        mask = masks[0] if masks else None
         bound_nodes, bounds = _row_bounds(model, prefix, q, mask, rows)
         nodes += bound_nodes
         chunks = [(f"r{j}", bound, mask) for j, bound in enumerate(bounds)]
-    for tag, bound, mask in chunks:
+        if skip:
+            nodes += _pad_zeros(model, prefix, q)
+    for j, (tag, bound, mask) in enumerate(chunks):
         mask_rows, r = None, tag
+        keys = ""  # the split of Kᵀ and V this chunk reads: all keys, or (skip) the keys before its end
         if bound is not None:
             if previous is not None:  # this chunk's slices wait for the last piece's result
                 gate, bound = gate_all(model, p(f"{r}/bounds"), bound, previous)
                 nodes += gate
             nodes.append(helper.make_node("Slice", [q, bound[0], bound[1], row_axis], [p(f"{r}/q")],
                                           name=p(f"{r}/RowsQ")))
-            nodes.append(split(p(f"{r}/q"), f"{r}/q"))
+            nodes += split(p(f"{r}/q"), f"{r}/q")
             if d_out:
                 nodes.append(helper.make_node("Slice", [d_out, bound[0], bound[1], row_axis], [p(f"{r}/do")],
                                               name=p(f"{r}/RowsDO")))
-                nodes.append(split(p(f"{r}/do"), f"{r}/do"))
+                nodes += split(p(f"{r}/do"), f"{r}/do")
+            if skip:
+                keys = f"{r}/"
+                zero, key_axis = _i64(model, 0), _i64(model, -1)
+                nodes += [helper.make_node("Slice", [kt, zero, bound[1], key_axis], [p(f"{r}/kt")],
+                                           name=p(f"{r}/KeysKt")),
+                          helper.make_node("Slice", [v, zero, bound[1], row_axis], [p(f"{r}/v")], name=p(f"{r}/KeysV"))]
+                nodes += split(p(f"{r}/kt"), f"{r}/kt") + split(p(f"{r}/v"), f"{r}/v")
             if mask is not None:
                 mask_rows = p(f"{r}/mask")
-                nodes.append(helper.make_node("Slice", [mask, bound[2], bound[3], row_axis], [mask_rows],
-                                              name=p(f"{r}/RowsMask")))
+                if skip:  # its rows, and the keys before the chunk's end
+                    nodes += [helper.make_node("Concat", [bound[2], _i64(model, 0)], [p(f"{r}/mask_starts")],
+                                               name=p(f"{r}/MaskStarts"), axis=0),
+                              helper.make_node("Concat", [bound[3], bound[1]], [p(f"{r}/mask_ends")],
+                                               name=p(f"{r}/MaskEnds"), axis=0),
+                              helper.make_node("Slice", [mask, p(f"{r}/mask_starts"), p(f"{r}/mask_ends"),
+                                                         _axes(model, -2, -1)], [mask_rows], name=p(f"{r}/RowsMask"))]
+                else:
+                    nodes.append(helper.make_node("Slice", [mask, bound[2], bound[3], row_axis], [mask_rows],
+                                                  name=p(f"{r}/RowsMask")))
+        pad = skip and d_out is not None and j < len(chunks) - 1  # the last chunk ends at T
+        if pad:
+            nodes += _pads(model, prefix, r, bound[1])
         pieces = {key: [] for key in results}
         for g in range(groups):
             piece = f"g{g}" if not r else f"{r}g{g}"
-            qg, dog = p(f"{r}/q{g}" if r else f"q{g}"), p(f"{r}/do{g}" if r else f"do{g}")
+            qg, dog = parts[f"{r}/q" if r else "q"][g], parts[f"{r}/do" if r else "do"][g] if d_out else None
             # One piece after the other (a chunk's first piece waits through its gated bounds).
             # dO's rows are gated too: dP = dO·Vᵀ needs nothing else, so ORT would otherwise compute every
             # piece's [rows, T] dP as soon as dO exists (measured: all of a layer's at once, the step's peak).
@@ -243,11 +309,16 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
                 gate, gated = gate_all(model, p(piece), [qg] + ([dog] if d_out else []), previous)
                 nodes += gate
                 qg, dog = gated[0], gated[-1]
-            piece_nodes, out = _piece(model, chain, p(piece), qg, p(f"kt{g}"), p(f"v{g}"), mask_rows,
-                                      dog if d_out else None, axis)
+            piece_nodes, out = _piece(model, chain, p(piece), qg, parts[f"{keys}kt"][g], parts[f"{keys}v"][g],
+                                      mask_rows, dog if d_out else None, axis)
             nodes += piece_nodes
             for key in results:
-                per_group[key][g].append(out[key])
+                term = out[key]
+                if pad and key in ("dkt", "dv"):  # zeros for the keys this chunk skipped
+                    term = p(f"{piece}/{key}_padded")
+                    nodes.append(helper.make_node("Pad", [out[key], p(f"{r}/pads_{key}")], [term],
+                                                  name=p(f"{piece}/Pad_{key}")))
+                per_group[key][g].append(term)
                 pieces[key].append(out[key])
             previous = out["o" if d_out is None else "dq"]
         for key in ("o", "dq"):  # this chunk's rows of every head
@@ -309,7 +380,8 @@ def apply(model, context: PassContext) -> PassReport:
             report.skipped.append(f"{softmax.name}: {reader.name} reads an attention intermediate")
             continue
         prefix = softmax.name.rsplit("/", 1)[0] + "/AttentionChunks"
-        fwd = chunked_core(model, chain, groups, heads, f"{prefix}/fwd", q, kt, v, {"o": o}, rows=rows)
+        fwd = chunked_core(model, chain, groups, heads, f"{prefix}/fwd", q, kt, v, {"o": o}, rows=rows,
+                           causal=context.causal_attention)
         # The backward starts once dO exists: Q, Kᵀ and V go through a gate on it (which also keeps CSE away).
         bwd, gated = [], []
         for k, t in enumerate((q, kt, v)):
@@ -317,7 +389,7 @@ def apply(model, context: PassContext) -> PassReport:
             bwd += gate
             gated.append(name)
         bwd += chunked_core(model, chain, groups, heads, f"{prefix}/bwd", *gated, dict(zip(("dq", "dkt", "dv"), grads)),
-                            d_out=f"{o}_grad", rows=rows)
+                            d_out=f"{o}_grad", rows=rows, causal=context.causal_attention)
         removed |= gone
         before.setdefault(id(pv), []).extend(fwd)
         first_backward = next(n for n in model.graph.node if id(n) in gone and id(n) in backward)
@@ -332,6 +404,7 @@ def apply(model, context: PassContext) -> PassReport:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     report.details = {"layers": report.changed, "groups": groups, "row_chunks": max(rows, 1),
+                      "causal_skip": bool(context.causal_attention and rows >= 2),
                       "frees": "the forward's and the backward's [batch, heads, T, T] tensors but one group's "
                                "rows chunk's"}
     return report

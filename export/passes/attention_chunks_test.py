@@ -45,10 +45,13 @@ def _saved_softmax(model) -> list[str]:
     return sorted(t for t in saved_for_backward(model) if prod[t].op_type == "Softmax")
 
 
-@pytest.mark.parametrize("groups, rows", [(2, 0), (3, 0), (H, 0), (1, 4), (3, 4), (H, T + 2)])
-def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, rows):
+@pytest.mark.parametrize("groups, rows, causal", [(2, 0, False), (3, 0, False), (H, 0, False), (1, 4, False),
+                                                 (3, 4, False), (H, T + 2, False), (1, 4, True), (3, 4, True),
+                                                 (1, T, True), (H, T + 2, True)])
+def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, rows, causal):
     """groups 3: uneven groups of 2, 1 and 1 heads; rows 4 of 6: chunks of 1, 2, 1, 2 query rows; rows T + 2: some
-    chunks are empty."""
+    chunks are empty (the first, with causal skipping, reads no keys at all). causal: each chunk reads only the keys
+    before its end."""
     import shutil
 
     import torch
@@ -64,9 +67,14 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_saved_softmax(training)) == 1
     report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=groups,
-                                                          attention_heads=H, attention_row_chunks=rows))
+                                                          attention_heads=H, attention_row_chunks=rows,
+                                                          causal_attention=causal))
     assert report.changed == 1 and report.skipped == [], report.skipped
     assert _saved_softmax(training) == []
+    assert report.details["causal_skip"] == (causal and rows >= 2)
+    # With skipping, chunk j's scores read the keys of Kᵀ sliced to the chunk's end; without, Kᵀ whole.
+    key_slices = [n for n in training.graph.node if n.name.endswith("/KeysKt")]
+    assert len(key_slices) == (2 * rows if causal else 0)
     pieces = groups * max(rows, 1)
     assert sum(n.op_type == "Softmax" for n in training.graph.node) == 2 * pieces  # forward + backward per piece
     # Each piece after the first waits for the previous piece's result (forward: its output; backward: its dQ):
@@ -136,7 +144,8 @@ def test_export_flag():
     assert build_parser().parse_args(["m", "--attention-row-chunks", "4"]).attention_row_chunks == 4
     assert "attention_chunks" in enabled_passes(ExportConfig(attention_chunks=9))
     assert "attention_chunks" in enabled_passes(ExportConfig(attention_row_chunks=4))
-    assert "attention_chunks" not in enabled_passes(ExportConfig())
+    assert "attention_chunks" in enabled_passes(ExportConfig())  # the default: causal row chunks
+    assert "attention_chunks" not in enabled_passes(ExportConfig(attention_row_chunks=0))
 
 
 @pytest.mark.parametrize("mask_rows", [T, 1])  # a causal mask, and one row broadcast to every query row
@@ -172,3 +181,45 @@ def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
     expected = (p / p.sum(-1, keepdims=True)) @ v
     (o,) = ReferenceEvaluator(model).run(None, {"q": q, "kt": kt, "v": v, "mask": mask})
     np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [2, 4, T])
+def test_causal_row_chunks_read_only_the_keys_before_their_end(rows):
+    """With a causal mask (and padded keys hidden too), the skipping forward on the reference evaluator equals the
+    whole softmax attention, and each chunk's scores are [rows of the chunk, keys up to its end]."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    from lars_export.passes.attention_chunks import chunked_core
+
+    hd, scale = 3, 0.5
+    chain = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores"),
+             helper.make_node("Mul", ["s", "scale"], ["ss"], name="Scale"),
+             helper.make_node("Add", ["ss", "mask"], ["sm"], name="Mask"),
+             helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
+    graph = helper.make_graph([], "core", [
+        helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, H, "T", hd]),
+        helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, H, hd, "T"]),
+        helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, H, "T", hd]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "T", "T"])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(scale, np.float32), "scale")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.node.extend(chunked_core(model, chain, 2, H, "core", "q", "kt", "v", {"o": "o"}, rows=rows,
+                                         causal=True))
+    model.graph.output.extend(helper.make_tensor_value_info(f"core/r{j}g0/scores", TensorProto.FLOAT, None)
+                              for j in range(rows))
+
+    rng = np.random.default_rng(rows)
+    q, v = rng.normal(size=(2, 1, H, T, hd)).astype(np.float32)
+    kt = rng.normal(size=(1, H, hd, T)).astype(np.float32)
+    keys, queries = np.arange(T)[None, :], np.arange(T)[:, None]
+    hidden = (keys > queries) | (keys == T - 1)  # causal, and the last key is padding
+    mask = np.where(hidden, np.finfo(np.float32).min, 0).astype(np.float32)[None, None]
+    scores = q @ kt * scale + mask
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ v
+    o, *chunk_scores = ReferenceEvaluator(model).run(None, {"q": q, "kt": kt, "v": v, "mask": mask})
+    np.testing.assert_allclose(o, expected, rtol=1e-5, atol=1e-6)
+    cuts = [T * j // rows for j in range(rows + 1)]
+    assert [s.shape[-2:] for s in chunk_scores] == [(cuts[j + 1] - cuts[j], cuts[j + 1]) for j in range(rows)]
