@@ -143,3 +143,17 @@ def test_profile_step_splits_kernel_time_by_op_and_direction(tiny_bundles, tmp_p
     assert ops["Gather"]["forward_ms"] > 0  # the embedding lookup only runs forward
     assert result["minor_faults"] >= 0 and result["user_s"] >= 0 and result["peak_rss_mb"] > 0
     assert "| op type | ms / step |" in out.stdout
+
+
+def test_bench_allocator_runs_each_setting_in_its_own_process(tiny_bundles, tmp_path):
+    """The allocator only moves memory: every setting computes the same loss, bit for bit."""
+    settings = ["malloc", "malloc-hugetlb", "arena", "arena-kept", "arena-shared", "arena-nospin"]
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_allocator.py"), str(tiny_bundles["llama"]),
+                          "--seq-len", "32", "--steps", "2", "--threads", "1", "--settings", ",".join(settings),
+                          "--json", str(tmp_path / "a.json")], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads((tmp_path / "a.json").read_text())
+    assert [r["setting"] for r in rows] == settings
+    assert len({r["loss"] for r in rows}) == 1
+    assert all(r["peak_rss_mb"] >= r["rss_after_mb"] > 0 and r["wall_s"] > 0 for r in rows)
+    assert "| arena-kept | 32 |" in out.stdout
