@@ -148,6 +148,16 @@ def test_export_flag():
     assert "attention_chunks" not in enabled_passes(ExportConfig(attention_row_chunks=0))
 
 
+def _core_chain() -> list:
+    """An eager attention core as transformers writes it: (Q·Kᵀ)·scale + mask -> Softmax."""
+    from onnx import helper
+
+    return [helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores"),
+            helper.make_node("Mul", ["s", "scale"], ["ss"], name="Scale"),
+            helper.make_node("Add", ["ss", "mask"], ["sm"], name="Mask"),
+            helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
+
+
 @pytest.mark.parametrize("mask_rows", [T, 1])  # a causal mask, and one row broadcast to every query row
 def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
     """The chunked forward on a hand-built core (onnx's reference evaluator): the mask's rows are sliced with the
@@ -158,10 +168,7 @@ def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
     from lars_export.passes.attention_chunks import chunked_core
 
     hd, scale = 3, 0.5
-    chain = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores"),
-             helper.make_node("Mul", ["s", "scale"], ["ss"], name="Scale"),
-             helper.make_node("Add", ["ss", "mask"], ["sm"], name="Mask"),
-             helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
+    chain = _core_chain()
     graph = helper.make_graph([], "core", [
         helper.make_tensor_value_info("q", TensorProto.FLOAT, [H, "T", hd]),
         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [H, hd, "T"]),
@@ -193,10 +200,7 @@ def test_causal_row_chunks_read_only_the_keys_before_their_end(rows):
     from lars_export.passes.attention_chunks import chunked_core
 
     hd, scale = 3, 0.5
-    chain = [helper.make_node("MatMul", ["q", "kt"], ["s"], name="Scores"),
-             helper.make_node("Mul", ["s", "scale"], ["ss"], name="Scale"),
-             helper.make_node("Add", ["ss", "mask"], ["sm"], name="Mask"),
-             helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
+    chain = _core_chain()
     graph = helper.make_graph([], "core", [
         helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, H, "T", hd]),
         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, H, hd, "T"]),
