@@ -35,9 +35,14 @@ BEFORE_PIECE_ORDER = ({"memory_passes_smollm2.json", "memory_4096_smollm2.json",
 
 
 def _current_rows() -> list[dict]:
+    """The measured rows, each under the bench mode that exports its bundle today: every file here was measured
+    before the exporter's default became causal row chunks, so their `default` is today's `default-whole`. All of
+    them ran a malloc per tensor (the runtime's default until ORT's arena, which the model is not fitted to)."""
     old_files, chunked = BEFORE_PIECE_ORDER
-    return [r for path in MEASURED for r in json.loads(path.read_text())
+    rows = [r for path in MEASURED for r in json.loads(path.read_text())
             if not (path.name in old_files and r["mode"] in chunked)]
+    return [{**r, "mode": "default-whole" + r["mode"][len("default"):]} if r["mode"].split("@")[0].split(":")[0]
+            == "default" else r for r in rows]
 
 
 def test_predictions_bound_every_measured_peak():
@@ -47,7 +52,7 @@ def test_predictions_bound_every_measured_peak():
 
     rows = compare(_current_rows())
     modes = {r["mode"] for r in rows}
-    assert {"ort-lora", "lars", "recompute", "chunked-loss", "default", "stack", "int8", "int4",
+    assert {"ort-lora", "lars", "recompute", "chunked-loss", "default-whole", "stack", "int8", "int4",
             "stack-chunks", "full", "full-int8", "stack-rows", "full-int8-rows"} <= modes
     assert len(rows) >= 40
     off = [r for r in rows if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
