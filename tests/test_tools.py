@@ -60,9 +60,10 @@ def test_memory_breakdown_counts_what_each_pass_frees(tiny_models, tmp_path):
 
     bundles = {name: export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / name), lora_rank=4,
                                          lora_alpha=8, **kw))
-               for name, kw in {"exact": dict(lars_basis="none", recompute_attention=False),
-                                "lars": dict(lars_basis="random", lars_rank=8, recompute_attention=False),
-                                "recompute": dict(lars_basis="none")}.items()}
+               for name, kw in {"exact": dict(lars_basis="none", recompute_attention=False, attention_row_chunks=0),
+                                "lars": dict(lars_basis="random", lars_rank=8, recompute_attention=False,
+                                             attention_row_chunks=0),
+                                "recompute": dict(lars_basis="none", attention_row_chunks=0)}.items()}
     out = subprocess.run([sys.executable, str(REPO / "tools" / "memory_breakdown.py"), *map(str, bundles.values()),
                           "--seq-lens", "64,128", "--json", str(tmp_path / "b.json")],
                          capture_output=True, text=True, timeout=600)
@@ -98,8 +99,9 @@ def test_alloc_trace_finds_the_peak_and_what_is_alive_there(tiny_models, tmp_pat
 
     from lars_export import ExportConfig, export
 
+    # attention whole: its [heads, T, T] tensors are the tiny model's only ones of 1 MB (the mapping threshold)
     bundle = export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / "b"), lora_rank=4,
-                                 lora_alpha=8))
+                                 lora_alpha=8, attention_row_chunks=0))
     out = subprocess.run([sys.executable, str(REPO / "tools" / "alloc_trace.py"), str(bundle), "--seq-len", "256",
                           "--runtime-python", sys.executable], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr

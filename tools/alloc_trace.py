@@ -1,6 +1,7 @@
 """What is alive at the peak of one training step, by allocation size: the step runs under strace, every large
-allocation is an mmap of its own (the runtime's 1 MB mmap threshold), so the set alive at the highest point is
-exact, and tensor sizes name the tensors (e.g. at 4096 tokens [T, T] float32 is 64 MB, [T, hidden] 9 MB).
+allocation is an mmap of its own (ORT's arena off and the runtime's 1 MB mmap threshold: `--no-memory-arena`), so
+the set alive at the highest point is exact, and tensor sizes name the tensors (e.g. at 4096 tokens [T, T] float32
+is 64 MB, [T, hidden] 9 MB).
 
     python tools/alloc_trace.py BUNDLE --seq-len 4096
 
@@ -27,7 +28,7 @@ _MUNMAP = re.compile(r"munmap\((0x[0-9a-f]+), (\d+)\)")
 _STEP = """
 import sys, numpy as np
 from lars_ort import Trainer
-t = Trainer(sys.argv[1], eval=False, threads=2, verify=False)
+t = Trainer(sys.argv[1], eval=False, threads=2, verify=False, memory_arena=False)  # a mapping per tensor
 batch = t.batch(np.random.default_rng(0).integers(1, t.bundle.manifest.vocab_size, size=(1, int(sys.argv[2]))))
 open(sys.argv[3]).close()  # the marker: an openat of this path in the trace
 t.step(batch, lr=1e-4)
