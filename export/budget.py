@@ -3,7 +3,7 @@
 Candidates are the memory passes' combinations a user would pick, cheapest first. Exact ones come before the
 quantized weights (which change the model's loss slightly); among each, the order is by step time relative to
 exact LoRA without passes, measured on SmolLM2-135M at 2048 tokens (docs/BENCHMARKS.md). The prediction is
-lars_artifacts.memory_model (validated against measured peaks within 10%); a candidate fits when its prediction
+lars_artifacts.memory_model (validated against measured peaks within 15%); a candidate fits when its prediction
 is at most (1 - MARGIN) of the budget, so the model's largest measured under-prediction still fits.
 The user's LARS setting is kept and priced in.
 """
@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from lars_artifacts import LarsError
 from lars_artifacts.memory_model import MemoryModel, estimate
 
-MARGIN = 0.10
+# ORT's arena (the runtime's default) peaks up to 14% above the model, which was fitted to a malloc per tensor
+# (0.856 of the measured peak for whole attention at 2048 tokens, docs/bench/speed_2048_smollm2.json).
+MARGIN = 0.15
 
 _EXACT = dict(recompute_attention=False, attention_chunks=0, attention_row_chunks=0, loss_chunks=0,
               recompute_layers=False, quantize_weights="none")

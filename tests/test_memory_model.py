@@ -25,7 +25,9 @@ MEASURED = [REPO / "docs" / "bench" / f for f in (
     "memory_4096_full_smollm2.json", "memory_qwen2_0.5b.json", "memory_4096_rows_smollm2.json",
     "memory_2048_rows_smollm2.json",
     # both backends side by side (plain onnxruntime 1.32 and onnxruntime-training 1.19.2)
-    "backends_2048_smollm2.json", "backends_4096_smollm2.json", "backends_2048_time_smollm2.json")]
+    "backends_2048_smollm2.json", "backends_4096_smollm2.json", "backends_2048_time_smollm2.json",
+    # ORT's arena (the runtime's default since), the old and the new default bundle side by side
+    "speed_2048_smollm2.json")]
 # Chunked-attention rows measured before its pieces were ordered (dP gated, dQ last): ORT then held a layer's dP
 # all at once, which the pass no longer lets it do, so those peaks are not the current graph's.
 BEFORE_PIECE_ORDER = ({"memory_passes_smollm2.json", "memory_4096_smollm2.json", "memory_4096_stack_smollm2.json",
@@ -34,19 +36,27 @@ BEFORE_PIECE_ORDER = ({"memory_passes_smollm2.json", "memory_4096_smollm2.json",
                       {"attn-chunks", "stack-chunks", "full", "full-int8"})
 
 
+# Measured after the exporter's default became causal row chunks, on ORT's arena; every other file ran a malloc per
+# tensor and calls the old defaults `default` (today's `default-whole`).
+CAUSAL_DEFAULT = {"speed_2048_smollm2.json"}
+
+
 def _current_rows() -> list[dict]:
-    """The measured rows, each under the bench mode that exports its bundle today: every file here was measured
-    before the exporter's default became causal row chunks, so their `default` is today's `default-whole`. All of
-    them ran a malloc per tensor (the runtime's default until ORT's arena, which the model is not fitted to)."""
+    """The measured rows, each under the bench mode that exports its bundle today."""
     old_files, chunked = BEFORE_PIECE_ORDER
-    rows = [r for path in MEASURED for r in json.loads(path.read_text())
-            if not (path.name in old_files and r["mode"] in chunked)]
-    return [{**r, "mode": "default-whole" + r["mode"][len("default"):]} if r["mode"].split("@")[0].split(":")[0]
-            == "default" else r for r in rows]
+    rows = []
+    for path in MEASURED:
+        for r in json.loads(path.read_text()):
+            if path.name in old_files and r["mode"] in chunked:
+                continue
+            if path.name not in CAUSAL_DEFAULT and r["mode"].split("@")[0].split(":")[0] == "default":
+                r = {**r, "mode": "default-whole" + r["mode"][len("default"):]}
+            rows.append(r)
+    return rows
 
 
 def test_predictions_bound_every_measured_peak():
-    """No measured peak is more than the budget's 10% margin above its prediction, and none is more than 20% below
+    """No measured peak is more than the budget's margin above its prediction, and none is more than 20% below
     it (a looser budget than needed)."""
     from validate_memory_model import SMOLLM2, compare
 
@@ -174,9 +184,9 @@ def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_pat
     from tiny import TRAIN_TEXT
 
     out = export(ExportConfig(model=str(tiny_models["qwen2"]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
-                              lars_basis="none", memory_budget="205MB", max_seq_len=256))
+                              lars_basis="none", memory_budget="220MB", max_seq_len=256))
     model = MemoryModel.from_dict(load_bundle(out).manifest.memory["model"])
-    assert model.peak_bytes(2, 32) < 205 * 2**20 < model.peak_bytes(8, 256)
+    assert model.peak_bytes(2, 32) < 220 * 2**20 < model.peak_bytes(8, 256)
 
     def train(run, batch, seq):
         return subprocess.run([sys.executable, "-m", "lars_ort.cli", "train", str(out), "--data", str(TRAIN_TEXT),
