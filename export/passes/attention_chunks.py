@@ -260,7 +260,7 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
         bound_nodes, bounds = _row_bounds(model, prefix, q, mask, rows)
         nodes += bound_nodes
         chunks = [(f"r{j}", bound, mask) for j, bound in enumerate(bounds)]
-        if skip:
+        if skip and d_out:  # only the backward pads (its dKᵀ and dV)
             nodes += _pad_zeros(model, prefix, q)
     for j, (tag, bound, mask) in enumerate(chunks):
         mask_rows, r = None, tag
@@ -286,7 +286,7 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
             if mask is not None:
                 mask_rows = p(f"{r}/mask")
                 if skip:  # its rows, and the keys before the chunk's end
-                    nodes += [helper.make_node("Concat", [bound[2], _i64(model, 0)], [p(f"{r}/mask_starts")],
+                    nodes += [helper.make_node("Concat", [bound[2], zero], [p(f"{r}/mask_starts")],
                                                name=p(f"{r}/MaskStarts"), axis=0),
                               helper.make_node("Concat", [bound[3], bound[1]], [p(f"{r}/mask_ends")],
                                                name=p(f"{r}/MaskEnds"), axis=0),
@@ -357,6 +357,7 @@ def apply(model, context: PassContext) -> PassReport:
     backward_list = backward_nodes(model)  # held: protobuf node ids are only stable while the nodes are alive
     backward = {id(n) for n in backward_list}
     removed: set[int] = set()
+    skipping = 0  # layers whose row chunks skip the keys after their rows (a causal mask in the chain)
     before: dict[int, list] = {}  # id(anchor node) -> new nodes to put before it
     for softmax, match, why_not in list(find(model)):
         if match is None or (why_not := check(*match, inits, prod, graph_names, rows)):
@@ -391,6 +392,7 @@ def apply(model, context: PassContext) -> PassReport:
         bwd += chunked_core(model, chain, groups, heads, f"{prefix}/bwd", *gated, dict(zip(("dq", "dkt", "dv"), grads)),
                             d_out=f"{o}_grad", rows=rows, causal=context.causal_attention)
         removed |= gone
+        skipping += any(n.name.endswith("/KeysKt") for n in fwd)
         before.setdefault(id(pv), []).extend(fwd)
         first_backward = next(n for n in model.graph.node if id(n) in gone and id(n) in backward)
         before.setdefault(id(first_backward), []).extend(bwd)
@@ -404,7 +406,7 @@ def apply(model, context: PassContext) -> PassReport:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
     report.details = {"layers": report.changed, "groups": groups, "row_chunks": max(rows, 1),
-                      "causal_skip": bool(context.causal_attention and rows >= 2),
+                      "causal_skip": report.changed > 0 and skipping == report.changed,
                       "frees": "the forward's and the backward's [batch, heads, T, T] tensors but one group's "
                                "rows chunk's"}
     return report
