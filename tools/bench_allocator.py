@@ -44,9 +44,9 @@ SETTINGS = {
 }
 
 
-def _status_mb(key: str) -> float:
+def _rss_mb() -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def worker(a) -> dict:
@@ -56,6 +56,7 @@ def worker(a) -> dict:
     import lars_ort.engine_ort as engine_ort
     from lars_artifacts import load_bundle
     from lars_ort.data import Batch
+    from lars_ort.metrics import peak_rss_mb
 
     s = SETTINGS[a.worker]
     plain = engine_ort.session_options
@@ -91,9 +92,10 @@ def worker(a) -> dict:
         r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         rows.append((w1 - w0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
     wall, user, system, faults = (statistics.median(col) for col in zip(*rows))
+    after = _rss_mb()  # before the peak: read the other way round, the RSS can have grown past the peak read
     return {"setting": a.worker, "seq_len": a.seq_len, "threads": a.threads, "wall_s": wall, "user_s": user,
-            "system_s": system, "minor_faults": faults, "peak_rss_mb": _status_mb("VmHWM"),
-            "rss_after_mb": _status_mb("VmRSS"), "loss": loss}
+            "system_s": system, "minor_faults": faults, "peak_rss_mb": peak_rss_mb(), "rss_after_mb": after,
+            "loss": loss}
 
 
 def main(argv: list[str] | None = None) -> int:
