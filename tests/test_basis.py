@@ -1,0 +1,128 @@
+"""The pca basis: the top-k eigensolver against LAPACK's full eigh, and the layer-by-layer calibration against one
+ordinary forward of the whole model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lars_export import basis
+
+
+def _subspace_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosines of the principal angles between the column spans of two orthonormal d×k matrices."""
+    return np.linalg.svd(a.T @ b, compute_uv=False)
+
+
+def _moment(d: int, spectrum: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((4 * d, d))
+    if spectrum == "decaying":    # what real activations look like: a few strong directions, then a slow tail
+        x *= 1.0 / np.sqrt(1 + np.arange(d))
+    elif spectrum == "outliers":  # "massive activations": two dimensions ~1000x the rest
+        x[:, :2] *= 1000.0
+    x = x @ np.linalg.qr(rng.standard_normal((d, d)))[0]  # not axis-aligned
+    return x.T @ x
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat", "outliers"])
+@pytest.mark.parametrize("d,k", [(200, 8), (500, 32)])
+def test_top_eigenvectors_span_the_leading_eigenspace_of_full_eigh(spectrum, d, k):
+    m = _moment(d, spectrum)
+    values, vectors = np.linalg.eigh(m)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    assert 8 * (k + max(8, k // 2)) < d  # the iterative path, not the small-problem fallback to eigh
+    top = basis.top_eigenvectors(m, k)
+    assert top.shape == (d, k)
+    np.testing.assert_allclose(top.T @ top, np.eye(k), atol=1e-10)
+    assert _subspace_cosines(top, vectors[:, :k]).min() > 1 - 1e-8
+    # each column is the eigenvector of the same rank (up to sign): the basis is ordered by variance
+    np.testing.assert_allclose(np.einsum("dk,de,ek->k", top, m, top), values[:k], rtol=1e-8)
+
+
+def test_top_eigenvectors_of_a_small_matrix_take_full_eigh():
+    m = _moment(40, "decaying")
+    top = basis.top_eigenvectors(m, 8)
+    vectors = np.linalg.eigh(m)[1][:, ::-1][:, :8]
+    assert _subspace_cosines(top, vectors).min() > 1 - 1e-12
+
+
+def _reference_moments(peft_model, batches) -> dict[str, np.ndarray]:
+    """Σ xᵀx per adapter from ordinary forwards of the whole model (float64, no shared-input shortcut)."""
+    import torch
+
+    sums: dict[str, np.ndarray] = {}
+    hooks = []
+    for name, module in basis.lora_modules(peft_model).items():
+        def hook(mod, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double().numpy()
+            sums[name] = sums.get(name, 0) + x.T @ x
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            for ids in batches:
+                peft_model(input_ids=torch.tensor([ids]), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2-sliding"])
+def test_layer_by_layer_calibration_sees_what_one_forward_of_the_model_sees(tiny_models, tmp_path, arch):
+    """The layers are run one at a time on carried hidden states with the arguments the model passed each of them:
+    the adapters' inputs must be those of an ordinary forward, including a model whose layers get different masks
+    (Qwen2 with a sliding window on its second layer, on batches longer than the window)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "qwen2-sliding":
+        torch.manual_seed(0)
+        config = Qwen2Config(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                             layer_types=["full_attention", "sliding_attention"], attn_implementation="eager")
+        model = Qwen2ForCausalLM(config)
+        tok = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # before PEFT wraps the projections
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj",
+                                                                       "down_proj"], task_type="CAUSAL_LM"))
+    batches = basis.calibration_batches(tok, None, 300, seq_len=64)  # the last batch is shorter
+    assert len({len(b) for b in batches}) == 2
+    want = _reference_moments(peft_model, batches)
+    got = basis.second_moments(peft_model, batches)
+    assert set(got) == set(want) and len(got) == 2 * 5
+    for name, moment in want.items():
+        np.testing.assert_allclose(got[name], moment, rtol=2e-5, atol=1e-5 * np.abs(moment).max(), err_msg=name)
+    # q and v read the same tensor: one gathered input serves both
+    q = [n for n in got if ".q_proj." in n]
+    assert all(got[n] is got[n.replace(".q_proj.", ".v_proj.")] for n in q)
+    if arch == "qwen2-sliding":  # the sliding window changed what the second layer's o_proj saw
+        full = Qwen2ForCausalLM(Qwen2Config(**{**config.to_dict(), "use_sliding_window": False,
+                                               "layer_types": ["full_attention"] * 2}))
+        full.load_state_dict(weights)
+        unwindowed = _reference_moments(get_peft_model(full, LoraConfig(r=4, target_modules=["o_proj"],
+                                                                        task_type="CAUSAL_LM")), batches)
+        o1 = next(n for n in got if ".layers.1.self_attn.o_proj." in n)
+        assert not np.allclose(unwindowed[o1], got[o1], rtol=1e-3)
+
+
+def test_pca_basis_from_the_exporter_equals_full_eigh_of_the_moments(tiny_models):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"],
+                                                  task_type="CAUSAL_LM"))
+    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
+    moments = _reference_moments(peft_model, basis.calibration_batches(tok, None, 1024))
+    down = next(n for n in bases if ".down_proj." in n)
+    assert bases[down].shape == (128, 8) and bases[down].dtype == np.float32
+    for name, p in bases.items():
+        vectors = np.linalg.eigh(moments[name])[1][:, ::-1][:, :8]
+        assert _subspace_cosines(p.astype(np.float64), vectors).min() > 1 - 1e-5, name
