@@ -51,18 +51,46 @@ def _quiet_stderr():
             os.close(saved)
 
 
+FORWARD_MODEL = "forward.onnx"
+
+
 def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
     """Write the four ORT artifacts to out_dir. ORT's training build runs in a child process (lars_export.ort_training
-    says why); the forward graph reaches it as a file."""
+    says why); the forward graph reaches it as a file, its frozen weights in out_dir/WEIGHTS, which the child never
+    loads (see _ort_training_worker.generate) and the artifacts reference as they are. Takes the weights out of
+    model_proto (moved to that file, not copied): the caller's proto is left without them."""
     import onnx
 
     from . import ort_training
 
-    with tempfile.TemporaryDirectory() as tmp:
-        forward = Path(tmp) / "forward.onnx"
-        onnx.save_model(model_proto, str(forward), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="forward.onnx_data", size_threshold=1024)
-        ort_training.call("generate", forward, list(trainable), Path(out_dir))
+    out_dir = Path(out_dir)
+    _move_to_external_data(model_proto, set(trainable), out_dir / WEIGHTS)
+    forward = out_dir / FORWARD_MODEL
+    onnx.save_model(model_proto, str(forward))
+    try:
+        ort_training.call("generate", forward, list(trainable), out_dir)
+    finally:
+        forward.unlink(missing_ok=True)
+
+
+def _move_to_external_data(model_proto, keep: set[str], path: Path, size_threshold: int = 1024) -> None:
+    """Append the raw bytes of every inline initializer above size_threshold, except those named in `keep` (the
+    adapters: ORT's checkpoint takes their values from the graph), to `path`, and point the initializers at them.
+    Each tensor starts 64-byte aligned."""
+    from onnx.external_data_helper import set_external_data
+
+    with open(path, "ab") as f:
+        offset = f.tell()
+        for init in model_proto.graph.initializer:
+            if init.name in keep or not init.HasField("raw_data") or len(init.raw_data) <= size_threshold:
+                continue
+            f.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            size = len(init.raw_data)
+            f.write(init.raw_data)
+            set_external_data(init, location=path.name, offset=offset, length=size)
+            init.ClearField("raw_data")
+            offset += size
 
 
 def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> None:
@@ -92,11 +120,12 @@ def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> Non
 
 
 def rewrite_training_model(out_dir: Path, rewrite) -> list:
-    """Load training_model.onnx, let `rewrite` change it in place (it returns pass reports), save it back."""
+    """Load training_model.onnx without its external weights, let `rewrite` change it in place (it returns pass
+    reports; passes never read a weight that large), save it back."""
     import onnx
 
     path = out_dir / TRAINING_MODEL
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     reports = rewrite(model)
     if any(r.changed for r in reports):
         onnx.save_model(model, str(path))
@@ -104,38 +133,22 @@ def rewrite_training_model(out_dir: Path, rewrite) -> list:
 
 
 def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
-    """Move the frozen initializers of both graphs into one external-data file; return its size in bytes.
+    """Put every large initializer of both graphs in the one external-data file WEIGHTS; return its size in bytes.
 
-    The training graph's initializers are written to WEIGHTS; the eval graph's identical initializers are then
-    pointed at the same offsets, so the weights are on disk once.
-    """
+    The forward's frozen weights are there already (generate), and both graphs point at the same bytes; what the
+    training passes added inline (e.g. LARS bases) is appended. Nothing already in the file is read."""
     import onnx
-    from onnx.external_data_helper import set_external_data
 
-    train_path, eval_path = out_dir / TRAINING_MODEL, out_dir / EVAL_MODEL
-    train = onnx.load(str(train_path))
-    onnx.save_model(train, str(train_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=WEIGHTS, size_threshold=size_threshold)
-    stored = onnx.load(str(train_path), load_external_data=False)
-    where = {}
-    for init in stored.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in init.external_data}
-            where[init.name] = (int(info["offset"]), int(info["length"]))
-    del train, stored
-
-    evalm = onnx.load(str(eval_path))
-    with open(out_dir / WEIGHTS, "rb") as weights:
-        for init in evalm.graph.initializer:
-            if init.name not in where or not init.HasField("raw_data"):
-                continue
-            offset, length = where[init.name]
-            weights.seek(offset)
-            if len(init.raw_data) != length or weights.read(length) != init.raw_data:
-                continue  # same name, other content: keep it inline
-            set_external_data(init, location=WEIGHTS, offset=offset, length=length)
-            init.ClearField("raw_data")
-    onnx.save_model(evalm, str(eval_path))
+    for name in (TRAINING_MODEL, EVAL_MODEL):
+        path = out_dir / name
+        model = onnx.load(str(path), load_external_data=False)
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:
+                where = {e.key: e.value for e in init.external_data}.get("location")
+                if where != WEIGHTS:
+                    raise LarsError(f"{name} stores {init.name} in {where}, not {WEIGHTS}; please report this model")
+        _move_to_external_data(model, set(), out_dir / WEIGHTS, size_threshold)
+        onnx.save_model(model, str(path))
     return (out_dir / WEIGHTS).stat().st_size
 
 

@@ -66,6 +66,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
+child_peak_rss_mb = 0.0  # the largest peak RSS a child of `call` reported so far (the export's phases print it)
+
+
 def call(function: str, *args, timeout: float | None = None) -> object:
     """Run `lars_export._ort_training_worker.<function>(*args)` in a child with the training build; return what it
     returns (JSON). A failure in the child is raised here as a one-line LarsError."""
@@ -77,6 +80,8 @@ def call(function: str, *args, timeout: float | None = None) -> object:
         errors = [line for line in result.stderr.strip().splitlines() if line.strip()]
         raise LarsError(f"onnxruntime-training ({function}) failed: {(errors or ['no output'])[-1][:400]}")
     reply = json.loads(lines[-1])
+    global child_peak_rss_mb
+    child_peak_rss_mb = max(child_peak_rss_mb, reply.get("peak_rss_mb", 0.0))
     if "error" in reply:
         raise LarsError(reply["error"])
     return reply["result"]

@@ -7,6 +7,7 @@ never leaves a half bundle (nor destroys an existing one unless --force).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import shutil
@@ -52,9 +53,18 @@ class _Phase:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            print(f"      done in {self.clock.seconds():.1f} s (peak RSS {peak_rss_mb():,.0f} MB)",
-                  file=self.phases.stream, flush=True)
+            print(f"      done in {self.clock.seconds():.1f} s (peak RSS {_peaks()})", file=self.phases.stream,
+                  flush=True)
         return False
+
+
+def _peaks() -> str:
+    """This process' peak RSS so far, and the largest of its onnxruntime-training children's (the gradient builder
+    runs in a child: its memory is not in this process' high-water mark)."""
+    from . import ort_training
+
+    child = ort_training.child_peak_rss_mb
+    return f"{peak_rss_mb():,.0f} MB" + (f"; gradient builder's process {child:,.0f} MB" if child else "")
 
 
 def _versions() -> dict[str, str]:
@@ -115,8 +125,10 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
         with phases("exporting to ONNX"), tempfile.TemporaryDirectory() as tmp:
             onnx_path = Path(tmp) / "model.onnx"
             onnx_export.export_onnx(peft_model, onnx_path, config.opset, model.config.vocab_size)
+            # the torch weights go before the graph's copy is loaded (HF and PEFT modules hold reference cycles)
+            del peft_model, model
+            gc.collect()
             graph = onnx.load(str(onnx_path))  # ModelProto
-        del peft_model, model
 
         with phases("checking the graph (adapter tensors, gradient ops)"):
             names = {p.onnx_name for p in params}
@@ -197,8 +209,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    print(f"bundle written to {out} in {phases.clock.seconds():.1f} s, peak RSS {peak_rss_mb():,.0f} MB",
-          file=stream, flush=True)
+    print(f"bundle written to {out} in {phases.clock.seconds():.1f} s, peak RSS {_peaks()}", file=stream, flush=True)
     return out
 
 

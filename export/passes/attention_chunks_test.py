@@ -62,7 +62,7 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
     labels = rng.integers(0, V, size=T).astype(np.int64)
     exact_loss, exact_grads = _grads(root, ids, labels)
 
-    for name in ("training_model.onnx", "checkpoint", "eval_model.onnx", "optimizer_model.onnx"):
+    for name in ("training_model.onnx", "checkpoint", "eval_model.onnx", "optimizer_model.onnx", "weights.onnx_data"):
         shutil.copy(root / name, tmp_path / name)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_saved_softmax(training)) == 1
