@@ -159,3 +159,23 @@ def test_bench_allocator_runs_each_setting_in_its_own_process(tiny_bundles, tmp_
     assert len({r["loss"] for r in rows}) == 1
     assert all(r["peak_rss_mb"] >= r["rss_after_mb"] > 0 and r["wall_s"] > 0 for r in rows)
     assert "| arena-kept | 32 |" in out.stdout
+
+
+def test_bench_export_on_a_tiny_model(tiny_models, tmp_path):
+    """Every phase of the exporter's report is read back: times, its peak and the gradient builder's (child) peak."""
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_export.py"), "--models", str(tiny_models["qwen2"]),
+                          "--export-args", "--lora-rank 4 --lars-rank 8", "--cache", str(tmp_path / "cache"),
+                          "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (row,) = json.loads((tmp_path / "e.json").read_text())
+    assert row["model"] == "qwen2" and row["exit_code"] == 0
+    assert [p["phase"].split()[0] for p in row["phases"]] == ["loading", "LARS", "exporting", "checking", "generating",
+                                                               "lowering", "writing"]
+    assert all(p["seconds"] >= 0 and p["peak_rss_mb"] > 100 for p in row["phases"])
+    # the child's peak appears once the gradient builder has run, and it is the child's own (a fresh process with
+    # onnxruntime-training and torch imported: more than 100 MB)
+    assert [p["child_peak_rss_mb"] is not None for p in row["phases"]] == [False] * 4 + [True] * 3
+    assert 100 < row["child_peak_rss_mb"] and row["parameters"] > 0 and row["peak_rss_mb"] > 0
+    assert not (tmp_path / "cache" / "bundle-qwen2").exists()  # removed unless --keep-bundles
+    assert "| qwen2 |" in out.stdout and (tmp_path / "e.png").stat().st_size > 0

@@ -1,0 +1,101 @@
+"""The frozen weights on their way through the exporter: moved into the bundle's weights file once, never loaded by
+the gradient builder or the training passes, referenced by both graphs at the same bytes; shape inference without
+them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lars_artifacts import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, WEIGHTS
+from lars_artifacts.ort_checkpoint import read_checkpoint
+from lars_export import ort_artifacts
+from lars_export.preflight import weightless
+
+RNG = np.random.default_rng(0)
+FROZEN = {"w0": RNG.normal(size=(32, 32)).astype(np.float32), "w2": RNG.normal(size=(32, 10)).astype(np.float32)}
+ADAPTER = {"lora_A": RNG.normal(size=(32, 4)).astype(np.float32) * 0.1,
+           "lora_B": RNG.normal(size=(4, 32)).astype(np.float32) * 0.1}
+SHAPE = np.array([-1, 32], np.int64)  # a small initializer a shape op reads: stays inline
+
+
+def _forward():
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "w0"], ["h0"]),
+             helper.make_node("MatMul", ["x2", "lora_A"], ["a"]), helper.make_node("MatMul", ["a", "lora_B"], ["b"]),
+             helper.make_node("Add", ["h0", "b"], ["h1"]), helper.make_node("Tanh", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "w2"], ["logits"])]
+    inits = {**FROZEN, **ADAPTER, "shape": SHAPE}
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def _external(model) -> dict[str, tuple[int, int]]:
+    out = {}
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            assert info["location"] == WEIGHTS
+            out[init.name] = (int(info["offset"]), int(info["length"]))
+    return out
+
+
+def test_weightless_copy_infers_what_the_whole_model_infers():
+    model = _forward()
+    light = weightless(model)
+    assert {i.name for i in light.graph.initializer} == {"lora_A", "lora_B", "shape"}  # 512, 512, 16 bytes: inline
+    assert {i.name for i in light.graph.input} == {"x", "w0", "w2"}
+    assert len(model.graph.initializer) == 5 and model.graph.initializer[0].raw_data  # the original is untouched
+    full = onnx.shape_inference.infer_shapes(model).graph.value_info
+    inferred = onnx.shape_inference.infer_shapes(light).graph.value_info
+    assert len(full) == len(inferred) == 6
+    assert [str(v) for v in full] == [str(v) for v in inferred]  # names, types and shapes, "x2" via "shape" too
+
+
+def test_generate_moves_the_frozen_weights_once_and_both_graphs_read_the_same_bytes(tmp_path):
+    model = _forward()
+    ort_artifacts.generate(model, sorted(ADAPTER), tmp_path)
+    assert not (tmp_path / ort_artifacts.FORWARD_MODEL).exists()
+    # moved out of the caller's proto, not copied
+    assert all(not i.HasField("raw_data") for i in model.graph.initializer if i.name in FROZEN)
+    data = (tmp_path / WEIGHTS).read_bytes()
+    train = onnx.load(str(tmp_path / TRAINING_MODEL), load_external_data=False)
+    evalm = onnx.load(str(tmp_path / EVAL_MODEL), load_external_data=False)
+    where = _external(train)
+    assert set(where) == set(FROZEN) and _external(evalm) == where
+    for name, (offset, length) in where.items():
+        assert offset % 64 == 0
+        stored = np.frombuffer(data[offset:offset + length], np.float32).reshape(FROZEN[name].shape)
+        np.testing.assert_array_equal(stored, FROZEN[name])
+    assert len(data) == 32 * 32 * 4 + 32 * 10 * 4  # just the two (the first one's end is aligned)
+    # the adapters are the checkpoint's trainable parameters, with their values
+    ckpt = read_checkpoint(tmp_path / CHECKPOINT)
+    assert sorted(n for n, grad in ckpt.requires_grad.items() if grad) == sorted(ADAPTER)
+    for name, value in ADAPTER.items():
+        np.testing.assert_array_equal(ckpt.parameters[name], value)
+
+    # a training pass adds a large initializer inline; share_weights appends it and leaves the rest where it is
+    basis = RNG.normal(size=(32, 16)).astype(np.float32)
+
+    def add_basis(m):
+        m.graph.initializer.append(numpy_helper.from_array(basis, "lars_basis"))
+        m.graph.node.append(helper.make_node("Identity", ["lars_basis"], ["unused"]))
+        return [SimpleNamespace(changed=1)]
+
+    ort_artifacts.rewrite_training_model(tmp_path, add_basis)
+    size = ort_artifacts.share_weights(tmp_path)
+    assert size == (tmp_path / WEIGHTS).stat().st_size == len(data) + (-len(data) % 64) + basis.nbytes
+    train = onnx.load(str(tmp_path / TRAINING_MODEL), load_external_data=False)
+    assert {n: w for n, w in _external(train).items() if n != "lars_basis"} == where
+    assert _external(onnx.load(str(tmp_path / EVAL_MODEL), load_external_data=False)) == where
+    loaded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / TRAINING_MODEL)).graph.initializer}
+    np.testing.assert_array_equal(loaded["lars_basis"], basis)
+    np.testing.assert_array_equal(loaded["w0"], FROZEN["w0"])
