@@ -54,17 +54,18 @@ def _quiet_stderr():
 FORWARD_MODEL = "forward.onnx"
 
 
-def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
+def generate(model_proto, trainable: list[str], out_dir: Path, weights_dir: Path | None = None) -> None:
     """Write the four ORT artifacts to out_dir. ORT's training build runs in a child process (lars_export.ort_training
     says why); the forward graph reaches it as a file, its frozen weights in out_dir/WEIGHTS, which the child never
-    loads (see _ort_training_worker.generate) and the artifacts reference as they are. Takes the weights out of
-    model_proto (moved to that file, not copied): the caller's proto is left without them."""
+    loads (see _ort_training_worker.generate) and the artifacts reference as they are. The weights are moved out of
+    model_proto (its inline ones; its external ones are copied from weights_dir): the caller's proto is left pointing
+    at out_dir/WEIGHTS."""
     import onnx
 
     from . import ort_training
 
     out_dir = Path(out_dir)
-    _move_to_external_data(model_proto, set(trainable), out_dir / WEIGHTS)
+    _move_to_external_data(model_proto, set(trainable), out_dir / WEIGHTS, weights_dir)
     forward = out_dir / FORWARD_MODEL
     onnx.save_model(model_proto, str(forward))
     try:
@@ -73,24 +74,25 @@ def generate(model_proto, trainable: list[str], out_dir: Path) -> None:
         forward.unlink(missing_ok=True)
 
 
-def _move_to_external_data(model_proto, keep: set[str], path: Path, size_threshold: int = 1024) -> None:
-    """Append the raw bytes of every inline initializer above size_threshold, except those named in `keep` (the
-    adapters: ORT's checkpoint takes their values from the graph), to `path`, and point the initializers at them.
-    Each tensor starts 64-byte aligned."""
-    from onnx.external_data_helper import set_external_data
+def _move_to_external_data(model_proto, keep: set[str], path: Path, source_dir: Path | None = None,
+                           size_threshold: int = 1024) -> None:
+    """Put every initializer above size_threshold, except those named in `keep` (the adapters: ORT's checkpoint takes
+    their values from the graph), in the external-data file `path`: inline bytes are moved there, tensors stored in
+    another file (under source_dir) are copied there. Those already in `path` stay where they are."""
+    from .external_data import ExternalDataWriter, external_location
 
-    with open(path, "ab") as f:
-        offset = f.tell()
+    with ExternalDataWriter(path) as weights:
         for init in model_proto.graph.initializer:
-            if init.name in keep or not init.HasField("raw_data") or len(init.raw_data) <= size_threshold:
+            if init.name in keep:
                 continue
-            f.write(b"\0" * (-offset % 64))
-            offset += -offset % 64
-            size = len(init.raw_data)
-            f.write(init.raw_data)
-            set_external_data(init, location=path.name, offset=offset, length=size)
-            init.ClearField("raw_data")
-            offset += size
+            where = external_location(init)
+            if where is not None:
+                if where[0] != path.name:
+                    if source_dir is None:
+                        raise LarsError(f"{init.name} is stored in {where[0]}, and no folder to read it from was given")
+                    weights.copy_external(init, source_dir)
+            elif init.HasField("raw_data") and len(init.raw_data) > size_threshold:
+                weights.move_inline(init)
 
 
 def generate_here(model_proto, trainable: list[str], out_dir: str | Path) -> None:
@@ -147,7 +149,7 @@ def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
                 where = {e.key: e.value for e in init.external_data}.get("location")
                 if where != WEIGHTS:
                     raise LarsError(f"{name} stores {init.name} in {where}, not {WEIGHTS}; please report this model")
-        _move_to_external_data(model, set(), out_dir / WEIGHTS, size_threshold)
+        _move_to_external_data(model, set(), out_dir / WEIGHTS, size_threshold=size_threshold)
         onnx.save_model(model, str(path))
     return (out_dir / WEIGHTS).stat().st_size
 

@@ -122,13 +122,13 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with phases("exporting to ONNX"), tempfile.TemporaryDirectory() as tmp:
-            onnx_path = Path(tmp) / "model.onnx"
-            onnx_export.export_onnx(peft_model, onnx_path, config.opset, model.config.vocab_size)
-            # the torch weights go before the graph's copy is loaded (HF and PEFT modules hold reference cycles)
+        with phases("exporting to ONNX"):
+            exported = staging / ".onnx"  # the graph and its frozen weights (external data, never loaded whole)
+            exported.mkdir()
+            onnx_export.export_onnx(peft_model, exported / "model.onnx", config.opset, model.config.vocab_size)
             del peft_model, model
-            gc.collect()
-            graph = onnx.load(str(onnx_path))  # ModelProto
+            gc.collect()  # the torch weights go now (HF and PEFT modules hold reference cycles)
+            graph = onnx.load(str(exported / "model.onnx"), load_external_data=False)  # ModelProto
 
         with phases("checking the graph (adapter tensors, gradient ops)"):
             names = {p.onnx_name for p in params}
@@ -146,13 +146,14 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                                          attention_heads=arch["num_attention_heads"],
                                          # every architecture lars exports is a decoder LM trained without a KV
                                          # cache: its mask hides the keys after each query's own position
-                                         causal_attention=True)
+                                         causal_attention=True, weights_dir=str(exported))
             enabled = passes.enabled_passes(config)
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 
         with phases("generating ORT training artifacts"):
-            ort_artifacts.generate(graph, sorted(names), staging)
+            ort_artifacts.generate(graph, sorted(names), staging, weights_dir=exported)
             del graph
+            shutil.rmtree(exported)
             reports += ort_artifacts.rewrite_training_model(
                 staging, lambda model: passes.run_passes(model, context, stage="training", enabled=enabled))
             weight_bytes = ort_artifacts.share_weights(staging)

@@ -22,6 +22,9 @@ class PassContext:
     causal_attention: bool = False
     quantize: str = "none"  # quantize_frozen: storage of the frozen matrices (none, int8, int4)
     quantize_block: int = 32  # quantize_frozen: INT4 block size along the reduction axis
+    # where the graph's external-data initializers (the frozen weights, never loaded whole) are read from; None:
+    # every initializer a pass reads is inline
+    weights_dir: str | None = None
 
 
 @dataclass
@@ -47,6 +50,20 @@ class GraphPass:
 
 def initializer_map(model) -> dict:
     return {init.name: init for init in model.graph.initializer}
+
+
+def initializer_value(init, context: PassContext) -> np.ndarray:
+    """An initializer's value, read from context.weights_dir if it is stored there (external data)."""
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(init, base_dir=context.weights_dir or "")
+
+
+def initializer_nbytes(init) -> int:
+    """Bytes of an initializer's value, from its type and dims (its data may be external, not loaded)."""
+    from onnx import helper
+
+    return int(np.prod(init.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
 
 
 def shared_initializer(model, name: str, value: np.ndarray) -> str:

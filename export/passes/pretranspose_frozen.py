@@ -13,7 +13,8 @@ import logging
 
 import numpy as np
 
-from ._base import GraphPass, PassContext, PassReport, consumers, initializer_map
+from ._base import (GraphPass, PassContext, PassReport, consumers, initializer_map, initializer_nbytes,
+                    initializer_value)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,11 @@ def check(node, weight, context: PassContext) -> str | None:
     return None
 
 
-def replace(model, node, weight) -> None:
+def replace(model, node, weight, context: PassContext) -> None:
     from onnx import numpy_helper
 
     perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-    value = numpy_helper.to_array(weight)
+    value = initializer_value(weight, context)
     transposed = np.ascontiguousarray(np.transpose(value, perm) if perm else value.T)
     model.graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
     model.graph.node.remove(node)
@@ -53,9 +54,9 @@ def apply(model, context: PassContext) -> PassReport:
             log.info("pretranspose_frozen: leaving %s: %s", node.name, why_not)
             report.skipped.append(f"{node.name}: {why_not}")
             continue
-        replace(model, node, weight)
+        replace(model, node, weight, context)
         report.changed += 1
-        report.bytes_freed += len(weight.raw_data) if weight.HasField("raw_data") else 0
+        report.bytes_freed += initializer_nbytes(weight)
     # Drop weights nothing reads any more (their transposed copy replaced them); tied embeddings stay, the Gather
     # still reads them.
     used = consumers(model)

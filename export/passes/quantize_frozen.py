@@ -32,8 +32,8 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from .. import quantization
-from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, producers,
-                    saved_for_backward, shared_initializer, view_chain)
+from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, initializer_value,
+                    producers, saved_for_backward, shared_initializer, view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,12 @@ def _lm_head_weight(model) -> str | None:
     return node.input[1] if node is not None and node.op_type == "MatMul" else None
 
 
-def store(model, init, scheme: str, block: int, table: bool) -> int:
+def store(model, init, scheme: str, block: int, table: bool, context: PassContext) -> int:
     """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
     (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
     from onnx import numpy_helper
 
-    w = numpy_helper.to_array(init)
+    w = initializer_value(init, context)
     if scheme == "int8":
         q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
         tensors = {INT8: q, f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
@@ -167,7 +167,7 @@ def apply(model, context: PassContext) -> PassReport:
         scheme = scheme_for(init, readers, context.quantize, context.quantize_block, lm_head)
         table = readers[0][0].op_type == "Gather"
         before += 4 * int(np.prod(init.dims))
-        after += store(model, init, scheme, context.quantize_block, table)
+        after += store(model, init, scheme, context.quantize_block, table, context)
         for node, k in readers:
             prefix = f"{node.name or init.name}/Dequantize"  # the reader's scope: layer_recompute groups by name
             if table:
