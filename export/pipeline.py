@@ -154,8 +154,9 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             ort_artifacts.generate(graph, sorted(names), staging, weights_dir=exported)
             del graph
             shutil.rmtree(exported)
+            training = dataclasses.replace(context, weights_dir=None)  # the training graph's weights are in staging
             reports += ort_artifacts.rewrite_training_model(
-                staging, lambda model: passes.run_passes(model, context, stage="training", enabled=enabled))
+                staging, lambda model: passes.run_passes(model, training, stage="training", enabled=enabled))
             weight_bytes = ort_artifacts.share_weights(staging)
             trainable = set(ort_artifacts.trainable_names(staging / CHECKPOINT))
             if trainable != names:

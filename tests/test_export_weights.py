@@ -99,3 +99,76 @@ def test_generate_moves_the_frozen_weights_once_and_both_graphs_read_the_same_by
     loaded = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / TRAINING_MODEL)).graph.initializer}
     np.testing.assert_array_equal(loaded["lars_basis"], basis)
     np.testing.assert_array_equal(loaded["w0"], FROZEN["w0"])
+
+
+def test_generate_copies_weights_stored_in_another_file(tmp_path):
+    """The exporter's graph keeps its frozen weights in the ONNX export's own file; generate copies them over."""
+    from lars_export.external_data import ExternalDataWriter
+
+    model = _forward()
+    (tmp_path / "export").mkdir()
+    with ExternalDataWriter(tmp_path / "export" / "model.onnx_data") as writer:
+        writer.add(onnx.TensorProto(), b"\1" * 100)  # something before, so the offsets differ
+        for init in model.graph.initializer:
+            if init.name in FROZEN:
+                writer.move_inline(init)
+    (tmp_path / "bundle").mkdir()
+    ort_artifacts.generate(model, sorted(ADAPTER), tmp_path / "bundle", weights_dir=tmp_path / "export")
+    loaded = {i.name: numpy_helper.to_array(i)
+              for i in onnx.load(str(tmp_path / "bundle" / TRAINING_MODEL)).graph.initializer}
+    for name, value in FROZEN.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    assert set(_external(onnx.load(str(tmp_path / "bundle" / EVAL_MODEL), load_external_data=False))) == set(FROZEN)
+
+
+def test_onnx_export_writes_every_parameter_once_frozen_ones_external(tiny_models, tmp_path):
+    """export_onnx traces without parameters and writes each from its torch tensor: every adapter tensor is a
+    separate inline initializer (counted: the TorchScript exporter merges equal parameters, which is why add_lora
+    gives each lora_B distinct values until zero_lora_b), the frozen weights are in the external file with the
+    model's values."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lars_export import adapters, onnx_export
+    from lars_export.config import ExportConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
+    peft_model, _ = adapters.add_lora(model, ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / "x"),
+                                                          lora_rank=4))
+    expected = {p.onnx_name for p in adapters.adapter_params(peft_model)}
+    onnx_export.export_onnx(peft_model, tmp_path / "model.onnx", 17, model.config.vocab_size)
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    assert {i.name for i in graph.graph.input} == {"input_ids", "attention_mask"}
+    inits = {i.name: i for i in graph.graph.initializer}
+    inline = {n for n, i in inits.items() if i.data_location != TensorProto.EXTERNAL}
+    assert inline == expected and len(expected) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    values = dict(onnx_export._wrapper(peft_model).named_parameters())
+    assert set(inits) == set(values)
+    data = (tmp_path / onnx_export.WEIGHTS_FILE).read_bytes()
+    for name, init in inits.items():
+        want = values[name].detach().numpy()
+        if name in inline:
+            np.testing.assert_array_equal(numpy_helper.to_array(init), want)
+        else:
+            location, offset, length = (lambda d: (d["location"], int(d["offset"]), int(d["length"])))(
+                {e.key: e.value for e in init.external_data})
+            assert location == onnx_export.WEIGHTS_FILE and offset % 64 == 0 and length == want.nbytes
+            np.testing.assert_array_equal(np.frombuffer(data[offset:offset + length], np.float32).reshape(want.shape),
+                                          want)
+
+
+def test_a_pass_writes_its_large_tensors_beside_the_weights_and_reads_them_back(tmp_path):
+    from lars_export.passes import PassContext
+    from lars_export.passes._base import PASS_WEIGHTS, initializer_value, make_initializer
+
+    context = PassContext(trainable=set(), weights_dir=str(tmp_path))
+    big, small = RNG.normal(size=(40, 30)).astype(np.float32), np.arange(6, dtype=np.int64)
+    first, second = make_initializer(big, "big", context), make_initializer(big.T, "big_t", context)
+    assert first.data_location == second.data_location == TensorProto.EXTERNAL and not first.raw_data
+    assert {e.key: e.value for e in second.external_data}["location"] == PASS_WEIGHTS
+    np.testing.assert_array_equal(initializer_value(first, context), big)
+    np.testing.assert_array_equal(initializer_value(second, context), big.T)  # written contiguous
+    inline = make_initializer(small, "small", context)
+    assert inline.data_location != TensorProto.EXTERNAL
+    np.testing.assert_array_equal(initializer_value(inline, context), small)
+    assert make_initializer(big, "big", PassContext(trainable=set())).raw_data == big.tobytes()  # no weights_dir

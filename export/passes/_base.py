@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -52,11 +53,41 @@ def initializer_map(model) -> dict:
     return {init.name: init for init in model.graph.initializer}
 
 
-def initializer_value(init, context: PassContext) -> np.ndarray:
-    """An initializer's value, read from context.weights_dir if it is stored there (external data)."""
-    from onnx import numpy_helper
+PASS_WEIGHTS = "passes.onnx_data"  # where forward passes put the large tensors they make (under weights_dir)
 
-    return numpy_helper.to_array(init, base_dir=context.weights_dir or "")
+
+def initializer_value(init, context: PassContext) -> np.ndarray:
+    """An initializer's value; an external one is read from its file under context.weights_dir in one read."""
+    from onnx import helper, numpy_helper
+
+    from ..external_data import external_location
+
+    where = external_location(init)
+    if where is None:
+        return numpy_helper.to_array(init)
+    location, offset, length = where
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    with open(Path(context.weights_dir or ".") / location, "rb") as f:
+        f.seek(offset)
+        return np.fromfile(f, dtype, length // dtype.itemsize).reshape(tuple(init.dims))
+
+
+def make_initializer(value: np.ndarray, name: str, context: PassContext, size_threshold: int = 1024):
+    """A new initializer holding `value`: with a context.weights_dir and above size_threshold bytes, written to
+    PASS_WEIGHTS there (external data), so the graph proto never holds it (the python protobuf keeps every byte a
+    message ever held until the whole model is freed); else inline."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from ..external_data import ExternalDataWriter
+
+    if context.weights_dir is None or value.nbytes <= size_threshold:
+        return numpy_helper.from_array(value, name)
+    value = np.ascontiguousarray(value)
+    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+    with ExternalDataWriter(Path(context.weights_dir) / PASS_WEIGHTS) as writer:
+        writer.add(tensor, value)
+    return tensor
 
 
 def initializer_nbytes(init) -> int:

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from ._base import (GraphPass, PassContext, PassReport, consumers, initializer_map, initializer_nbytes,
-                    initializer_value)
+                    initializer_value, make_initializer)
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,10 @@ def check(node, weight, context: PassContext) -> str | None:
 
 
 def replace(model, node, weight, context: PassContext) -> None:
-    from onnx import numpy_helper
-
     perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
     value = initializer_value(weight, context)
     transposed = np.ascontiguousarray(np.transpose(value, perm) if perm else value.T)
-    model.graph.initializer.append(numpy_helper.from_array(transposed, node.output[0]))
+    model.graph.initializer.append(make_initializer(transposed, node.output[0], context))
     model.graph.node.remove(node)
 
 

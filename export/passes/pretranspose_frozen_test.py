@@ -51,3 +51,26 @@ def test_folds_frozen_transposes_keeps_trainable_and_tied_weights():
     assert names == {"a", "emb", "wT", "embT"}  # w dropped (nothing reads it); emb kept for the Gather
     assert report.details["dropped_initializers"] == 1
     onnx.checker.check_model(model)
+
+
+def test_reads_weights_stored_as_external_data(tmp_path):
+    """The exporter's graph holds its frozen weights as external data (read through PassContext.weights_dir): the
+    result is the one of the inline graph."""
+    import copy
+
+    from lars_export.external_data import ExternalDataWriter
+
+    inline = _graph()
+    external = copy.deepcopy(inline)
+    with ExternalDataWriter(tmp_path / "w.onnx_data") as writer:
+        for init in external.graph.initializer:
+            if init.name not in {"a"}:
+                writer.move_inline(init)
+    PRETRANSPOSE_FROZEN.apply(inline, PassContext(trainable={"a"}))
+    report = PRETRANSPOSE_FROZEN.apply(external, PassContext(trainable={"a"}, weights_dir=str(tmp_path)))
+    assert report.changed > 0
+    want = {i.name: numpy_helper.to_array(i) for i in inline.graph.initializer}
+    got = {i.name: numpy_helper.to_array(i, base_dir=str(tmp_path)) for i in external.graph.initializer}
+    assert set(got) == set(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value)

@@ -33,7 +33,7 @@ from lars_artifacts import LOGITS
 
 from .. import quantization
 from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, initializer_value,
-                    producers, saved_for_backward, shared_initializer, view_chain)
+                    make_initializer, producers, saved_for_backward, shared_initializer, view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +92,6 @@ def _lm_head_weight(model) -> str | None:
 def store(model, init, scheme: str, block: int, table: bool, context: PassContext) -> int:
     """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
     (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
-    from onnx import numpy_helper
-
     w = initializer_value(init, context)
     if scheme == "int8":
         q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
@@ -105,7 +103,7 @@ def store(model, init, scheme: str, block: int, table: bool, context: PassContex
                    f"{INT4}.shape": np.array(w.shape, np.int64)}
     model.graph.initializer.remove(init)
     for suffix, value in tensors.items():
-        model.graph.initializer.append(numpy_helper.from_array(value, f"{init.name}{suffix}"))
+        model.graph.initializer.append(make_initializer(value, f"{init.name}{suffix}", context))
     return sum(v.nbytes for v in tensors.values())
 
 
