@@ -141,14 +141,15 @@ def share_weights(out_dir: Path, size_threshold: int = 1024) -> int:
     training passes added inline (e.g. LARS bases) is appended. Nothing already in the file is read."""
     import onnx
 
+    from .external_data import external_location
+
     for name in (TRAINING_MODEL, EVAL_MODEL):
         path = out_dir / name
         model = onnx.load(str(path), load_external_data=False)
         for init in model.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:
-                where = {e.key: e.value for e in init.external_data}.get("location")
-                if where != WEIGHTS:
-                    raise LarsError(f"{name} stores {init.name} in {where}, not {WEIGHTS}; please report this model")
+            where = external_location(init)
+            if where is not None and where[0] != WEIGHTS:
+                raise LarsError(f"{name} stores {init.name} in {where[0]}, not {WEIGHTS}; please report this model")
         _move_to_external_data(model, set(), out_dir / WEIGHTS, size_threshold=size_threshold)
         onnx.save_model(model, str(path))
     return (out_dir / WEIGHTS).stat().st_size
@@ -192,16 +193,18 @@ def weights_index(out_dir: Path, models: list[str]) -> dict:
     import onnx
     from onnx import helper
 
+    from .external_data import external_location
+
     tensors: dict[str, dict] = {}
     for file in models:
         model = onnx.load(str(out_dir / file), load_external_data=False)
         for init in model.graph.initializer:
-            if init.data_location != onnx.TensorProto.EXTERNAL:
+            if (where := external_location(init)) is None:
                 continue
-            info = {e.key: e.value for e in init.external_data}
-            if info.get("location") != WEIGHTS:
-                raise LarsError(f"{file} stores {init.name} in {info.get('location')}, not {WEIGHTS}; please report")
-            entry = {"name": init.name, "offset": int(info.get("offset", 0)), "length": int(info["length"]),
+            location, offset, length = where
+            if location != WEIGHTS:
+                raise LarsError(f"{file} stores {init.name} in {location}, not {WEIGHTS}; please report")
+            entry = {"name": init.name, "offset": offset, "length": length,
                      "dtype": str(helper.tensor_dtype_to_np_dtype(init.data_type)), "shape": list(init.dims),
                      "models": []}
             known = tensors.setdefault(init.name, entry)

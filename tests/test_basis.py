@@ -68,6 +68,17 @@ def _reference_moments(peft_model, batches) -> dict[str, np.ndarray]:
     return sums
 
 
+def _peft_model(tiny_models, arch: str, targets: list[str]):
+    """A tiny saved model with LoRA r=4 on `targets`, and its tokenizer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)
+    return (get_peft_model(model, LoraConfig(r=4, target_modules=targets, task_type="CAUSAL_LM")),
+            AutoTokenizer.from_pretrained(tiny_models[arch]))
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2-sliding"])
 def test_layer_by_layer_calibration_sees_what_one_forward_of_the_model_sees(tiny_models, tmp_path, arch):
     """The layers are run one at a time on carried hidden states with the arguments the model passed each of them:
@@ -111,14 +122,7 @@ def test_layer_by_layer_calibration_sees_what_one_forward_of_the_model_sees(tiny
 
 
 def test_pca_basis_from_the_exporter_equals_full_eigh_of_the_moments(tiny_models):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"],
-                                                  task_type="CAUSAL_LM"))
-    tok = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    peft_model, tok = _peft_model(tiny_models, "qwen2", ["q_proj", "k_proj", "down_proj"])
     bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
     moments = _reference_moments(peft_model, basis.calibration_batches(tok, None, 1024))
     down = next(n for n in bases if ".down_proj." in n)
@@ -126,3 +130,30 @@ def test_pca_basis_from_the_exporter_equals_full_eigh_of_the_moments(tiny_models
     for name, p in bases.items():
         vectors = np.linalg.eigh(moments[name])[1][:, ::-1][:, :8]
         assert _subspace_cosines(p.astype(np.float64), vectors).min() > 1 - 1e-5, name
+
+
+def test_pca_basis_is_orthonormal_and_ranked_by_variance(tiny_models):
+    """The exporter's pca basis: orthonormal columns, leading directions carry the most calibration energy."""
+    peft_model, tok = _peft_model(tiny_models, "llama", ["q_proj", "k_proj", "down_proj"])
+    bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
+    moments = basis.second_moments(peft_model, basis.calibration_batches(tok, None, 1024))
+    assert len(bases) == 6
+    q = [n for n in moments if ".q_proj." in n]
+    assert len(q) == 2 and not np.allclose(moments[q[0]], moments[q[1]])  # layers do not share inputs
+    # q and k read the same tensor: one accumulation serves both, and it is the same matrix
+    for qn in q:
+        np.testing.assert_array_equal(moments[qn], moments[qn.replace(".q_proj.", ".k_proj.")])
+    # and it equals the moment computed without the sharing shortcut (a hook on k alone)
+    k_only, _ = _peft_model(tiny_models, "llama", ["k_proj"])
+    alone = basis.second_moments(k_only, basis.calibration_batches(tok, None, 1024))
+    for name, m in alone.items():
+        np.testing.assert_allclose(moments[name], m, rtol=1e-10)
+    down = [n for n in moments if ".down_proj." in n]
+    assert moments[down[0]].shape == (128, 128)
+    for name, p in bases.items():
+        np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
+        energy = np.einsum("dk,de,ek->k", p, moments[name], p)
+        assert (np.diff(energy) <= 1e-6 * energy[0]).all()  # descending
+        random = basis.random_basis(p.shape[0], 8, 0)
+        q = np.linalg.qr(random)[0]
+        assert energy.sum() > np.einsum("dk,de,ek->k", q, moments[name], q).sum()

@@ -38,12 +38,14 @@ def _forward():
     return model
 
 
-def _external(model) -> dict[str, tuple[int, int]]:
+def _external(model, location: str = WEIGHTS) -> dict[str, tuple[int, int]]:
+    """name -> (offset, length) of the external initializers, read from the proto here (not with the code under
+    test); all must lie in `location`."""
     out = {}
     for init in model.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL:
             info = {e.key: e.value for e in init.external_data}
-            assert info["location"] == WEIGHTS
+            assert info["location"] == location
             out[init.name] = (int(info["offset"]), int(info["length"]))
     return out
 
@@ -145,14 +147,15 @@ def test_onnx_export_writes_every_parameter_once_frozen_ones_external(tiny_model
     values = dict(onnx_export._wrapper(peft_model).named_parameters())
     assert set(inits) == set(values)
     data = (tmp_path / onnx_export.WEIGHTS_FILE).read_bytes()
+    external = _external(graph, onnx_export.WEIGHTS_FILE)
+    assert set(external) == set(inits) - inline
     for name, init in inits.items():
         want = values[name].detach().numpy()
         if name in inline:
             np.testing.assert_array_equal(numpy_helper.to_array(init), want)
         else:
-            location, offset, length = (lambda d: (d["location"], int(d["offset"]), int(d["length"])))(
-                {e.key: e.value for e in init.external_data})
-            assert location == onnx_export.WEIGHTS_FILE and offset % 64 == 0 and length == want.nbytes
+            offset, length = external[name]
+            assert offset % 64 == 0 and length == want.nbytes
             np.testing.assert_array_equal(np.frombuffer(data[offset:offset + length], np.float32).reshape(want.shape),
                                           want)
 

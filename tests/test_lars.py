@@ -1,6 +1,5 @@
 """LARS on whole models: k = d is exact LoRA, and after the pass no adapter input has a backward consumer."""
 
-import numpy as np
 import onnx
 import pytest
 
@@ -72,40 +71,3 @@ def test_low_rank_bundles_train_and_record_their_basis(lars_bundles):
         for _ in range(6):
             trainer.step(batch, lr=3e-3)
         assert trainer.evaluate([batch])["eval_loss"] < before
-
-
-def test_pca_basis_is_orthonormal_and_ranked_by_variance(tiny_models):
-    """The exporter's pca basis: orthonormal columns, leading directions carry the most calibration energy."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lars_export import basis
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"],
-                                                  task_type="CAUSAL_LM"))
-    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    bases = basis.build_bases("pca", 8, peft_model, tok, calibration_tokens=1024)
-    moments = basis.second_moments(peft_model, basis.calibration_batches(tok, None, 1024))
-    assert len(bases) == 6
-    q = [n for n in moments if ".q_proj." in n]
-    assert len(q) == 2 and not np.allclose(moments[q[0]], moments[q[1]])  # layers do not share inputs
-    # q and k read the same tensor: one accumulation serves both, and it is the same matrix
-    for qn in q:
-        np.testing.assert_array_equal(moments[qn], moments[qn.replace(".q_proj.", ".k_proj.")])
-    # and it equals the moment computed without the sharing shortcut (a hook on k alone)
-    k_only = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32),
-                            LoraConfig(r=4, target_modules=["k_proj"], task_type="CAUSAL_LM"))
-    alone = basis.second_moments(k_only, basis.calibration_batches(tok, None, 1024))
-    for name, m in alone.items():
-        np.testing.assert_allclose(moments[name], m, rtol=1e-10)
-    down = [n for n in moments if ".down_proj." in n]
-    assert moments[down[0]].shape == (128, 128)
-    for name, p in bases.items():
-        np.testing.assert_allclose(p.T @ p, np.eye(p.shape[1]), atol=1e-5)
-        energy = np.einsum("dk,de,ek->k", p, moments[name], p)
-        assert (np.diff(energy) <= 1e-6 * energy[0]).all()  # descending
-        random = basis.random_basis(p.shape[0], 8, 0)
-        q = np.linalg.qr(random)[0]
-        assert energy.sum() > np.einsum("dk,de,ek->k", q, moments[name], q).sum()

@@ -2,9 +2,10 @@
 
     python tools/bench_export.py --models smollm2,qwen2.5-0.5b,qwen2.5-1.5b --json export.json --plot export.png
 
-Models (or a local HF model folder): `smollm2` is the embedded SmolLM2-135M-Instruct (its GGUF, as `lars-export` with no model loads it); the
-others are built from the named public configs with random weights (no hub here; the norms are perturbed so that no
-two initializers are equal, as real weights are not) and SmolLM2's tokenizer, saved once under --cache:
+Models (or a local HF model folder): `smollm2` is the embedded SmolLM2-135M-Instruct (its GGUF, as `lars-export`
+with no model loads it); the others are built from the named public configs with random weights (no hub here; the
+norms are perturbed so that no two initializers are equal, as real weights are not) and SmolLM2's tokenizer, saved
+once under --cache:
   qwen2.5-0.5b  Qwen2.5-0.5B's config (hidden 896, MLP 4864, 24 layers, vocab 151,936, tied)
   qwen2.5-1.5b  Qwen2.5-1.5B's (hidden 1536, MLP 8960, 28 layers, tied)
   llama-3.2-1b  Llama-3.2-1B's (hidden 2048, MLP 8192, 16 layers, vocab 128,256, tied)
@@ -26,25 +27,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+_QWEN25 = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=32768,
+               rope_theta=1e6)
+_LLAMA32 = dict(num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
+                rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
 CONFIGS = {
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                   tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)),
-    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
-                                   tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1e6)),
-    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                                   tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=5e5,
-                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 8192})),
-    "llama-3.2-3b": ("llama", dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                                   num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                                   tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=5e5,
-                                   rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0,
-                                                 "original_max_position_embeddings": 8192})),
+    "qwen2.5-0.5b": ("qwen2", dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                   num_attention_heads=14)),
+    "qwen2.5-1.5b": ("qwen2", dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12)),
+    "llama-3.2-1b": ("llama", dict(_LLAMA32, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, head_dim=64)),
+    "llama-3.2-3b": ("llama", dict(_LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                                   num_attention_heads=24, head_dim=128)),
 }
 
 PHASE = re.compile(r"^\[(\d+)/(\d+)\] (.*) \.\.\.$")

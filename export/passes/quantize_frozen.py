@@ -32,8 +32,9 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from .. import quantization
-from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, initializer_value,
-                    make_initializer, producers, saved_for_backward, shared_initializer, view_chain)
+from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, initializer_nbytes,
+                    initializer_value, make_initializer, producers, saved_for_backward, shared_initializer,
+                    view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _lm_head_weight(model) -> str | None:
     return node.input[1] if node is not None and node.op_type == "MatMul" else None
 
 
-def store(model, init, scheme: str, block: int, table: bool, context: PassContext) -> int:
+def store(model, init, scheme: str, table: bool, context: PassContext) -> int:
     """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
     (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
     w = initializer_value(init, context)
@@ -97,6 +98,7 @@ def store(model, init, scheme: str, block: int, table: bool, context: PassContex
         q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
         tensors = {INT8: q, f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
     else:
+        block = context.quantize_block
         packed, scale, minimum = quantization.int4_blockwise(w, block)
         tensors = {INT4: packed, f"{INT4}.scale": scale, f"{INT4}.min": minimum,
                    f"{INT4}.blocks": np.array([w.shape[0] // block, block, w.shape[1]], np.int64),
@@ -164,8 +166,8 @@ def apply(model, context: PassContext) -> PassReport:
             continue
         scheme = scheme_for(init, readers, context.quantize, context.quantize_block, lm_head)
         table = readers[0][0].op_type == "Gather"
-        before += 4 * int(np.prod(init.dims))
-        after += store(model, init, scheme, context.quantize_block, table, context)
+        before += initializer_nbytes(init)
+        after += store(model, init, scheme, table, context)
         for node, k in readers:
             prefix = f"{node.name or init.name}/Dequantize"  # the reader's scope: layer_recompute groups by name
             if table:
