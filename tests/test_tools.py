@@ -25,6 +25,9 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     backends = {r["mode"]: r.get("backend") for r in rows}
     assert backends["default"] == "ort" and backends["default:ort-training"] == "ort-training"
     assert all(r["status"] == "ok" and r["peak_rss_mb"] > 0 and r["step_s"] > 0 for r in rows), rows
+    # Sampled resident memory splits into anonymous and file-backed, never above the high-water mark.
+    assert all(0 < r["anon_peak_mb"] <= r["peak_rss_mb"] + 1 and 0 < r["file_at_peak_mb"] < r["peak_rss_mb"]
+               for r in rows), rows
     assert "| ort-lora | 32 |" in out.stdout and "memory slope" in out.stdout
     assert (tmp_path / "m.png").stat().st_size > 0
     # The rows record what the memory model needs, and the validator reads them back.

@@ -35,6 +35,10 @@ and a backend after ":" (default: ort, the runtime's default):
   e.g. --modes default:ort,default:ort-training,full-int8:ort,full-int8:ort-training
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
 the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
+The parent also samples the child's resident memory every 50 ms split as the kernel counts it (RssAnon: heap and
+arena, what the step allocates; RssFile: memory-mapped weights and libraries, clean pages the kernel can drop and
+re-read): the row's anon_peak_mb is the highest anonymous sample, file_at_peak_mb the file-backed part at the
+highest total sample (MeBP-style accounting reports the two apart).
 """
 
 from __future__ import annotations
@@ -216,6 +220,16 @@ def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: 
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
+def rss_split_mb(pid: int) -> tuple[float, float] | None:
+    """(anonymous, file-backed) resident MB of a process now, from /proc (None off Linux or once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = {k: float(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in ("RssAnon", "RssFile")}
+    except OSError:
+        return None
+    return (kb["RssAnon"] / 1024, kb["RssFile"] / 1024) if len(kb) == 2 else None
+
+
 def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dict:
     import psutil
 
@@ -233,15 +247,22 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
            "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--threads", str(a.threads),
            "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
-           "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch}
+           "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch,
+           "anon_peak_mb": None, "file_at_peak_mb": None}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-        child, start, high = psutil.Process(proc.pid), time.time(), 0.0
+        child, start, high, sampled_total = psutil.Process(proc.pid), time.time(), 0.0, 0.0
         while proc.poll() is None:
             try:
                 high = max(high, child.memory_info().rss / 2**20)
             except psutil.Error:
                 pass
+            split = rss_split_mb(proc.pid)
+            if split:
+                anon, file = split
+                row["anon_peak_mb"] = max(row["anon_peak_mb"] or 0.0, anon)
+                if anon + file > sampled_total:
+                    sampled_total, row["file_at_peak_mb"] = anon + file, file
             if high > a.mem_limit_mb:
                 proc.kill()
                 row["status"] = "oom"
@@ -275,8 +296,8 @@ def slope(rows: list[dict], mode: str) -> float | None:
 
 def table(rows: list[dict], modes: list[str]) -> str:
     by = {(r["mode"], r["seq_len"]): r for r in rows}
-    lines = ["| mode | seq | peak RSS MB | step s | tokens/s | × peft mem | × floor mem | × peft time | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | seq | peak RSS MB | anon peak MB | file-backed MB | step s | tokens/s | × peft mem | "
+             "× floor mem | × peft time | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         peft, floor = by.get(("peft", r["seq_len"])), by.get(("floor", r["seq_len"]))
@@ -285,7 +306,9 @@ def table(rows: list[dict], modes: list[str]) -> str:
             ok = ref and ref["status"] == "ok" and r["status"] == "ok"
             return r[key] / ref[key] if ok else None
 
-        lines.append(f"| {r['mode']} | {r['seq_len']} | {fmt(r['peak_rss_mb'], ',.0f')} | {fmt(r['step_s'], '.2f')} | "
+        lines.append(f"| {r['mode']} | {r['seq_len']} | {fmt(r['peak_rss_mb'], ',.0f')} | "
+                     f"{fmt(r.get('anon_peak_mb'), ',.0f')} | {fmt(r.get('file_at_peak_mb'), ',.0f')} | "
+                     f"{fmt(r['step_s'], '.2f')} | "
                      f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(ratio(peft, 'peak_rss_mb'), '.2f')} | "
                      f"{fmt(ratio(floor, 'peak_rss_mb'), '.2f')} | {fmt(ratio(peft, 'step_s'), '.2f')} | "
                      f"{r['status']} |")
@@ -374,13 +397,14 @@ def main(argv=None) -> int:
         for mode in modes:
             row = measure(mode, seq, a, model_dir, bundles.get(mode))
             rows.append(row)
-            print(f"{mode:>14} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB  "
-                  f"step {row['step_s'] or 0:6.2f} s {row.get('error', '')}", file=sys.stderr, flush=True)
+            print(f"{mode:>14} seq {seq:>5}: {row['status']:>7} peak {row['peak_rss_mb'] or 0:8,.0f} MB "
+                  f"(anon {row['anon_peak_mb'] or 0:,.0f} MB)  step {row['step_s'] or 0:6.2f} s {row.get('error', '')}",
+                  file=sys.stderr, flush=True)
+            if a.json:  # after every point: a long run stopped midway keeps what it measured
+                Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     name = a.model or "SmolLM2-135M-Instruct (embedded default)"
     title = f"{Path(name).name}, batch {a.batch_size}, LoRA r={a.rank} ({a.targets}), {a.threads} threads"
     print(f"\n{title}\n\n{table(rows, modes)}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     if a.plot:
         plot(rows, modes, a.plot, title)
     return 0
