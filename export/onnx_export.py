@@ -17,6 +17,7 @@ import numpy as np
 from lars_artifacts import ATTENTION_MASK, INPUT_IDS, LOGITS
 
 from .adapters import GRAPH_PREFIX
+from .architectures import prepare_for_export
 
 
 def _wrapper(peft_model):
@@ -55,6 +56,7 @@ def export_onnx(peft_model, path: str | os.PathLike, opset: int, vocab_size: int
 
     from .external_data import ExternalDataWriter
 
+    prepare_for_export(peft_model)
     wrapper = _wrapper(peft_model)
     # Batch 2 x 8 tokens with one padded row, so the mask path is traced with real padding.
     ids = torch.randint(0, vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))

@@ -79,11 +79,12 @@ def _peft_model(tiny_models, arch: str, targets: list[str]):
             AutoTokenizer.from_pretrained(tiny_models[arch]))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2-sliding"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen2-sliding", "gemma3"])
 def test_layer_by_layer_calibration_sees_what_one_forward_of_the_model_sees(tiny_models, tmp_path, arch):
     """The layers are run one at a time on carried hidden states with the arguments the model passed each of them:
-    the adapters' inputs must be those of an ordinary forward, including a model whose layers get different masks
-    (Qwen2 with a sliding window on its second layer, on batches longer than the window)."""
+    the adapters' inputs must be those of an ordinary forward, including models whose layers get different masks
+    (Qwen2 with a sliding window on its second layer; Gemma 3 with one on its first and per-layer-type rope, on
+    batches longer than the window)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM

@@ -152,13 +152,27 @@ def test_export_budget_errors_name_the_problem(tiny_models, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_export_errors_name_the_problem(tmp_path):
+def _with_config(model_dir, out, **changes):
+    """A copy of a model folder whose config.json has `changes` (the check reads the config before any weight)."""
+    shutil.copytree(model_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, **changes}))
+    return str(out)
+
+
+def test_export_errors_name_the_problem(tiny_models, tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    dynamic_rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     cases = [
         ([str(tmp_path / "gpt2")], "architecture 'gpt2'"),
+        ([_with_config(tiny_models["llama"], tmp_path / "dyn", rope_scaling=dynamic_rope,
+                       rope_parameters=dynamic_rope)],
+         "llama config uses dynamic NTK rope scaling"),
+        ([_with_config(tiny_models["gemma3"], tmp_path / "bidi", use_bidirectional_attention=True)],
+         "gemma3_text config sets use_bidirectional_attention: lars trains causal decoders"),
         ([str(tmp_path / "missing.gguf")], "does not exist"),
         ([str(tmp_path)], "without config.json"),
     ]

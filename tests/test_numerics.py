@@ -77,7 +77,25 @@ def test_loss_and_every_lora_gradient_match_peft(arch, tiny_models, tiny_bundles
     compare_with_peft(tiny_models[arch], tiny_bundles[arch])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3", "gemma3"])
+def test_other_families_with_the_default_passes_match_peft(arch, tiny_models, tmp_path):
+    """Llama 3.x (rope scaling, untied head) and Gemma 3 (sliding-window layer, q/k norms, tanh GELU exported as
+    x·σ(2u), scaled embeddings) with the exporter's default passes but exact LoRA: loss and gradients as PEFT's on the
+    unmodified model, run on plain onnxruntime (the tanh GELU's SigmoidGrad lowered)."""
+    from lars_export import ExportConfig, export
+
+    bundle = export(ExportConfig(model=str(tiny_models[arch]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
+                                 lars_basis="none"))
+    manifest = load_bundle(bundle).manifest
+    assert manifest.architecture["model_type"] == {"llama3": "llama", "gemma3": "gemma3_text"}[arch]
+    changed = {p["name"]: p["changed"] for p in manifest.passes}
+    assert changed["attention_chunks"] == 2 and changed["chunked_loss"] == 1  # both layers' attention matched
+    if arch == "gemma3":  # one tanh GELU per layer, its gradient lowered for plain onnxruntime
+        assert manifest.models["ort"]["lowering"]["lowered"]["SigmoidGrad"] == 2
+    compare_with_peft(tiny_models[arch], bundle)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3", "gemma3"])
 def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path):
     """Chunked attention (one head at a time, each in three chunks of query rows), layer recompute and the chunked
     loss together, on the real architectures (their 4-D causal masks sliced by rows): still exact."""

@@ -1,4 +1,6 @@
-"""Tiny random Llama / Qwen2 models built from a config, with a BPE tokenizer trained on the repo's excerpt."""
+"""Tiny random models of each family lars exports, built from a config, with a BPE tokenizer trained on the repo's
+excerpt: llama (tied head), llama3 (Llama 3.x rope scaling, untied head), qwen2 (untied), gemma3 (Gemma 3 text: a
+sliding-window layer, q/k norms, tanh GELU, scaled embeddings, tied head)."""
 
 from __future__ import annotations
 
@@ -32,15 +34,26 @@ def build_tokenizer(out: Path, vocab_size: int = 384):
 def build_model(arch: str, out: Path, vocab_size: int = 384, seed: int = 0) -> Path:
     """Save a tiny random model + tokenizer to `out` (a local HF folder lars-export accepts)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if arch == "llama":
         config, cls = LlamaConfig(**common, tie_word_embeddings=True), LlamaForCausalLM
+    elif arch == "llama3":
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}  # short: the head's frequencies fall in all three bands
+        # of llama3 scaling (kept, smoothed, divided by the factor)
+        config, cls = LlamaConfig(**common, tie_word_embeddings=False, rope_scaling=rope), LlamaForCausalLM
     elif arch == "qwen2":
         config, cls = Qwen2Config(**common, tie_word_embeddings=False), Qwen2ForCausalLM
+    elif arch == "gemma3":
+        # a window shorter than the test sequences, so the sliding layer's mask differs from the causal one
+        config = Gemma3TextConfig(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
+                                  layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+        cls = Gemma3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ from .fused_matmul import FUSED_MATMUL
 from .in_place_accumulator import IN_PLACE_ACCUMULATOR
 from .quick_gelu import QUICK_GELU
 from .quick_gelu_grad import QUICK_GELU_GRAD
+from .sigmoid_grad import SIGMOID_GRAD
 from .simplified_layer_norm import SIMPLIFIED_LAYER_NORM
 from .simplified_layer_norm_grad import SIMPLIFIED_LAYER_NORM_GRAD
 from .slice_grad import SLICE_GRAD
@@ -22,6 +23,7 @@ from .softmax_cross_entropy_loss import SOFTMAX_CROSS_ENTROPY_LOSS
 from .softmax_cross_entropy_loss_grad import SOFTMAX_CROSS_ENTROPY_LOSS_GRAD
 from .softmax_grad import SOFTMAX_GRAD
 from .split_training import SPLIT_TRAINING
+from .tanh_grad import TANH_GRAD
 
 # The ordered list of rules (the first whose op matches a node lowers it).
 RULES: list[Rule] = [
@@ -34,6 +36,8 @@ RULES: list[Rule] = [
     SOFTMAX_CROSS_ENTROPY_LOSS_GRAD,
     SIMPLIFIED_LAYER_NORM_GRAD,
     QUICK_GELU_GRAD,
+    SIGMOID_GRAD,
+    TANH_GRAD,
     # strict=True only: contrib ops plain onnxruntime runs
     FUSED_MATMUL,
     QUICK_GELU,
