@@ -14,6 +14,7 @@ from .attention_chunks import ATTENTION_CHUNKS
 from .attention_recompute import ATTENTION_RECOMPUTE
 from .chunked_loss import CHUNKED_LOSS
 from .dequantize_at_use import DEQUANTIZE_AT_USE
+from .dequantize_in_slices import DEQUANTIZE_IN_SLICES
 from .lars_projection import LARS_PROJECTION
 from .layer_recompute import LAYER_RECOMPUTE
 from .pretranspose_frozen import PRETRANSPOSE_FROZEN
@@ -28,6 +29,7 @@ PASSES: list[GraphPass] = [
     ATTENTION_RECOMPUTE,
     CHUNKED_LOSS,
     LAYER_RECOMPUTE,
+    DEQUANTIZE_IN_SLICES,  # after the passes that add readers of the output projection, before dequantize_at_use
     DEQUANTIZE_AT_USE,  # last: it gives every reader the other passes added its own dequantized copy
 ]
 
