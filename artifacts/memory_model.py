@@ -23,8 +23,9 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations.
   Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
-  tied embedding), plus, when quantized, one dequantized output projection [hidden, vocab] (it is dequantized at
-  the loss, where the step peaks).
+  tied embedding), plus, when quantized, the largest dequantized transient: the output projection [hidden, vocab]
+  at the loss, where the step peaks, whole up to DEQUANTIZED_SLICE_BYTES and one slice of it above (the
+  dequantize_in_slices pass), or a layer's largest matrix (twice for INT4, whose unpacking holds two copies).
 - runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions, which grow with the
   nodes a pass adds (measured, below).
 
@@ -107,6 +108,22 @@ def _adapter_inputs(targets: list[str], d: int, f: int) -> tuple[int, int]:
     return sum(width for _, width in used), len(used)
 
 
+# The largest float32 copy of a quantized matrix a step makes: larger ones are dequantized in column slices of at
+# most this (export pass dequantize_in_slices). About one loss chunk's [rows, vocab] logits at 2048 tokens on a
+# 128K vocabulary, the size of the step's other large transients: cutting smaller would gain little there.
+DEQUANTIZED_SLICE_BYTES = 128 * 2**20
+
+
+def dequantized_slice_bytes(k: int, n: int) -> float:
+    """The float32 bytes of the largest piece of a quantized [k, n] matrix that exists at once: all of it, or one of
+    the column slices dequantize_in_slices cuts it into."""
+    whole = F32 * k * n
+    if whole <= DEQUANTIZED_SLICE_BYTES:
+        return whole
+    slices = -(-whole // DEQUANTIZED_SLICE_BYTES)
+    return F32 * k * -(-n // slices)
+
+
 def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[float, float]:
     """(bytes of the frozen matrices as stored, bytes of the largest dequantized transient) for an architecture."""
     d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
@@ -123,7 +140,9 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
         per_matrix = [k * n // 2 + 2 * 2 * (k // block) * n if k % block == 0 else k * n + F32 * n
                       for k, n in layer_mats]
     vocab = vocab_mats * (v * d + F32 * v)  # INT8 per vocabulary row in both schemes
-    return L * sum(per_matrix) + vocab + F32 * vectors, F32 * v * d
+    copies = 2 if scheme == "int4" else 1
+    transient = max(dequantized_slice_bytes(d, v), max(copies * dequantized_slice_bytes(k, n) for k, n in layer_mats))
+    return L * sum(per_matrix) + vocab + F32 * vectors, transient
 
 
 def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attention: bool, recompute_layers: bool,

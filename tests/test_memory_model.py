@@ -87,6 +87,22 @@ def test_weight_bytes_match_the_bundles(tiny_models, tmp_path, scheme):
     assert transient == (0 if scheme == "none" else 4 * 64 * 384)  # one dequantized [hidden, vocab] projection
 
 
+def test_a_large_output_projection_counts_one_slice():
+    """Llama-3.2-1B's 2048 x 128,256 projection (1.05 GB of float32) is dequantized in 8 column slices
+    (dequantize_in_slices): the largest transient is one slice, as the pass cuts it, or a layer matrix's
+    dequantization where that is larger; SmolLM2's projection (113 MB) stays whole."""
+    from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES, dequantized_slice_bytes
+    from lars_export.passes import dequantize_in_slices
+
+    assert dequantize_in_slices.SLICE_BYTES == DEQUANTIZED_SLICE_BYTES
+    llama_1b = {**SMOL, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256}
+    assert weight_bytes(llama_1b, "int8")[1] == 4 * 2048 * 16032  # ceil(128,256 / 8) columns
+    # INT4's unpacking of a 2048 x 8192 MLP matrix holds two float32 copies: 128 MB, just above the slice
+    assert weight_bytes(llama_1b, "int4")[1] == 2 * 4 * 2048 * 8192
+    assert weight_bytes(SMOL, "int8")[1] == dequantized_slice_bytes(576, 49152) == 4 * 576 * 49152
+
+
 def test_saved_terms_match_what_the_graph_keeps(tiny_models, tmp_path):
     """The model's saved-for-backward bytes against memory_breakdown's, measured from the graph (tiny Llama)."""
     from memory_breakdown import TRANSIENTS, breakdown

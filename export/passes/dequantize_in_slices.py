@@ -10,7 +10,8 @@ reader so that one column slice of W at a time exists in float32:
 
 W[:, j] = DequantizeLinear(Slice(Wq), Slice(scale)) with the Slice starts gated on the previous slice's product
 (the first on the reader's own input), so ORT makes slice j + 1 only after slice j was used, and cannot fold a
-slice into a float32 initializer. A slice holds at most SLICE_BYTES of float32. Readers of another form keep the
+slice into a float32 initializer. A slice holds at most SLICE_BYTES of float32 (the memory model's
+DEQUANTIZED_SLICE_BYTES, which predicts the pieces). Readers of another form keep the
 whole dequantization (reported). Runs after the passes that add readers (chunked_loss, layer_recompute) and before
 dequantize_at_use, which then finds no whole copy left for these readers.
 
@@ -24,13 +25,15 @@ import math
 
 import numpy as np
 
+from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES
+
 from ._base import GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, shared_initializer
 from .quantize_frozen import INT8, dequantized_weights
 
 log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
-SLICE_BYTES = 64 * 2**20  # float32 bytes of one slice: the largest dequantized matrix this pass lets exist
+SLICE_BYTES = DEQUANTIZED_SLICE_BYTES  # float32 bytes of one slice: the largest dequantized matrix this pass lets exist
 
 
 def _attrs(node) -> dict:
@@ -128,7 +131,7 @@ def apply(model, context: PassContext) -> PassReport:
     report = PassReport("dequantize_in_slices")
     matrices = []
     for name, weight, (k, n), chain in list(find(model)):
-        slices = math.ceil(4 * k * n / SLICE_BYTES)
+        slices = math.ceil(4 * k * n / SLICE_BYTES)  # as memory_model.dequantized_slice_bytes counts them
         readers = consumers(model).get(name, [])
         done = 0
         for reader in readers:

@@ -20,7 +20,7 @@ guard against both:
 
 In int4 mode the embedding table and the output projection stay INT8: the projection's dequantized [hidden,
 vocab] copy exists at the loss, where the step peaks, and INT4's unpacking holds two float32 copies of it there
-against one for DequantizeLinear.
+against one for DequantizeLinear (above 128 MB, dequantize_in_slices makes it one column slice at a time).
 """
 
 from __future__ import annotations
