@@ -208,14 +208,18 @@ def prepare_model(model: str | None, cache: Path) -> Path:
     return folder
 
 
-def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: str = "ort-lora") -> Path:
-    """The bundle of a mode, exported once into the cache (a changed exporter means: clear the cache)."""
+def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: str = "ort-lora",
+                   loss_chunks: int | None = None) -> Path:
+    """The bundle of a mode, exported once into the cache (a changed exporter means: clear the cache);
+    `loss_chunks` overrides the mode's (a bundle of its own)."""
     from lars_export import ExportConfig, export
 
-    out = cache / f"bundle-{mode}-r{rank}-{targets.replace(',', '-')}"
+    settings = dict(BUNDLE_MODES[mode], **({} if loss_chunks is None else {"loss_chunks": loss_chunks}))
+    out = cache / (f"bundle-{mode}-r{rank}-{targets.replace(',', '-')}"
+                   + ("" if loss_chunks is None else f"-loss{loss_chunks}"))
     if not (out / "manifest.json").is_file():
         export(ExportConfig(model=str(model_dir), out=str(out), lora_rank=rank, lora_alpha=2 * rank,
-                            targets=tuple(targets.split(",")), force=True, **BUNDLE_MODES[mode]))
+                            targets=tuple(targets.split(",")), force=True, **settings))
     return out
 
 
@@ -248,6 +252,7 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
            "--rank", str(a.rank), "--targets", a.targets, "--model-dir", str(model_dir)] + (["--bundle", str(bundle)] if bundle else [])
     row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
            "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch,
+           "loss_chunks": a.loss_chunks if base in BUNDLE_MODES else None,
            "anon_peak_mb": None, "file_at_peak_mb": None}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
@@ -357,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q,k,v,o,gate,up,down")
+    p.add_argument("--loss-chunks", type=int, help="every bundle mode's --loss-chunks (default: each mode's own; a "
+                   "large vocabulary wants more: one chunk's [rows, vocab] tensors are the loss' peak)")
     p.add_argument("--mem-limit-mb", type=float, default=20000)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     p.add_argument("--cache", default=str(REPO / "out" / "bench"), help="prepared model folder and bundles")
@@ -390,7 +397,7 @@ def main(argv=None) -> int:
     from lars_export import architectures, load
 
     a.arch = architectures.describe(load.load_config(load.resolve(str(model_dir))))  # recorded in each row
-    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0]) for m in modes
+    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0], a.loss_chunks) for m in modes
                if split_mode(m)[0] in BUNDLE_MODES}
     rows = []
     for seq in [int(s) for s in a.seq_lens.split(",")]:

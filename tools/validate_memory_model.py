@@ -35,7 +35,10 @@ def compare(rows: list[dict]) -> list[dict]:
         base, setting = split_mode(r["mode"])
         if base not in BUNDLE_MODES or setting or r["status"] != "ok":
             continue
-        config = ExportConfig(**BUNDLE_MODES[base], lora_rank=r.get("rank", 8),
+        settings = dict(BUNDLE_MODES[base])
+        if r.get("loss_chunks") is not None:  # bench_memory --loss-chunks overrode the mode's
+            settings["loss_chunks"] = r["loss_chunks"]
+        config = ExportConfig(**settings, lora_rank=r.get("rank", 8),
                               targets=tuple(r.get("targets", ALL_TARGETS).split(",")))
         model = model_for(r.get("arch", SMOLLM2), config)
         predicted = model.peak_bytes(r.get("batch_size", 1), r["seq_len"]) / 2**20

@@ -47,6 +47,16 @@ def attr(node, name: str, default=None):
     return default
 
 
+def requires_inputs(*names: str) -> Callable:
+    """A rule's `check` for an op that only needs its first len(names) inputs present: "it lacks dY or Y"."""
+    def check(node, ctx) -> str | None:
+        if len(node.input) < len(names) or not all(node.input[:len(names)]):
+            return f"it lacks {', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else f"it lacks {names[0]}"
+        return None
+
+    return check
+
+
 def has_input(node, index: int) -> bool:
     return len(node.input) > index and node.input[index] != ""
 

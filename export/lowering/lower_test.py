@@ -175,3 +175,7 @@ def test_unknown_ops_raise_one_line_naming_the_node():
                          feeds, ["dx"])
     with pytest.raises(LarsError, match="subgraphs are not lowered"):
         lowered(branchy)
+    missing = make_model([ms("SigmoidGrad", ["dy", ""], ["dx"])], feeds, ["dx"])
+    with pytest.raises(LarsError, match=r"^cannot lower node 'SigmoidGrad:dx' \(com.microsoft:SigmoidGrad\): it lacks "
+                                        r"dY or Y$"):
+        lowered(missing)

@@ -7,15 +7,9 @@ forward and outlive it (ORT's priority order would keep Sigmoid(αx) from the fo
 
 from __future__ import annotations
 
-from ._rule import MS, Rule, attr
+from ._rule import MS, Rule, attr, requires_inputs
 
 DEFAULT_ALPHA = 1.702  # QuickGelu's and QuickGeluGrad's default
-
-
-def check(node, ctx) -> str | None:
-    if len(node.input) < 2 or not all(node.input[:2]):
-        return "it lacks dY or X"
-    return None
 
 
 def replace(node, b) -> None:
@@ -29,4 +23,4 @@ def replace(node, b) -> None:
     b.op("Mul", [w, v], [node.output[0]])
 
 
-QUICK_GELU_GRAD = Rule("QuickGeluGrad", MS, check, replace, help="dY·s·(1 + αx(1 − s))")
+QUICK_GELU_GRAD = Rule("QuickGeluGrad", MS, requires_inputs("dY", "X"), replace, help="dY·s·(1 + αx(1 − s))")

@@ -7,13 +7,7 @@ and held to the backward (ORT's priority order would schedule it as early as Y e
 
 from __future__ import annotations
 
-from ._rule import MS, Rule
-
-
-def check(node, ctx) -> str | None:
-    if len(node.input) < 2 or not all(node.input[:2]):
-        return "it lacks dY or Y"
-    return None
+from ._rule import MS, Rule, requires_inputs
 
 
 def replace(node, b) -> None:
@@ -23,4 +17,4 @@ def replace(node, b) -> None:
     b.op("Mul", [w, t], [node.output[0]])
 
 
-SIGMOID_GRAD = Rule("SigmoidGrad", MS, check, replace, help="dY·Y·(1 − Y)")
+SIGMOID_GRAD = Rule("SigmoidGrad", MS, requires_inputs("dY", "Y"), replace, help="dY·Y·(1 − Y)")

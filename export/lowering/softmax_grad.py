@@ -6,13 +6,7 @@ of their size (dY·Y dies at the ReduceSum; dY − dot can take its place).
 
 from __future__ import annotations
 
-from ._rule import MS, Rule, attr
-
-
-def check(node, ctx) -> str | None:
-    if len(node.input) < 2 or not all(node.input[:2]):
-        return "it lacks dY or Y"
-    return None
+from ._rule import MS, Rule, attr, requires_inputs
 
 
 def replace(node, b) -> None:
@@ -22,4 +16,4 @@ def replace(node, b) -> None:
     b.op("Mul", [b.op("Sub", [dy, dot]), y], [node.output[0]])
 
 
-SOFTMAX_GRAD = Rule("SoftmaxGrad_13", MS, check, replace, help="Y·(dY − Σ dY·Y)")
+SOFTMAX_GRAD = Rule("SoftmaxGrad_13", MS, requires_inputs("dY", "Y"), replace, help="Y·(dY − Σ dY·Y)")

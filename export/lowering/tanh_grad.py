@@ -6,13 +6,7 @@ dY, so 1 − Y² cannot be computed in the forward and held to the backward.
 
 from __future__ import annotations
 
-from ._rule import MS, Rule
-
-
-def check(node, ctx) -> str | None:
-    if len(node.input) < 2 or not all(node.input[:2]):
-        return "it lacks dY or Y"
-    return None
+from ._rule import MS, Rule, requires_inputs
 
 
 def replace(node, b) -> None:
@@ -21,4 +15,4 @@ def replace(node, b) -> None:
     b.op("Mul", [dy, t], [node.output[0]])
 
 
-TANH_GRAD = Rule("TanhGrad", MS, check, replace, help="dY·(1 − Y²)")
+TANH_GRAD = Rule("TanhGrad", MS, requires_inputs("dY", "Y"), replace, help="dY·(1 − Y²)")
