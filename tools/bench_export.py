@@ -10,6 +10,7 @@ once under --cache:
   qwen2.5-1.5b  Qwen2.5-1.5B's (hidden 1536, MLP 8960, 28 layers, tied)
   llama-3.2-1b  Llama-3.2-1B's (hidden 2048, MLP 8192, 16 layers, vocab 128,256, tied)
   llama-3.2-3b  Llama-3.2-3B's (hidden 3072, MLP 8192, 28 layers, tied)
+  gemma-3-1b    Gemma 3 1B's (hidden 1152, MLP 6912, 26 layers, 5 of 6 with a 512-token window, vocab 262,144, tied)
 Each export runs with the exporter's defaults (extra flags: --export-args). The table gives each phase's time, the
 exporter's peak RSS and that of its onnxruntime-training child (the gradient builder), as the exporter prints them.
 """
@@ -32,6 +33,10 @@ _QWEN25 = dict(num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=Tru
 _LLAMA32 = dict(num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=131072,
                 rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+_GEMMA3_1B = dict(hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=256, vocab_size=262144, max_position_embeddings=32768,
+                  sliding_window=512, query_pre_attn_scalar=256, rope_theta=1e6, tie_word_embeddings=True,
+                  layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(26)])
 CONFIGS = {
     "qwen2.5-0.5b": ("qwen2", dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                    num_attention_heads=14)),
@@ -41,6 +46,7 @@ CONFIGS = {
                                    num_attention_heads=32, head_dim=64)),
     "llama-3.2-3b": ("llama", dict(_LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                                    num_attention_heads=24, head_dim=128)),
+    "gemma-3-1b": ("gemma3_text", _GEMMA3_1B),
 }
 
 PHASE = re.compile(r"^\[(\d+)/(\d+)\] (.*) \.\.\.$")
@@ -53,12 +59,14 @@ def build_model(name: str, cache: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     from lars_export import load
 
     family, settings = CONFIGS[name]
-    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+                             "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM)}[family]
     torch.manual_seed(0)
     model = model_cls(config_cls(**settings, bos_token_id=1, eos_token_id=2)).eval()
     with torch.no_grad():  # random-init norms are all ones: identical initializers get merged by the ONNX exporter
