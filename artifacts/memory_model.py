@@ -114,14 +114,16 @@ def _adapter_inputs(targets: list[str], d: int, f: int) -> tuple[int, int]:
 DEQUANTIZED_SLICE_BYTES = 128 * 2**20
 
 
+def dequantized_slices(k: int, n: int, limit: int = DEQUANTIZED_SLICE_BYTES) -> int:
+    """How many column slices dequantize_in_slices cuts an INT8 [k, n] matrix into: 1 (whole) up to `limit` bytes
+    of float32."""
+    return -(-F32 * k * n // limit)
+
+
 def dequantized_slice_bytes(k: int, n: int) -> float:
-    """The float32 bytes of the largest piece of a quantized [k, n] matrix that exists at once: all of it, or one of
+    """The float32 bytes of the largest piece of an INT8 [k, n] matrix that exists at once: all of it, or one of
     the column slices dequantize_in_slices cuts it into."""
-    whole = F32 * k * n
-    if whole <= DEQUANTIZED_SLICE_BYTES:
-        return whole
-    slices = -(-whole // DEQUANTIZED_SLICE_BYTES)
-    return F32 * k * -(-n // slices)
+    return F32 * k * -(-n // dequantized_slices(k, n))
 
 
 def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[float, float]:
@@ -140,8 +142,9 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
         per_matrix = [k * n // 2 + 2 * 2 * (k // block) * n if k % block == 0 else k * n + F32 * n
                       for k, n in layer_mats]
     vocab = vocab_mats * (v * d + F32 * v)  # INT8 per vocabulary row in both schemes
-    copies = 2 if scheme == "int4" else 1
-    transient = max(dequantized_slice_bytes(d, v), max(copies * dequantized_slice_bytes(k, n) for k, n in layer_mats))
+    # INT4 layer matrices are dequantized whole (their blocks run along k) into two copies; INT8 ones may be sliced
+    layer = max(2 * F32 * k * n if scheme == "int4" else dequantized_slice_bytes(k, n) for k, n in layer_mats)
+    transient = max(dequantized_slice_bytes(d, v), layer)  # the output projection is INT8 in both schemes
     return L * sum(per_matrix) + vocab + F32 * vectors, transient
 
 

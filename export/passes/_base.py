@@ -49,6 +49,13 @@ class GraphPass:
     switch: str | tuple | None = None  # the ExportConfig field(s) that turn the pass on (None: always runs)
 
 
+def attr(node, name: str, default=None):
+    """A node attribute's value (strings as bytes, as onnx gives them), or `default` if the node lacks it."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
 def initializer_map(model) -> dict:
     return {init.name: init for init in model.graph.initializer}
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from lars_artifacts import LOGITS
 
-from ._base import GraphPass, PassContext, PassReport, consumers, gate_after, initializer_map, producers
+from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_after, initializer_map, producers
 from .quantize_frozen import dequantized_weights
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,6 @@ def find(model, context: PassContext):
     return (sce, grads[0], matmul, reshape, tail[0]), None
 
 
-def _attr(node, name, default=None):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def apply(model, context: PassContext) -> PassReport:
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,8 +74,8 @@ def apply(model, context: PassContext) -> PassReport:
     sce, sce_grad, matmul, reshape, old_dh = found
     h, w_t = matmul.input  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
     labels, loss = sce.input[1], sce.output[0]
-    ignore = int(_attr(sce, "ignore_index", -100))
-    if (_attr(sce, "reduction", b"mean") or b"mean") not in (b"mean", "mean"):
+    ignore = int(attr(sce, "ignore_index", -100))
+    if (attr(sce, "reduction", b"mean") or b"mean") not in (b"mean", "mean"):
         report.skipped.append("the loss reduction is not mean")
         return report
     loss_grad = sce_grad.input[0]

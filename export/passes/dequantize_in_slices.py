@@ -25,9 +25,9 @@ import math
 
 import numpy as np
 
-from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES
+from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES, dequantized_slices
 
-from ._base import GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, shared_initializer
+from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map, shared_initializer
 from .quantize_frozen import INT8, dequantized_weights
 
 log = logging.getLogger(__name__)
@@ -36,40 +36,35 @@ MS = "com.microsoft"
 SLICE_BYTES = DEQUANTIZED_SLICE_BYTES  # float32 bytes of one slice: the largest dequantized matrix this pass lets exist
 
 
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def reader_kind(node, weight: str) -> str | None:
     """"matmul" for MatMul(x, W), "matmul_bt" for FusedMatMul(dz, W) with W transposed; None for any other reader."""
-    if node.op_type == "MatMul" and (node.domain or "") == "" and list(node.input) == [node.input[0], weight] \
-            and node.input[0] != weight:
+    if len(node.input) != 2 or node.input[1] != weight or node.input[0] == weight:
+        return None
+    if node.op_type == "MatMul" and (node.domain or "") == "":
         return "matmul"
-    if node.op_type == "FusedMatMul" and node.domain == MS and node.input[1] == weight and node.input[0] != weight:
-        a = _attrs(node)
-        if (a.get("transA", 0), a.get("transB", 0), a.get("alpha", 1.0)) == (0, 1, 1.0) \
-                and not a.get("transBatchA", 0) and not a.get("transBatchB", 0):
-            return "matmul_bt"
+    if node.op_type == "FusedMatMul" and node.domain == MS and (attr(node, "transA", 0), attr(node, "transB", 0),
+                                                                attr(node, "alpha", 1.0)) == (0, 1, 1.0) \
+            and not attr(node, "transBatchA", 0) and not attr(node, "transBatchB", 0):
+        return "matmul_bt"
     return None
 
 
 def find(model):
-    """(dequantized tensor, its stored weight name, [K, N], its computation's nodes) of every INT8 per-column matrix
-    whose float32 copy exceeds SLICE_BYTES."""
+    """(dequantized tensor, its stored weight name, [K, N], slices, its computation's nodes) of every INT8
+    per-column matrix whose float32 copy exceeds SLICE_BYTES."""
     inits = initializer_map(model)
     for name, (chain, _gate) in dequantized_weights(model).items():
         last = next(n for n in chain if name in n.output)
-        if last.op_type != "DequantizeLinear" or _attrs(last).get("axis", 1) != 1:
+        if last.op_type != "DequantizeLinear" or attr(last, "axis", 1) != 1:
             continue  # INT4 blocks run along K: they are not sliced by column
         weight = last.input[0].removesuffix(INT8)
         stored = inits.get(last.input[0])
         if stored is None or len(stored.dims) != 2 or f"{weight}{INT8}.scale" not in inits:
             continue
         k, n = stored.dims
-        if 4 * k * n > SLICE_BYTES:
-            yield name, weight, (k, n), chain
+        slices = dequantized_slices(k, n, SLICE_BYTES)
+        if slices > 1:
+            yield name, weight, (k, n), slices, chain
 
 
 def sliced(model, reader, kind: str, weight: str, n: int, slices: int) -> list:
@@ -118,11 +113,12 @@ def sliced(model, reader, kind: str, weight: str, n: int, slices: int) -> list:
 def _drop_unused(model, chain: list) -> int:
     """Remove the nodes of `chain` whose outputs nothing reads any more (the whole dequantization once no reader
     is left); returns how many."""
-    removed, outputs = 0, {o.name for o in model.graph.output}
-    for node in reversed(chain):
-        cons = consumers(model)
+    removed, outputs, cons = 0, {o.name for o in model.graph.output}, consumers(model)
+    for node in reversed(chain):  # readers first: a node's inputs lose it as a reader once it goes
         if not any(cons.get(o) or o in outputs for o in node.output if o):
             model.graph.node.remove(node)
+            for i in node.input:
+                cons[i] = [c for c in cons.get(i, []) if c != node]  # by value: protobuf ids are unstable
             removed += 1
     return removed
 
@@ -130,8 +126,7 @@ def _drop_unused(model, chain: list) -> int:
 def apply(model, context: PassContext) -> PassReport:
     report = PassReport("dequantize_in_slices")
     matrices = []
-    for name, weight, (k, n), chain in list(find(model)):
-        slices = math.ceil(4 * k * n / SLICE_BYTES)  # as memory_model.dequantized_slice_bytes counts them
+    for name, weight, (k, n), slices, chain in list(find(model)):
         readers = consumers(model).get(name, [])
         done = 0
         for reader in readers:

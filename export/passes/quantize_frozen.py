@@ -32,9 +32,9 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from .. import quantization
-from ._base import (GraphPass, PassContext, PassReport, consumers, gate_all, initializer_map, initializer_nbytes,
-                    initializer_value, make_initializer, producers, saved_for_backward, shared_initializer,
-                    view_chain)
+from ._base import (GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map,
+                    initializer_nbytes, initializer_value, make_initializer, producers, saved_for_backward,
+                    shared_initializer, view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ def check(init, readers) -> str | None:
     if size < MIN_ELEMENTS:
         return f"{size} elements, below {MIN_ELEMENTS}"
     kinds = {"MatMul" if (n.op_type == "MatMul" and k == 1) else
-             "Gather" if (n.op_type == "Gather" and k == 0 and _axis(n) == 0) else f"{n.op_type} {n.name}"
-             for n, k in readers}
+             "Gather" if (n.op_type == "Gather" and k == 0 and attr(n, "axis", 0) == 0) else
+             f"{n.op_type} {n.name}" for n, k in readers}
     if kinds - {"MatMul", "Gather"}:
         return f"read by {sorted(kinds - {'MatMul', 'Gather'})[0]} (only MatMul weights and Gather tables)"
     if len(kinds) > 1:
@@ -75,10 +75,6 @@ def scheme_for(init, readers, scheme: str, block: int, lm_head: str | None) -> s
                              or not quantization.int4_fits(tuple(init.dims), block)):
         return "int8"
     return scheme
-
-
-def _axis(node) -> int:
-    return next((a.i for a in node.attribute if a.name == "axis"), 0)
 
 
 def _lm_head_weight(model) -> str | None:
