@@ -224,14 +224,18 @@ def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: 
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-def rss_split_mb(pid: int) -> tuple[float, float] | None:
-    """(anonymous, file-backed) resident MB of a process now, from /proc (None off Linux or once it is gone)."""
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def rss_split_mb(pid: int) -> tuple[float, float, float] | None:
+    """(resident, anonymous, file-backed) MB of a process now, from one read of /proc/PID/status (None off Linux
+    or once it is gone)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            kb = {k: float(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in ("RssAnon", "RssFile")}
+            kb = {k: float(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in RSS_FIELDS}
     except OSError:
         return None
-    return (kb["RssAnon"] / 1024, kb["RssFile"] / 1024) if len(kb) == 2 else None
+    return tuple(kb[k] / 1024 for k in RSS_FIELDS) if len(kb) == len(RSS_FIELDS) else None
 
 
 def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dict:
@@ -258,16 +262,18 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         child, start, high, sampled_total = psutil.Process(proc.pid), time.time(), 0.0, 0.0
         while proc.poll() is None:
-            try:
-                high = max(high, child.memory_info().rss / 2**20)
-            except psutil.Error:
-                pass
-            split = rss_split_mb(proc.pid)
+            split = rss_split_mb(proc.pid)  # one /proc read per sample; psutil where there is no such file
             if split:
-                anon, file = split
+                total, anon, file = split
+                high = max(high, total)
                 row["anon_peak_mb"] = max(row["anon_peak_mb"] or 0.0, anon)
                 if anon + file > sampled_total:
                     sampled_total, row["file_at_peak_mb"] = anon + file, file
+            else:
+                try:
+                    high = max(high, child.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
             if high > a.mem_limit_mb:
                 proc.kill()
                 row["status"] = "oom"
