@@ -22,7 +22,7 @@ from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX
                             TRAINING_MODEL, TRAINING_STEP, LarsError, Manifest, write_manifest)
 from lars_ort.metrics import Stopwatch, peak_rss_mb
 
-from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight
+from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight, zo_step
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -165,10 +165,13 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
 
         with phases("lowering the training step to standard ONNX (plain onnxruntime)"):
             step = ort_artifacts.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
+            # the forward-only (zeroth-order) step: the eval graph with P adapter settings per run (zo_step.py)
+            step["zo"] = zo_step.write_zo_step(staging, [p.onnx_name for p in params])
             models = {ORT_BACKEND: step,
                       ORT_TRAINING_BACKEND: {"training": TRAINING_MODEL, "eval": EVAL_MODEL,
                                              "optimizer": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT}}
-            weights = ort_artifacts.weights_index(staging, [TRAINING_STEP, EVAL_MODEL])
+            weights = ort_artifacts.weights_index(
+                staging, [TRAINING_STEP, EVAL_MODEL] + ([step["zo"]["file"]] if step["zo"]["file"] else []))
 
         applied = {r.name for r in reports if r.changed}
         with phases("writing tokenizer and manifest"):

@@ -112,7 +112,7 @@ def _lock(f) -> None:
 
 # Arguments that decide the result of a run: resuming with another value would not continue the same run.
 RESULT_ARGS = ("seed", "batch_size", "seq_len", "lr", "warmup_steps", "schedule", "min_lr_ratio", "steps",
-               "mask_prompt")
+               "mask_prompt", "method", "zo_perturbations", "zo_eps", "zo_eps_schedule", "zo_lora_fa")
 
 
 def is_run(run: Path) -> bool:

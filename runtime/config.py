@@ -21,6 +21,8 @@ from lars_artifacts import LarsError
 
 # The runtime's backends (lars_ort.engine): auto picks plain onnxruntime.
 BACKENDS = ("auto", "ort", "ort-training")
+# Training methods (lars_ort.engine): gradients by backpropagation, or zeroth-order estimates from forwards (zo.py).
+METHODS = ("backprop", "zo")
 SCHEDULES = ("cosine", "linear", "constant")
 
 # glibc caps M_MMAP_THRESHOLD at 32 MiB on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX) and ignores a larger one: a higher
@@ -55,12 +57,26 @@ class TrainingArgs:
     save_every: int = _opt(50, "write a checkpoint every N steps (0: only the one at the end, which is always written)",
                            minimum=0)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", minimum=1)
-    seed: int = _opt(0, "seed for the data order", minimum=0)  # numpy's default_rng takes no negative seed
+    seed: int = _opt(0, "seed for the data order (and --method zo's perturbations)", minimum=0)  # numpy's default_rng takes no negative seed
     threads: int = _opt(0, "ORT intra-op threads (0: the cores this process may use: its CPU affinity and cgroup "
                            "quota, else ORT's default of one per physical core)", minimum=0, maximum=MAX_THREADS)
     backend: str = _opt("auto", "ort: the bundle's standard-ONNX step on plain onnxruntime (auto picks it); "
                                 "ort-training: ORT's training artifacts on onnxruntime-training 1.19.2 (which must "
                                 "then be this environment's onnxruntime)", choices=BACKENDS)
+    method: str = _opt("backprop", "backprop: gradients from the bundle's training step; zo: forward-only P-RGE "
+                                   "(zeroth-order estimates from 2 x --zo-perturbations forwards per step, no "
+                                   "gradient graph: the memory of inference; needs more steps and a smaller --lr, "
+                                   "README Forward-only training)", choices=METHODS)
+    zo_perturbations: int = _opt(4, "--method zo: random directions per step (q; a step runs 2q forwards)",
+                                 minimum=1, maximum=4096)
+    zo_eps: float = _opt(1e-3, "--method zo: perturbation scale (epsilon)", above=0, maximum=1.0)
+    zo_eps_schedule: str = _opt("constant", "--method zo: epsilon over the run: constant, or linear / cosine decay "
+                                            "to --min-lr-ratio x --zo-eps", choices=SCHEDULES)
+    zo_parallel: int = _opt(1, "--method zo: adapter settings per forward: 1 (one at a time: the memory of one "
+                               "forward) or an even number (pairs of +/- perturbations in one batched forward: "
+                               "faster, that many times the activations)", minimum=1, maximum=8192)
+    zo_lora_fa: bool = _opt(True, "--method zo: perturb and train the LoRA B matrices only (LoRA-FA; A keeps its "
+                                  "initial value)")
     memory_arena: bool = _opt(True, "ORT's CPU arena (without memory patterns), shrunk at the end of every step: "
                                     "the step reuses its own freed blocks instead of page-faulting fresh memory "
                                     "(SmolLM2 at 1024 tokens: 1.9x faster, same peak; README, Runtime memory "
@@ -98,6 +114,11 @@ class TrainingArgs:
                 raise LarsError(f"{flag(f.name)} {problem}")
             if f.type == "float" and not isinstance(value, float):
                 setattr(self, f.name, float(value))  # `lr: 1` in a config file means 1.0
+        if self.zo_parallel > 1 and self.zo_parallel % 2:
+            raise LarsError(f"--zo-parallel must be 1 or even (pairs of + and - perturbations), got "
+                            f"{self.zo_parallel}")
+        if self.method == "zo" and self.backend == "ort-training":
+            raise LarsError("--method zo runs the bundle's forward on plain onnxruntime; drop --backend ort-training")
         if self.out:
             check_output_directory(self.out, "--out")
 

@@ -6,6 +6,8 @@
     ort-training  onnxruntime-training 1.19.2's Module and Optimizer on ORT's own training artifacts
                   (engine_ort_training.py); needs the training build as this process's onnxruntime.
 
+and `--method zo` (zo.py): forward-only P-RGE steps on plain onnxruntime, no gradient graph loaded.
+
 Both read and write run checkpoints in ORT's checkpoint format, so a run started on one resumes on the other.
 An engine has: train_step(batch, lr), forward_backward(batch), eval_step(batch), adapter_tensors(), gradients(),
 set_adapter_tensors(dict), save(path), and the attributes backend, vocab_size, max_seq_len, has_eval, adapter_names.
@@ -19,7 +21,7 @@ import numpy as np
 
 from lars_artifacts import IGNORE_INDEX, Bundle, LarsError
 
-from .config import BACKENDS
+from .config import BACKENDS, METHODS
 from .data import Batch
 
 
@@ -32,10 +34,20 @@ class NonFiniteStep(LarsError):
         self.loss, self.what = loss, what
 
 
-def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.PathLike | None = None, **options):
-    """The engine for `backend` (auto: plain onnxruntime)."""
+def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.PathLike | None = None,
+                method: str = "backprop", zo=None, **options):
+    """The engine for `backend` (auto: plain onnxruntime) and training `method` (backprop, or zo: forward-only
+    P-RGE steps with ZoConfig `zo`, zo.py)."""
     if backend not in BACKENDS:
         raise LarsError(f"--backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
+    if method not in METHODS:
+        raise LarsError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if method == "zo":
+        if backend == "ort-training":
+            raise LarsError("--method zo runs the bundle's forward on plain onnxruntime; drop --backend ort-training")
+        from .zo import ZoEngine
+
+        return ZoEngine(bundle, checkpoint=checkpoint, zo=zo, **options)
     if backend == "ort-training":
         from .engine_ort_training import OrtTrainingEngine
 

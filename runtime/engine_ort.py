@@ -33,7 +33,7 @@ class OrtEngine:
     backend = ORT_BACKEND
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
-                 threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
+                 training: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True,
                  profile_prefix: str | None = None) -> None:
         import onnxruntime as ort
@@ -65,9 +65,11 @@ class OrtEngine:
         self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.get("checkpoint", CHECKPOINT)))
 
         settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix)
+        self.settings = settings  # session_options(ort, *settings): a further session of this bundle (zo.py)
         self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
         try:
-            self.session = self._session(session_options(ort, *settings), spec["training"])
+            # Forward-only training (zo.py) loads no gradient graph: its memory is the eval session's.
+            self.session = self._session(session_options(ort, *settings), spec["training"]) if training else None
             self.eval_session = self._session(session_options(ort, *settings), spec["eval"]) if eval else None
         except Exception as e:
             raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
@@ -75,14 +77,19 @@ class OrtEngine:
         self.has_eval = eval
         self.run_options = run_options(ort, memory_arena)
         self.loss_name = spec["loss"]
-        self.binding = self.session.io_binding()
+        self._loss = np.zeros((), np.float32)
+        self.binding = self.session.io_binding() if training else None
+        if training:
+            self._bind_training_step()
+
+    def _bind_training_step(self) -> None:
+        ort, spec = self.ort, self.spec
         for name in self.adapter_names:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._views["params"][name]))
         outputs = [o.name for o in self.session.get_outputs()]
         param_of_output = {out: param for param, out in spec["gradients"].items()}
         # The loss lands in a buffer of ours too: a tensor ORT allocated outlives the run, and one in an arena region
         # keeps that whole region from being shrunk back (measured: ~1 GB held between steps at 2048 tokens).
-        self._loss = np.zeros((), np.float32)
         for name in outputs:
             if name in param_of_output:
                 view = self._views["grads"][param_of_output[name]]

@@ -32,6 +32,7 @@ from .health import TrainingHealth
 from .interrupt import StopOnSignal
 from .metrics import MetricsWriter, Stopwatch, available_memory_bytes, peak_rss_mb
 from .schedule import learning_rate
+from .zo import ZoConfig
 
 Callback = Callable[[dict], None]
 
@@ -66,11 +67,12 @@ class Trainer:
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
                  eval: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", method: str = "backprop", zo: ZoConfig | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
-        self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, eval=eval, threads=threads,
-                                  memory_arena=memory_arena, memory_reuse=memory_reuse,
+        self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, method=method, zo=zo, eval=eval,
+                                  threads=threads, memory_arena=memory_arena, memory_reuse=memory_reuse,
                                   mmap_threshold_mb=mmap_threshold_mb)
+        self.method = method
         self.tokenizer = load_tokenizer(self.bundle)
         self.warn_budget = warn_budget
         self._warned_shapes: set[tuple[int, int]] = set()
@@ -98,7 +100,7 @@ class Trainer:
         return collate(seqs, self.tokenizer.pad_id)
 
     def step(self, batch: Batch, lr: float) -> float:
-        """One AdamW step; returns the loss before the update. Warns (once per batch shape) when the step is
+        """One AdamW step (a P-RGE step with method="zo"); returns the loss before the update. Warns (once per batch shape) when the step is
         predicted to exceed the bundle's memory budget. A NaN/inf loss or gradient raises NonFiniteStep (a
         LarsError) and leaves the adapters and optimizer state as they were."""
         if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
@@ -113,6 +115,8 @@ class Trainer:
 
     def budget_warning(self, batch_size: int, seq_len: int) -> str | None:
         """Why a step of this shape would exceed the bundle's memory budget, or None (also None without one)."""
+        if self.method == "zo":  # the budget's memory model is the backprop step's
+            return None
         return budget_warning(self.bundle.manifest.memory, batch_size, seq_len)
 
     def step_text(self, texts: Seq[str], lr: float) -> float:
@@ -209,10 +213,11 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
 
 def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, callbacks: Seq[Callback],
                   handle_signals: bool, held: contextlib.ExitStack) -> dict:
-    over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len)
+    # the memory model is the backprop step's: a forward-only run stays below it
+    over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len) if args.method != "zo" else None
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
-    _check_fits_in_memory(bundle, args.batch_size, args.seq_len)
+    _check_fits_in_memory(bundle, args.batch_size, args.seq_len, model=args.method != "zo")
     tok = load_tokenizer(bundle)
     run.mkdir(parents=True, exist_ok=True)  # the token store lives beside the checkpoints, not in a RAM /tmp
     seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt, store_dir=run)
@@ -224,7 +229,8 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
 
     session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
-                   backend=args.backend, warn_budget=False)  # checked once above for --batch-size x --seq-len
+                   backend=args.backend, warn_budget=False,  # checked once above for --batch-size x --seq-len
+                   method=args.method, zo=ZoConfig.from_args(args) if args.method == "zo" else None)
     if not resume:
         held.enter_context(ckpt.RunLock(run))
     saved = None
@@ -254,7 +260,7 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
                  handle_signals)
 
 
-def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int) -> None:
+def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int, model: bool = True) -> None:
     """Say so before a step the machine cannot hold, instead of being OOM-killed mid-run: an error when the batch's
     own token arrays exceed the available memory, a warning when the bundle's memory model predicts a larger peak."""
     available = available_memory_bytes()
@@ -264,9 +270,9 @@ def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int) -> None
     if arrays > available:
         raise LarsError(f"--batch-size {batch_size} x --seq-len {seq_len} needs {arrays / 2**30:.1f} GB for the token "
                         f"arrays alone; this machine has {available / 2**30:.1f} GB available: lower --batch-size")
-    model = (bundle.manifest.memory or {}).get("model")
-    if model:
-        peak = MemoryModel.from_dict(model).peak_bytes(batch_size, seq_len)
+    fitted = (bundle.manifest.memory or {}).get("model") if model else None
+    if fitted:
+        peak = MemoryModel.from_dict(fitted).peak_bytes(batch_size, seq_len)
         if peak > available:
             print(f"warning: a step of batch {batch_size} x {seq_len} tokens is predicted to peak at "
                   f"{peak / 2**30:.2f} GB; this machine has {available / 2**30:.2f} GB available: lower --batch-size "

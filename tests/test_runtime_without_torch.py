@@ -60,3 +60,25 @@ print(json.dumps({{"loss": loss, "imported": sorted(m for m in {FORBIDDEN!r} if 
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["imported"] == [] and result["loss"] > 0
+
+
+def test_forward_only_training_without_torch(runtime_python, tiny_bundles, tmp_path):
+    """--method zo in the base install: the forward graph only (no training session), adapters that moved."""
+    bindir, env = runtime_python.parent, env_of(runtime_python)
+    script = f"""
+import sys, json
+import numpy as np
+from lars_ort import Trainer
+from lars_ort.zo import ZoConfig
+t = Trainer({str(tiny_bundles["llama"])!r}, eval=False, method="zo", zo=ZoConfig(perturbations=2, parallel=4))
+before = t.adapter_tensors()
+loss = t.step_text(["To be, or not to be, that is the question"], lr=1e-2)
+moved = sorted(n for n, v in t.adapter_tensors().items() if not np.array_equal(v, before[n]))
+print(json.dumps({{"loss": loss, "moved": moved, "training_session": t.engine.base.session is not None,
+                  "imported": sorted(m for m in {FORBIDDEN!r} if m in sys.modules)}}))
+"""
+    out = subprocess.run([str(runtime_python), "-c", script], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["imported"] == [] and not result["training_session"] and result["loss"] > 0
+    assert result["moved"] and all(".lora_B." in n for n in result["moved"])

@@ -27,6 +27,9 @@ A bundle mode takes a runtime setting after "@" (default: the runtime's memory-f
   @malloc   ORT's arena off (--no-memory-arena): a malloc per tensor, those of 1 MB and more in their own mapping
   @heap     ORT's arena off and glibc's default heap for every tensor (no mmap threshold)
   @reuse    ORT's buffer reuse on
+  @zo       forward-only training (--method zo), one direction per step: 2 forwards, one adapter setting each
+  @zo-p2    the same with the (+, -) pair in one batched forward (--zo-parallel 2)
+  @forward  the bundle's eval graph alone, no training session: a no-grad forward (the floor of @zo)
   e.g. --modes default,default@malloc,lars,lars@reuse
 and a backend after ":" (default: ort, the runtime's default):
   :ort           plain onnxruntime on the bundle's standard-ONNX training step (the base install's)
@@ -87,7 +90,13 @@ BUNDLE_MODES = {
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
 RUNTIME_SETTINGS = {"": {}, "malloc": {"memory_arena": False}, "heap": {"memory_arena": False, "mmap_threshold_mb": 0},
-                    "reuse": {"memory_reuse": True}}
+                    "reuse": {"memory_reuse": True},
+                    # forward-only training (--method zo), one direction per step (2 forwards): one adapter
+                    # setting per forward, or the (+, -) pair in one
+                    "zo": {"method": "zo", "zo": {"perturbations": 1}},
+                    "zo-p2": {"method": "zo", "zo": {"perturbations": 1, "parallel": 2}},
+                    # the bundle's eval graph alone (no training session): a no-grad forward, the floor of zo
+                    "forward": {}}
 
 
 BACKENDS = ("ort", "ort-training")
@@ -162,16 +171,33 @@ def worker_floor(a) -> list[float]:
 
 
 def worker_ort(a) -> list[float]:
-    from lars_ort import Trainer
+    import numpy as np
 
-    trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, backend=a.backend,
-                      **RUNTIME_SETTINGS[a.setting])
-    vocab = trainer.bundle.manifest.vocab_size
+    from lars_artifacts import load_bundle
+    from lars_ort import Trainer
+    from lars_ort.data import Batch
+    from lars_ort.zo import ZoConfig
+
+    settings = dict(RUNTIME_SETTINGS[a.setting])
+    if "zo" in settings:
+        settings["zo"] = ZoConfig(**settings["zo"])
+    if a.setting == "forward":
+        from lars_ort.engine_ort import OrtEngine
+
+        engine = OrtEngine(load_bundle(a.bundle, verify=False), eval=True, training=False, threads=a.threads)
+        run = engine.eval_step
+    else:
+        trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, backend=a.backend, **settings)
+        engine = trainer.engine
+        run = lambda batch: trainer.step(batch, lr=1e-4)  # noqa: E731
     times = []
     for step in range(a.steps + 1):
-        batch = trainer.batch(_tokens(vocab, a.batch_size, a.seq_len, step))
+        ids = _tokens(engine.vocab_size, a.batch_size, a.seq_len, step)
+        labels = np.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]  # the next token, as Trainer.batch makes them
+        batch = Batch(ids, np.ones_like(ids), labels)
         t = time.perf_counter()
-        trainer.step(batch, lr=1e-4)
+        run(batch)
         times.append(time.perf_counter() - t)
     return times[1:]
 

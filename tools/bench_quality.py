@@ -5,7 +5,8 @@ mode; held-out loss every --eval-every steps.
     python tools/bench_quality.py --data excerpt --steps 40          # the repo's excerpt, a quick run
 
 Modes: peft (PyTorch + PEFT, the reference), ort-lora (our bundle, exact LoRA), lars (LARS, pca basis) and
-lars-random (LARS, random basis). Both use AdamW with ORT's
+lars-random (LARS, random basis), any bundle mode of bench_memory; a bundle mode with "@zo-qN" trains it forward-only
+(--method zo, N directions per step, LoRA-FA, --zo-lr and --zo-eps; e.g. default@zo-q4). Backprop modes use AdamW with ORT's
 settings (betas 0.9/0.999, eps 1e-6, no weight decay), the same warm-up + cosine schedule, and start from the
 bundle's initial adapters (A from its checkpoint, B = 0).
 """
@@ -17,6 +18,7 @@ import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,8 +69,17 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
                                     schedule="cosine", min_lr_ratio=0.1)
     rows = []
 
-    if mode in BUNDLE_MODES:
-        trainer = Trainer(bundle, threads=a.threads)
+    base_mode, _, setting = mode.partition("@")
+    if setting:  # forward-only: ZO-SGD with its own learning rate, same schedule shape
+        from lars_ort.zo import ZoConfig
+
+        zo = ZoConfig(perturbations=int(setting.removeprefix("zo-q")), eps=a.zo_eps, parallel=a.zo_parallel,
+                      steps=a.steps, seed=a.seed)
+        trainer = Trainer(bundle, threads=a.threads, method="zo", zo=zo)
+        lr_at = lambda s: learning_rate(s, lr=a.zo_lr, steps=a.steps, warmup_steps=a.warmup_steps,  # noqa: E731
+                                        schedule="cosine", min_lr_ratio=0.1)
+    if base_mode in BUNDLE_MODES:
+        trainer = trainer if setting else Trainer(bundle, threads=a.threads)
         evaluate = lambda: trainer.evaluate(held)["eval_loss"]  # noqa: E731
         step_fn = lambda batch, lr: trainer.step(batch, lr)  # noqa: E731
     else:
@@ -113,10 +124,13 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
             opt.zero_grad(set_to_none=True)
             return float(loss)
 
-    rows.append({"mode": mode, "step": 0, "train_loss": None, "eval_loss": evaluate()})
+    rows.append({"mode": mode, "step": 0, "train_loss": None, "eval_loss": evaluate(), "train_s": 0.0})
+    train_s = 0.0
     for step in range(a.steps):
+        clock = time.perf_counter()
         loss = step_fn(stream.next(), lr_at(step))
-        row = {"mode": mode, "step": step + 1, "train_loss": loss, "eval_loss": None}
+        train_s += time.perf_counter() - clock
+        row = {"mode": mode, "step": step + 1, "train_loss": loss, "eval_loss": None, "train_s": train_s}
         if (step + 1) % a.eval_every == 0 or step + 1 == a.steps:
             row["eval_loss"] = evaluate()
         rows.append(row)
@@ -139,6 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--zo-lr", type=float, default=1e-4, help="peak learning rate of the @zo-qN modes (ZO-SGD)")
+    p.add_argument("--zo-eps", type=float, default=1e-3, help="perturbation scale of the @zo-qN modes")
+    p.add_argument("--zo-parallel", type=int, default=2, help="adapter settings per forward of the @zo-qN modes")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q,k,v,o,gate,up,down")
     p.add_argument("--seed", type=int, default=0)
@@ -155,16 +172,20 @@ def main(argv=None) -> int:
     rows = []
     for mode in modes:
         # peft starts from the exact bundle's initial adapters (the same A for every mode: same seed)
-        bundle = prepare_bundle(model_dir, cache, a.rank, a.targets, mode if mode in BUNDLE_MODES else "ort-lora")
+        base_mode = mode.partition("@")[0]
+        bundle = prepare_bundle(model_dir, cache, a.rank, a.targets,
+                                base_mode if base_mode in BUNDLE_MODES else "ort-lora")
         rows += run_mode(mode, a, model_dir, bundle, train_file, eval_file)
     final = {m: next(r["eval_loss"] for r in reversed(rows) if r["mode"] == m and r["eval_loss"] is not None)
              for m in modes}
     first = {m: next(r["eval_loss"] for r in rows if r["mode"] == m) for m in modes}
-    print(f"\n{a.steps} steps, batch {a.batch_size} x {a.seq_len}, lr {a.lr}, data {a.data}\n")
-    print("| mode | held-out loss at 0 | final held-out loss | × peft |\n|---|---|---|---|")
+    print(f"\n{a.steps} steps, batch {a.batch_size} x {a.seq_len}, lr {a.lr} (zo: {a.zo_lr}, eps {a.zo_eps}), "
+          f"data {a.data}\n")
+    seconds = {m: next(r["train_s"] for r in reversed(rows) if r["mode"] == m) for m in modes}
+    print("| mode | held-out loss at 0 | final held-out loss | × peft | training time s |\n|---|---|---|---|---|")
     for m in modes:
         ratio = final[m] / final["peft"] if "peft" in final else float("nan")
-        print(f"| {m} | {first[m]:.4f} | {final[m]:.4f} | {ratio:.4f} |")
+        print(f"| {m} | {first[m]:.4f} | {final[m]:.4f} | {ratio:.4f} | {seconds[m]:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
     if a.plot:

@@ -1,0 +1,218 @@
+"""Forward-only training: P-RGE zeroth-order gradient estimates from forward passes alone (MobiZO, arXiv 2409.15520).
+
+No gradient graph is loaded: a step runs the bundle's forward (zo_step.onnx) at perturbed copies of the adapters and
+updates them from the loss differences. Per step, q directions z_i ~ N(0, I) over the perturbed tensors (LoRA-FA, the
+default: the B matrices only, A keeps its initial value), each regenerated from (seed, step, i), never stored:
+
+    d_i = (L(θ + ε z_i) - L(θ - ε z_i)) / 2ε        a two-sided directional derivative, ≈ ∇L · z_i
+    ĝ   = (1/q) Σ d_i z_i                           E[ĝ] = ∇L (z Gaussian, ε → 0)
+    θ  ← θ - lr ĝ                                   ZO-SGD, as MeZO and P-RGE
+
+The 2q losses come `parallel` adapter settings per forward: 1 runs them one at a time (the memory of one no-grad
+forward, what a device that cannot hold more needs); an even P runs P/2 (+, -) pairs at once, the batch repeated P
+times (P = 2 is P-RGE's inner loop, P = 2q both of its loops): fewer, larger matrix products, P times the
+activations. Bundles without zo_step.onnx (exported before it, or whose eval graph it could not be built from: the
+manifest says why) run one setting at a time through the eval graph.
+
+The step is deterministic in (adapters, seed, step, batch), so a resumed run continues bit for bit; checkpoints,
+metrics and adapter export are the backprop engine's (the AdamW moments stay zero).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lars_artifacts import Bundle, BundleError, LarsError
+
+from .config import SCHEDULES
+from .data import Batch
+from .engine import NonFiniteStep, batch_feeds
+from .engine_ort import OrtEngine
+from .schedule import learning_rate
+from .session import session_options
+
+@dataclass(frozen=True)
+class ZoConfig:
+    """P-RGE settings (TrainingArgs' --zo-* options)."""
+
+    perturbations: int = 4          # q: directions per step (2q forward evaluations)
+    eps: float = 1e-3               # ε: perturbation scale
+    eps_schedule: str = "constant"  # ε over the run: constant, or linear / cosine decay to eps * eps_min_ratio
+    eps_min_ratio: float = 0.1
+    steps: int = 1                  # the run's length, for the ε schedule
+    parallel: int = 1               # adapter settings per forward: 1, or an even number (pairs of ±)
+    lora_fa: bool = True            # perturb and train the LoRA B matrices only
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_args(cls, args) -> "ZoConfig":
+        """The settings of a TrainingArgs."""
+        return cls(perturbations=args.zo_perturbations, eps=args.zo_eps, eps_schedule=args.zo_eps_schedule,
+                   eps_min_ratio=args.min_lr_ratio, steps=args.steps, parallel=args.zo_parallel,
+                   lora_fa=args.zo_lora_fa, seed=args.seed)
+
+    def problem(self) -> str | None:
+        if self.perturbations < 1:
+            return f"--zo-perturbations must be >= 1, got {self.perturbations}"
+        if not (self.eps > 0 and np.isfinite(self.eps)):
+            return f"--zo-eps must be a finite number > 0, got {self.eps}"
+        if self.eps_schedule not in SCHEDULES:
+            return f"--zo-eps-schedule must be one of {', '.join(SCHEDULES)}, got {self.eps_schedule!r}"
+        if self.parallel < 1 or (self.parallel > 1 and self.parallel % 2):
+            return (f"--zo-parallel must be 1 (one adapter setting per forward) or even (pairs of + and - "
+                    f"perturbations), got {self.parallel}")
+        return None
+
+    def eps_at(self, step: int) -> float:
+        return learning_rate(step, lr=self.eps, steps=self.steps, warmup_steps=0, schedule=self.eps_schedule,
+                             min_lr_ratio=self.eps_min_ratio)
+
+
+class ZoEngine:
+    """The engine interface (engine.py) with P-RGE steps; checkpoints, tensors and the eval are OrtEngine's."""
+
+    method = "zo"
+
+    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
+                 threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
+                 mmap_threshold_mb: float = 1.0, priority_order: bool = True, profile_prefix: str | None = None,
+                 zo: ZoConfig | None = None) -> None:
+        self.config = zo or ZoConfig()
+        problem = self.config.problem()
+        if problem:
+            raise LarsError(problem)
+        # The adapters, checkpoint I/O and mapped weights of the backprop engine, without its training session.
+        self.base = OrtEngine(bundle, checkpoint=checkpoint, eval=False, training=False, threads=threads,
+                              memory_arena=memory_arena, memory_reuse=memory_reuse,
+                              mmap_threshold_mb=mmap_threshold_mb, priority_order=priority_order,
+                              profile_prefix=profile_prefix)
+        self.backend, self.bundle = self.base.backend, bundle
+        self.vocab_size, self.max_seq_len = self.base.vocab_size, self.base.max_seq_len
+        self.adapter_names = self.base.adapter_names
+        self.has_eval = True  # the forward serves evaluation too
+        spec = self.base.spec
+        zo_spec = spec.get("zo") or {"file": None, "reason": "it was exported before forward-only training existed"}
+        self.batched = bool(zo_spec.get("file"))
+        if self.config.parallel > 1 and not self.batched:
+            raise BundleError(f"--zo-parallel {self.config.parallel} needs the bundle's zo_step.onnx, which bundle "
+                              f"{bundle.path} lacks ({zo_spec.get('reason')}); use --zo-parallel 1, or re-export "
+                              f"the bundle with this lars")
+        file = zo_spec["file"] if self.batched else spec["eval"]
+        self.loss_output = zo_spec["losses"] if self.batched else spec["eval_loss"]
+        try:
+            self.session = self.base._session(session_options(self.base.ort, *self.base.settings), file)
+        except Exception as e:
+            from .session import first_line
+
+            raise BundleError(f"onnxruntime {self.base.ort.__version__} cannot load {file} of bundle {bundle.path} "
+                              f"({first_line(e)[:300]}); re-export it with this lars") from None
+        self.input_names = spec["inputs"]
+
+        names = self.adapter_names
+        self.perturbed = [n for n in names if ".lora_B." in n] if self.config.lora_fa else list(names)
+        if not self.perturbed:
+            raise BundleError(f"bundle {bundle.path} has no LoRA B tensors to train with LoRA-FA; pass --no-zo-lora-fa")
+        params = self.base._views["params"]
+        self._sizes = {n: params[n].size for n in names}
+        offsets = np.cumsum([0] + [self._sizes[n] for n in self.perturbed])
+        self._slices = {n: slice(int(a), int(b)) for n, a, b in zip(self.perturbed, offsets[:-1], offsets[1:])}
+        self.dimension = int(offsets[-1])  # how many numbers are perturbed
+        self.last_eps = 0.0
+
+    # -- the engine interface -------------------------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        return self.base.step_count
+
+    @property
+    def learning_rate(self) -> float:
+        return self.base.learning_rate
+
+    def train_step(self, batch: Batch, lr: float) -> float:
+        """One P-RGE step at learning rate `lr`; returns the mean of the 2q perturbed losses (≈ the loss at θ).
+        A NaN/inf loss raises NonFiniteStep before anything is updated."""
+        if batch.label_tokens == 0:
+            raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
+        q, step = self.config.perturbations, self.base.step_count
+        eps = self.config.eps_at(step)
+        estimate = np.zeros(self.dimension, np.float32)
+        losses = []
+        pairs = 1 if self.config.parallel == 1 else self.config.parallel // 2
+        for first in range(0, q, pairs):
+            directions = [(i, self.direction(step, i)) for i in range(first, min(q, first + pairs))]
+            if self.config.parallel == 1:
+                scored = [(self._losses(batch, [(z, eps)])[0], self._losses(batch, [(z, -eps)])[0])
+                          for _, z in directions]
+            else:
+                flat = self._losses(batch, [(z, s) for _, z in directions for s in (eps, -eps)])
+                scored = list(zip(flat[0::2], flat[1::2]))
+            for (_, z), (plus, minus) in zip(directions, scored):
+                losses += [plus, minus]
+                if not (np.isfinite(plus) and np.isfinite(minus)):
+                    raise NonFiniteStep(float(plus if not np.isfinite(plus) else minus), "loss")
+                # in float64: the difference of two float32 losses loses digits the estimate should keep
+                estimate += np.float32((float(plus) - float(minus)) / (2.0 * eps) / q) * z
+        grads, params = self.base._views["grads"], self.base._views["params"]
+        for name, where in self._slices.items():
+            grads[name][...] = estimate[where].reshape(grads[name].shape)
+            params[name] -= np.float32(lr) * grads[name]
+        self.base.step_count += 1
+        self.base.learning_rate = float(lr)
+        self.last_eps = eps
+        return float(np.mean(losses))
+
+    def direction(self, step: int, i: int) -> np.ndarray:
+        """z_i of step `step` (0-based): standard normal over the perturbed tensors, from (seed, step, i) alone."""
+        return np.random.default_rng([self.config.seed, step, i]).standard_normal(self.dimension, np.float32)
+
+    def forward_backward(self, batch: Batch) -> float:
+        """The loss at the current adapters (forward only: this engine has no gradient graph)."""
+        return self.eval_step(batch)
+
+    def eval_step(self, batch: Batch) -> float:
+        return float(self._losses(batch, [None])[0])
+
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        return self.base.adapter_tensors()
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The last step's estimate ĝ (zero for the tensors it does not perturb)."""
+        return self.base.gradients()
+
+    def set_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        self.base.set_adapter_tensors(tensors)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.base.save(path)
+
+    # -- forwards -------------------------------------------------------------------------------------------------
+    def _losses(self, batch: Batch, settings: list[tuple[np.ndarray, float] | None]) -> np.ndarray:
+        """The batch's mean token loss at each adapter setting: None = θ, (z, s) = θ + s z on the perturbed
+        tensors. One forward for all of them."""
+        ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
+        params = self.base._views["params"]
+        count = len(settings)
+        if self.batched:
+            feeds = dict(zip(self.input_names, (np.tile(ids, (count, 1)), np.tile(mask, (count, 1)),
+                                                np.tile(labels, count))))
+        else:
+            feeds = dict(zip(self.input_names, (ids, mask, labels)))
+        for name in self.adapter_names:
+            value = params[name]
+            if name in self._slices and any(s is not None for s in settings):
+                where = self._slices[name]
+                rows = [value if s is None else value + np.float32(s[1]) * s[0][where].reshape(value.shape)
+                        for s in settings]
+                feeds[name] = np.stack(rows) if self.batched else rows[0]
+            else:
+                feeds[name] = np.broadcast_to(value, (count, *value.shape)) if self.batched else value
+        if self.batched:
+            feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+        out = self.session.run([self.loss_output], feeds, self.base.run_options)[0]
+        return np.atleast_1d(np.asarray(out, np.float32))
