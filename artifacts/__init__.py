@@ -2,12 +2,12 @@
 
 from .bundle import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, FORMAT_VERSION, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                      MANIFEST, MODEL_CONFIG, OPTIMIZER_MODEL, ORT_BACKEND, ORT_TRAINING_BACKEND, TOKENIZER,
-                     TOKENIZER_CONFIG, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, ZO_STEP, Bundle, Manifest, load_bundle,
+                     TOKENIZER_CONFIG, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, ZO_FORWARD, ZO_STEP, Bundle, Manifest, load_bundle,
                      sha256_file, write_manifest)
 from .errors import BundleError, LarsError
 
 __all__ = [
-    "ORT_BACKEND", "ORT_TRAINING_BACKEND", "TRAINING_STEP", "ZO_STEP",
+    "ORT_BACKEND", "ORT_TRAINING_BACKEND", "TRAINING_STEP", "ZO_FORWARD", "ZO_STEP",
     "ATTENTION_MASK", "CHECKPOINT", "EVAL_MODEL", "FORMAT_VERSION", "IGNORE_INDEX", "INPUT_IDS", "LABELS", "LOGITS",
     "MANIFEST", "MODEL_CONFIG", "OPTIMIZER_MODEL", "TOKENIZER", "TOKENIZER_CONFIG", "TRAINING_MODEL", "WEIGHTS",
     "Bundle", "Manifest", "load_bundle", "sha256_file", "write_manifest", "BundleError", "LarsError",

@@ -10,8 +10,11 @@ Layout of a bundle directory:
                            onnxruntime runs (the `ort` backend); manifest "models" says how to drive it
     training_model.onnx    ORT training graph: forward + loss + gradients (onnxruntime-training's APIs)
     eval_model.onnx        ORT eval graph: forward + loss
+    zo_forward.onnx        the training step pruned to its loss (forward + memory passes, no gradient): forward-only
+                           (zeroth-order) training, one adapter setting per run
     zo_step.onnx           the eval graph with P adapter settings per run and a loss per setting: forward-only
-                           (zeroth-order) training; manifest models.ort.zo names it (absent: the eval graph serves)
+                           training's batched perturbations. manifest models.ort.zo names both (a bundle exported
+                           before them: the eval graph serves, one setting per run)
     optimizer_model.onnx   ORT AdamW step
     checkpoint             ORT checkpoint: the trainable adapter tensors (B = 0, as PEFT initialises them); both
                            backends read it (lars_artifacts.ort_checkpoint)
@@ -41,6 +44,7 @@ TRAINING_STEP = "training_step.onnx"
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"
 ZO_STEP = "zo_step.onnx"
+ZO_FORWARD = "zo_forward.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 WEIGHTS = "weights.onnx_data"

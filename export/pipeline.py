@@ -165,13 +165,13 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
 
         with phases("lowering the training step to standard ONNX (plain onnxruntime)"):
             step = ort_artifacts.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
-            # the forward-only (zeroth-order) step: the eval graph with P adapter settings per run (zo_step.py)
-            step["zo"] = zo_step.write_zo_step(staging, [p.onnx_name for p in params])
+            # forward-only (zeroth-order) training's graphs (zo_step.py)
+            step["zo"] = zo_step.write_zo_step(staging, [p.onnx_name for p in params], TRAINING_STEP, step["loss"])
             models = {ORT_BACKEND: step,
                       ORT_TRAINING_BACKEND: {"training": TRAINING_MODEL, "eval": EVAL_MODEL,
                                              "optimizer": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT}}
-            weights = ort_artifacts.weights_index(
-                staging, [TRAINING_STEP, EVAL_MODEL] + ([step["zo"]["file"]] if step["zo"]["file"] else []))
+            zo_files = [f for f in (step["zo"]["forward"], step["zo"]["file"]) if f]
+            weights = ort_artifacts.weights_index(staging, [TRAINING_STEP, EVAL_MODEL, *zo_files])
 
         applied = {r.name for r in reports if r.changed}
         with phases("writing tokenizer and manifest"):

@@ -1,4 +1,8 @@
-"""zo_step.onnx: the forward graph forward-only training runs (lars_ort.zo): P adapter settings in one run.
+"""The graphs forward-only training runs (lars_ort.zo): zo_forward.onnx (one adapter setting per run, the lowest
+memory) and zo_step.onnx (P adapter settings in one run).
+
+zo_forward.onnx is the training step pruned to its loss (forward_of): the backprop step's forward, memory passes
+included, and no gradient.
 
 Zeroth-order training (P-RGE) scores the loss at several perturbed copies of the adapters per step. This graph is
 the eval graph with every adapter input given a leading axis of P settings ([P, out, in]), the batch repeated P
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_STEP, LarsError
+from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError
 
 from .passes._base import attr
 
@@ -122,19 +126,53 @@ def build_zo_step(model, adapter_names: list[str]):
     return model
 
 
-def write_zo_step(out_dir: Path, adapter_names: list[str]) -> dict:
-    """zo_step.onnx beside the eval graph (same external weights); returns the manifest's "zo" entry: the file,
-    its loss output and the axis name, or the reason it could not be built (forward-only training then runs one
-    adapter setting at a time through the eval graph)."""
+def forward_of(model, output: str):
+    """Prune a training graph (ModelProto, in place) to the nodes, inputs and initializers `output` depends on: its
+    forward, with every memory pass' forward part (attention in causal row chunks, the chunked loss) and none of
+    the backward."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    needed, stack, kept = {output}, [output], set()
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in kept:
+            continue
+        kept.add(id(node))
+        for name in node.input:
+            if name and name not in needed:
+                needed.add(name)
+                stack.append(name)
+    graph = model.graph
+    nodes = [n for n in graph.node if id(n) in kept]
+    inits = [i for i in graph.initializer if i.name in needed]
+    inputs = [i for i in graph.input if i.name in needed]
+    outputs = [o for o in graph.output if o.name == output]
+    for field, values in ((graph.node, nodes), (graph.initializer, inits), (graph.input, inputs),
+                          (graph.output, outputs)):
+        del field[:]
+        field.extend(values)
+    del graph.value_info[:]
+    return model
+
+
+def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, loss: str) -> dict:
+    """The forward-only models beside the others (same external weights); returns the manifest's "zo" entry:
+      forward   ZO_FORWARD: the training step (`training_step`, its loss output `loss`) pruned to its loss, so one
+                adapter setting per run has the backprop step's forward memory (row-chunked attention, chunked
+                loss), not the eval graph's (whole [heads, T, T] scores and [tokens, vocab] logits)
+      file      ZO_STEP: P settings per run (build_zo_step of the eval graph), or None and the reason it could not
+                be built (forward-only training then runs one setting at a time)."""
     import onnx
 
+    forward = forward_of(onnx.load(str(out_dir / training_step), load_external_data=False), loss)
+    onnx.save_model(forward, str(out_dir / ZO_FORWARD))
+    entry = {"forward": ZO_FORWARD, "loss": loss}
     model = onnx.load(str(out_dir / EVAL_MODEL), load_external_data=False)
     try:
         build_zo_step(model, adapter_names)
     except ZoStepUnsupported as e:
-        return {"file": None, "reason": str(e)}
+        return {**entry, "file": None, "reason": str(e)}
     onnx.save_model(model, str(out_dir / ZO_STEP))
-    return {"file": ZO_STEP, "losses": LOSSES, "settings_axis": SETTINGS}
+    return {**entry, "file": ZO_STEP, "losses": LOSSES, "settings_axis": SETTINGS}
 
 
 def _set_attr(node, name: str, value) -> None:

@@ -64,13 +64,19 @@ class OrtEngine:
         self.learning_rate = 0.0
         self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.get("checkpoint", CHECKPOINT)))
 
+        # Evaluation runs the training step's forward where the bundle has it (zo_forward.onnx: the step's memory
+        # passes, no gradient), else the eval graph, whose whole [heads, T, T] scores and [tokens, vocab] logits
+        # cost more: SmolLM2 at 2048 tokens, 966 MB and 4.6 s against 2,768 MB and 8.4 s (docs/BENCHMARKS.md).
+        forward = (spec.get("zo") or {}).get("forward")
+        self.eval_file, self.eval_loss = (forward, spec["zo"]["loss"]) if forward else (spec["eval"],
+                                                                                          spec["eval_loss"])
         settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix)
         self.settings = settings  # session_options(ort, *settings): a further session of this bundle (zo.py)
         self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
         try:
             # Forward-only training (zo.py) loads no gradient graph: its memory is the eval session's.
             self.session = self._session(session_options(ort, *settings), spec["training"]) if training else None
-            self.eval_session = self._session(session_options(ort, *settings), spec["eval"]) if eval else None
+            self.eval_session = self._session(session_options(ort, *settings), self.eval_file) if eval else None
         except Exception as e:
             raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
                               f"({first_line(e)[:300]}); re-export it with this lars") from None
@@ -166,7 +172,7 @@ class OrtEngine:
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
         feeds = dict(zip(self.spec["inputs"], (ids, mask, labels)))
         feeds.update(self._views["params"])
-        return float(self.eval_session.run([self.spec["eval_loss"]], feeds, self.run_options)[0])
+        return float(self.eval_session.run([self.eval_loss], feeds, self.run_options)[0])
 
     # -- tensors -------------------------------------------------------------------------------------------------
     def adapter_tensors(self) -> dict[str, np.ndarray]:

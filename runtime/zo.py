@@ -8,11 +8,12 @@ default: the B matrices only, A keeps its initial value), each regenerated from 
     ĝ   = (1/q) Σ d_i z_i                           E[ĝ] = ∇L (z Gaussian, ε → 0)
     θ  ← θ - lr ĝ                                   ZO-SGD, as MeZO and P-RGE
 
-The 2q losses come `parallel` adapter settings per forward: 1 runs them one at a time (the memory of one no-grad
-forward, what a device that cannot hold more needs); an even P runs P/2 (+, -) pairs at once, the batch repeated P
-times (P = 2 is P-RGE's inner loop, P = 2q both of its loops): fewer, larger matrix products, P times the
-activations. Bundles without zo_step.onnx (exported before it, or whose eval graph it could not be built from: the
-manifest says why) run one setting at a time through the eval graph.
+The 2q losses come `parallel` adapter settings per forward: 1 runs them one at a time through zo_forward.onnx (the
+training step's forward with its memory passes: row-chunked causal attention, the chunked loss; what a device that
+cannot hold more needs); an even P runs P/2 (+, -) pairs at once through zo_step.onnx, the batch repeated P times
+(P = 2 is P-RGE's inner loop, P = 2q both of its loops): fewer, larger matrix products, but the eval graph's whole
+attention and logits, P times. A bundle exported before these graphs runs one setting at a time through its eval
+graph.
 
 The step is deterministic in (adapters, seed, step, batch), so a resumed run continues bit for bit; checkpoints,
 metrics and adapter export are the backprop engine's (the AdamW moments stay zero).
@@ -32,7 +33,7 @@ from .data import Batch
 from .engine import NonFiniteStep, batch_feeds
 from .engine_ort import OrtEngine
 from .schedule import learning_rate
-from .session import session_options
+from .session import first_line, session_options
 
 @dataclass(frozen=True)
 class ZoConfig:
@@ -87,8 +88,10 @@ class ZoEngine:
         problem = self.config.problem()
         if problem:
             raise LarsError(problem)
-        # The adapters, checkpoint I/O and mapped weights of the backprop engine, without its training session.
-        self.base = OrtEngine(bundle, checkpoint=checkpoint, eval=False, training=False, threads=threads,
+        # The adapters, checkpoint I/O, mapped weights and (one setting per run) eval session of the backprop
+        # engine, without its training session. Its eval runs the training step's forward (zo_forward.onnx).
+        batched = self.config.parallel > 1
+        self.base = OrtEngine(bundle, checkpoint=checkpoint, eval=not batched, training=False, threads=threads,
                               memory_arena=memory_arena, memory_reuse=memory_reuse,
                               mmap_threshold_mb=mmap_threshold_mb, priority_order=priority_order,
                               profile_prefix=profile_prefix)
@@ -97,21 +100,22 @@ class ZoEngine:
         self.adapter_names = self.base.adapter_names
         self.has_eval = True  # the forward serves evaluation too
         spec = self.base.spec
-        zo_spec = spec.get("zo") or {"file": None, "reason": "it was exported before forward-only training existed"}
-        self.batched = bool(zo_spec.get("file"))
-        if self.config.parallel > 1 and not self.batched:
-            raise BundleError(f"--zo-parallel {self.config.parallel} needs the bundle's zo_step.onnx, which bundle "
-                              f"{bundle.path} lacks ({zo_spec.get('reason')}); use --zo-parallel 1, or re-export "
-                              f"the bundle with this lars")
-        file = zo_spec["file"] if self.batched else spec["eval"]
-        self.loss_output = zo_spec["losses"] if self.batched else spec["eval_loss"]
-        try:
-            self.session = self.base._session(session_options(self.base.ort, *self.base.settings), file)
-        except Exception as e:
-            from .session import first_line
-
-            raise BundleError(f"onnxruntime {self.base.ort.__version__} cannot load {file} of bundle {bundle.path} "
-                              f"({first_line(e)[:300]}); re-export it with this lars") from None
+        self.batched = batched
+        if batched:
+            zo_spec = spec.get("zo") or {"reason": "it was exported before forward-only training existed"}
+            if not zo_spec.get("file"):
+                raise BundleError(f"--zo-parallel {self.config.parallel} needs the bundle's zo_step.onnx, which "
+                                  f"bundle {bundle.path} lacks ({zo_spec.get('reason')}); use --zo-parallel 1, or "
+                                  f"re-export the bundle with this lars")
+            try:
+                self.session = self.base._session(session_options(self.base.ort, *self.base.settings),
+                                                  zo_spec["file"])
+            except Exception as e:
+                raise BundleError(f"onnxruntime {self.base.ort.__version__} cannot load {zo_spec['file']} of bundle "
+                                  f"{bundle.path} ({first_line(e)[:300]}); re-export it with this lars") from None
+            self.loss_output = zo_spec["losses"]
+        else:
+            self.session, self.loss_output = self.base.eval_session, self.base.eval_loss
         self.input_names = spec["inputs"]
 
         names = self.adapter_names

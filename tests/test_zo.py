@@ -56,11 +56,15 @@ def test_batched_forward_equals_the_eval_graph_per_setting(setup):
     together = engine._losses(batch, settings)
     one_by_one = [engine._losses(batch, [s])[0] for s in settings]
     np.testing.assert_allclose(together, one_by_one, rtol=2e-6)
+    # one setting per run: the training step's forward (memory passes, chunked loss): the same losses to rounding
+    single = _zo(bundle, adapters)
+    assert not single.batched and single.session._model_path.endswith("zo_forward.onnx")
+    np.testing.assert_allclose([single._losses(batch, [s])[0] for s in settings], together, rtol=1e-5)
 
     # The same settings through ORT's eval graph, one run per setting (the fallback of bundles without zo_step):
     # the adapters it is fed are θ + s·z exactly.
     eval_only = load_bundle(bundle)
-    eval_only.manifest.models["ort"]["zo"] = {"file": None, "reason": "a test says so"}
+    eval_only.manifest.models["ort"]["zo"] = {"file": None, "forward": None, "reason": "a test says so"}
     fallback = _zo(eval_only, adapters)
     assert not fallback.batched and fallback.session._model_path.endswith("eval_model.onnx")
     np.testing.assert_allclose([fallback._losses(batch, [s])[0] for s in settings], together, rtol=2e-6)

@@ -29,7 +29,8 @@ A bundle mode takes a runtime setting after "@" (default: the runtime's memory-f
   @reuse    ORT's buffer reuse on
   @zo       forward-only training (--method zo), one direction per step: 2 forwards, one adapter setting each
   @zo-p2    the same with the (+, -) pair in one batched forward (--zo-parallel 2)
-  @forward  the bundle's eval graph alone, no training session: a no-grad forward (the floor of @zo)
+  @forward  a no-grad forward through the training step's forward graph (zo_forward.onnx: what @zo runs)
+  @eval     a no-grad forward through the eval graph (what `lars-ort eval` runs)
   e.g. --modes default,default@malloc,lars,lars@reuse
 and a backend after ":" (default: ort, the runtime's default):
   :ort           plain onnxruntime on the bundle's standard-ONNX training step (the base install's)
@@ -95,8 +96,9 @@ RUNTIME_SETTINGS = {"": {}, "malloc": {"memory_arena": False}, "heap": {"memory_
                     # setting per forward, or the (+, -) pair in one
                     "zo": {"method": "zo", "zo": {"perturbations": 1}},
                     "zo-p2": {"method": "zo", "zo": {"perturbations": 1, "parallel": 2}},
-                    # the bundle's eval graph alone (no training session): a no-grad forward, the floor of zo
-                    "forward": {}}
+                    # no-grad forwards, no training session: the training step's forward (zo_forward.onnx, what
+                    # zo runs), and the eval graph (what `lars-ort eval` runs)
+                    "forward": {"method": "zo", "zo": {}}, "eval": {}}
 
 
 BACKENDS = ("ort", "ort-training")
@@ -181,10 +183,15 @@ def worker_ort(a) -> list[float]:
     settings = dict(RUNTIME_SETTINGS[a.setting])
     if "zo" in settings:
         settings["zo"] = ZoConfig(**settings["zo"])
-    if a.setting == "forward":
+    if a.setting == "eval":
         from lars_ort.engine_ort import OrtEngine
 
-        engine = OrtEngine(load_bundle(a.bundle, verify=False), eval=True, training=False, threads=a.threads)
+        bundle = load_bundle(a.bundle, verify=False)
+        bundle.manifest.models["ort"]["zo"] = None  # evaluate through eval_model.onnx, as bundles before zo_forward
+        engine = OrtEngine(bundle, eval=True, training=False, threads=a.threads)
+        run = engine.eval_step
+    elif a.setting == "forward":
+        engine = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, **settings).engine
         run = engine.eval_step
     else:
         trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, backend=a.backend, **settings)
