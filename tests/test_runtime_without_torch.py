@@ -64,7 +64,7 @@ print(json.dumps({{"loss": loss, "imported": sorted(m for m in {FORBIDDEN!r} if 
 
 def test_forward_only_training_without_torch(runtime_python, tiny_bundles, tmp_path):
     """--method zo in the base install: the forward graph only (no training session), adapters that moved."""
-    bindir, env = runtime_python.parent, env_of(runtime_python)
+    env = env_of(runtime_python)
     script = f"""
 import sys, json
 import numpy as np

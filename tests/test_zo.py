@@ -180,7 +180,8 @@ def test_cli_trains_with_zo_and_refuses_bad_settings(tiny_bundles, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]
     for extra, message in ((["--zo-parallel", "3"], "--zo-parallel must be 1 or even"),
-                           (["--backend", "ort-training"], "--method zo runs the bundle's forward on plain onnxruntime"),
+                           (["--backend", "ort-training"], "--method zo runs the bundle's forward on plain "
+                                                           "onnxruntime"),
                            (["--zo-eps", "0"], "--zo-eps must be above 0"),
                            (["--method", "sgd"], "invalid choice: 'sgd'")):
         bad = subprocess.run([*base, "--out", str(tmp_path / "bad"), *extra], capture_output=True, text=True)

@@ -5,10 +5,10 @@ mode; held-out loss every --eval-every steps.
     python tools/bench_quality.py --data excerpt --steps 40          # the repo's excerpt, a quick run
 
 Modes: peft (PyTorch + PEFT, the reference), ort-lora (our bundle, exact LoRA), lars (LARS, pca basis) and
-lars-random (LARS, random basis), any bundle mode of bench_memory; a bundle mode with "@zo-qN" trains it forward-only
-(--method zo, N directions per step, LoRA-FA, --zo-lr and --zo-eps; e.g. default@zo-q4). Backprop modes use AdamW with ORT's
-settings (betas 0.9/0.999, eps 1e-6, no weight decay), the same warm-up + cosine schedule, and start from the
-bundle's initial adapters (A from its checkpoint, B = 0).
+lars-random (LARS, random basis), any bundle mode of bench_memory; a bundle mode with "@zo-qN" trains it
+forward-only (--method zo, N directions per step, LoRA-FA, --zo-lr and --zo-eps; e.g. default@zo-q4). Backprop
+modes use AdamW with ORT's settings (betas 0.9/0.999, eps 1e-6, no weight decay); every mode the same warm-up +
+cosine schedule, and starts from the bundle's initial adapters (A from its checkpoint, B = 0).
 """
 
 from __future__ import annotations
