@@ -145,7 +145,9 @@ class ZoEngine:
             raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
         q, step = self.config.perturbations, self.base.step_count
         eps = self.config.eps_at(step)
-        estimate = np.zeros(self.dimension, np.float32)
+        grads, params = self.base._views["grads"], self.base._views["params"]
+        for name in self._slices:  # the estimate accumulates in the gradient buffer (B's views with LoRA-FA)
+            grads[name][...] = 0.0
         losses = []
         pairs = 1 if self.config.parallel == 1 else self.config.parallel // 2
         for first in range(0, q, pairs):
@@ -161,10 +163,10 @@ class ZoEngine:
                 if not (np.isfinite(plus) and np.isfinite(minus)):
                     raise NonFiniteStep(float(plus if not np.isfinite(plus) else minus), "loss")
                 # in float64: the difference of two float32 losses loses digits the estimate should keep
-                estimate += np.float32((float(plus) - float(minus)) / (2.0 * eps) / q) * z
-        grads, params = self.base._views["grads"], self.base._views["params"]
-        for name, where in self._slices.items():
-            grads[name][...] = estimate[where].reshape(grads[name].shape)
+                scale = np.float32((float(plus) - float(minus)) / (2.0 * eps) / q)
+                for name, where in self._slices.items():
+                    grads[name].reshape(-1)[...] += scale * z[where]
+        for name in self._slices:
             params[name] -= np.float32(lr) * grads[name]
         self.base.step_count += 1
         self.base.learning_rate = float(lr)
