@@ -160,6 +160,8 @@ class OrtEngine:
 
     def forward_backward(self, batch: Batch) -> float:
         """Loss and gradients (in the gradient buffer, see `gradients`), no update."""
+        if self.session is None:
+            raise RuntimeError("Engine was created with training=False (no training session)")
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
         for name, value in zip(self.spec["inputs"], (ids, mask, labels)):
             self.binding.bind_cpu_input(name, value)

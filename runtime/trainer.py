@@ -100,9 +100,9 @@ class Trainer:
         return collate(seqs, self.tokenizer.pad_id)
 
     def step(self, batch: Batch, lr: float) -> float:
-        """One AdamW step (a P-RGE step with method="zo"); returns the loss before the update. Warns (once per batch shape) when the step is
-        predicted to exceed the bundle's memory budget. A NaN/inf loss or gradient raises NonFiniteStep (a
-        LarsError) and leaves the adapters and optimizer state as they were."""
+        """One AdamW step (a P-RGE step with method="zo"); returns the loss before the update. Warns (once per
+        batch shape) when the step is predicted to exceed the bundle's memory budget. A NaN/inf loss or gradient
+        raises NonFiniteStep (a LarsError) and leaves the adapters and optimizer state as they were."""
         if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
             raise LarsError(f"learning rate {lr!r} must be a finite number >= 0")
         shape = tuple(batch.input_ids.shape)
