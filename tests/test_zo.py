@@ -188,3 +188,15 @@ def test_cli_trains_with_zo_and_refuses_bad_settings(tiny_bundles, tmp_path):
         assert bad.returncode != 0 and message in bad.stderr, (extra, bad.stderr)
         assert "Traceback" not in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_eps_schedule():
+    constant = ZoConfig(eps=1e-3, steps=10)
+    assert [constant.eps_at(s) for s in (0, 5, 9)] == [1e-3] * 3
+    linear = ZoConfig(eps=1e-3, eps_schedule="linear", eps_min_ratio=0.1, steps=10)
+    assert linear.eps_at(0) == pytest.approx(1e-3) and linear.eps_at(5) == pytest.approx(5.5e-4)
+    assert linear.eps_at(10) == pytest.approx(1e-4)
+    cosine = ZoConfig(eps=1e-3, eps_schedule="cosine", eps_min_ratio=0.1, steps=10)
+    assert cosine.eps_at(5) == pytest.approx(5.5e-4) and cosine.eps_at(10) == pytest.approx(1e-4)
+    assert ZoConfig(parallel=3).problem() == ("--zo-parallel must be 1 (one adapter setting per forward) or even "
+                                              "(pairs of + and - perturbations), got 3")
