@@ -93,14 +93,15 @@ def test_a_diverging_run_is_stopped_and_its_adapters_never_saved(smol_bundle, tm
 
 
 def test_forward_only_training_lowers_the_held_out_loss_on_smollm2(smol_bundle, tmp_path):
-    """--method zo end to end on the real model: 20 P-RGE steps (q = 4, LoRA-FA, one setting per forward through
-    zo_forward.onnx) lower the loss on held-out text (Macbeth; trained on Hamlet); the adapter exports."""
+    """--method zo end to end on the real model: 30 P-RGE steps (q = 8, LoRA-FA, one setting per forward through
+    zo_forward.onnx) lower the loss on held-out text (Macbeth; trained on Hamlet; measured 4.373 -> 4.350; with
+    lr 3e-2 it overshoots); the adapter exports."""
     run = tmp_path / "zo"
     summary = train(smol_bundle, TrainingArgs(
-        data=str(TRAIN_TEXT), eval_data=str(EVAL_TEXT), eval_batches=4, out=str(run), steps=20, batch_size=2,
-        seq_len=64, lr=1e-2, warmup_steps=0, save_every=0, progress=False, method="zo", zo_perturbations=4))
+        data=str(TRAIN_TEXT), eval_data=str(EVAL_TEXT), eval_batches=4, out=str(run), steps=30, batch_size=2,
+        seq_len=64, lr=1e-2, warmup_steps=0, save_every=0, progress=False, method="zo", zo_perturbations=8))
     before, after = summary["initial_eval"]["eval_loss"], summary["final_eval"]["eval_loss"]
-    assert after < before - 0.005, (before, after)
+    assert after < before - 0.01, (before, after)
     adapters = Trainer(load_bundle(smol_bundle), checkpoint=latest(run).ort_checkpoint, eval=False).adapter_tensors()
     moved = [n for n, v in adapters.items() if v.any() and ".lora_B." in n]
     assert len(moved) == 30 * 7  # every B trained, from zero
