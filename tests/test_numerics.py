@@ -8,6 +8,7 @@ import torch
 
 from lars_artifacts import load_bundle
 from lars_ort import Trainer
+from tiny import random_lora_b
 
 
 def _batch(trainer, vocab, seed=0):
@@ -52,13 +53,7 @@ def compare_with_peft(model_dir, bundle_dir, dequantize=None):
     `dequantize(model)` gives the reference the bundle's quantized frozen weights."""
     bundle = load_bundle(bundle_dir)
     trainer = Trainer(bundle, eval=False)
-    # B = 0 (PEFT's init) makes every dA zero; give B random values so that dA is tested too.
-    rng = np.random.default_rng(1)
-    adapters = trainer.adapter_tensors()
-    for name in adapters:
-        if ".lora_B." in name:
-            adapters[name] = rng.normal(0, 0.05, adapters[name].shape).astype(np.float32)
-    trainer.engine.set_adapter_tensors(adapters)
+    adapters = random_lora_b(trainer, 1)  # B = 0 (PEFT's init) makes every dA zero
     batch = _batch(trainer, bundle.manifest.vocab_size)
 
     ours = trainer.engine.forward_backward(batch)

@@ -14,7 +14,7 @@ from lars_artifacts.ort_checkpoint import read_checkpoint
 from lars_ort import Trainer, TrainingArgs, train
 from lars_ort.checkpoint import latest
 from lars_ort.zo import ZoConfig
-from tiny import TRAIN_TEXT
+from tiny import TRAIN_TEXT, random_lora_b
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,7 @@ def setup(tiny_bundles):
     bundle = tiny_bundles["llama"]
     exact = Trainer(bundle, eval=False, threads=1)
     rng = np.random.default_rng(3)
-    adapters = exact.adapter_tensors()
-    for name in adapters:
-        if ".lora_B." in name:
-            adapters[name] = rng.normal(0, 0.05, adapters[name].shape).astype(np.float32)
-    exact.engine.set_adapter_tensors(adapters)
+    adapters = random_lora_b(exact, rng)
     mask = np.ones((2, 24), np.int64)
     mask[1, 17:] = 0
     batch = exact.batch(rng.integers(1, exact.bundle.manifest.vocab_size, size=(2, 24)), mask)

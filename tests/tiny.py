@@ -66,3 +66,17 @@ def build_model(arch: str, out: Path, vocab_size: int = 384, seed: int = 0) -> P
     model.save_pretrained(out)
     build_tokenizer(out, vocab_size)
     return out
+
+
+def random_lora_b(trainer, seed) -> dict:
+    """The trainer's adapters with every LoRA B drawn from N(0, 0.05²) (PEFT's B = 0 makes every dA zero, which
+    would hide errors in them), set on its engine and returned. `seed`: an int or a numpy Generator (drawn from)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    adapters = trainer.adapter_tensors()
+    for name in adapters:
+        if ".lora_B." in name:
+            adapters[name] = rng.normal(0, 0.05, adapters[name].shape).astype(np.float32)
+    trainer.engine.set_adapter_tensors(adapters)
+    return adapters
