@@ -123,11 +123,9 @@ class ZoEngine:
         if not self.perturbed:
             raise BundleError(f"bundle {bundle.path} has no LoRA B tensors to train with LoRA-FA; pass --no-zo-lora-fa")
         params = self.base._views["params"]
-        self._sizes = {n: params[n].size for n in names}
-        offsets = np.cumsum([0] + [self._sizes[n] for n in self.perturbed])
+        offsets = np.cumsum([0] + [params[n].size for n in self.perturbed])
         self._slices = {n: slice(int(a), int(b)) for n, a, b in zip(self.perturbed, offsets[:-1], offsets[1:])}
         self.dimension = int(offsets[-1])  # how many numbers are perturbed
-        self.last_eps = 0.0
 
     # -- the engine interface -------------------------------------------------------------------------------------
     @property
@@ -170,7 +168,6 @@ class ZoEngine:
             params[name] -= np.float32(lr) * grads[name]
         self.base.step_count += 1
         self.base.learning_rate = float(lr)
-        self.last_eps = eps
         return float(np.mean(losses))
 
     def direction(self, step: int, i: int) -> np.ndarray:
