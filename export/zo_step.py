@@ -21,20 +21,19 @@ than the eval graph's.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError
 
-from .passes._base import attr
+from .passes._base import attr, consumers, producers
 
 LOSSES = "zo_losses"            # output: [P] mean token loss per adapter setting
 SETTINGS = "zo_settings"        # the symbolic leading axis of every adapter input
 
 
 class ZoStepUnsupported(LarsError):
-    """The eval graph does not have the shape this builder rewrites (the bundle then trains forward-only one
-    setting at a time, through the eval graph)."""
+    """The eval graph does not have the shape this builder rewrites (the bundle then has no zo_step.onnx: forward-only
+    training runs one setting per forward, through zo_forward.onnx)."""
 
 
 def build_zo_step(model, adapter_names: list[str]):
@@ -44,16 +43,15 @@ def build_zo_step(model, adapter_names: list[str]):
     import numpy as np
 
     graph = model.graph
-    consumers: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    readers_of = consumers(model)
     inputs = {i.name: i for i in graph.input}
     missing = [n for n in adapter_names if n not in inputs]
     if missing:
         raise ZoStepUnsupported(f"the eval graph does not take adapter tensor {missing[0]} as an input")
 
-    new_nodes: dict[int, list] = defaultdict(list)  # id(MatMul) -> nodes that replace it (in order)
+    # the first output of each MatMul -> the nodes that replace it, in order (keyed by name: protobuf wrappers'
+    # ids are not stable)
+    new_nodes: dict[str, list] = {}
     inits = [numpy_helper.from_array(np.array([-1], np.int64), "zo/minus_one")]
     first = adapter_names[0]
     head = [helper.make_node("Shape", [first], ["zo/settings"], name="zo/settings", start=0, end=1)]
@@ -62,11 +60,11 @@ def build_zo_step(model, adapter_names: list[str]):
         if len(dims) != 2 or not all(d.HasField("dim_value") for d in dims):
             raise ZoStepUnsupported(f"adapter input {name} is not a 2-D tensor of fixed shape")
         width = dims[1].dim_value
-        readers = consumers[name]
+        readers = readers_of.get(name, [])
         if len(readers) != 1 or readers[0].op_type != "Transpose" or list(attr(readers[0], "perm", [])) != [1, 0]:
             raise ZoStepUnsupported(f"adapter tensor {name} is not read by one Transpose(perm [1, 0])")
         transpose = readers[0]
-        products = consumers[transpose.output[0]]
+        products = readers_of.get(transpose.output[0], [])
         if len(products) != 1 or products[0].op_type != "MatMul" or products[0].input[1] != transpose.output[0]:
             raise ZoStepUnsupported(f"the transposed adapter tensor {name} is not the right operand of one MatMul")
         matmul = products[0]
@@ -76,7 +74,7 @@ def build_zo_step(model, adapter_names: list[str]):
         dims.insert(0, settings)
         h, y, p = matmul.input[0], matmul.output[0], f"zo/{k}"
         inits.append(numpy_helper.from_array(np.array([width], np.int64), f"{p}/width"))
-        new_nodes[id(matmul)] = [
+        new_nodes[matmul.output[0]] = [
             helper.make_node("Concat", ["zo/settings", "zo/minus_one", f"{p}/width"], [f"{p}/shape_in"], axis=0),
             helper.make_node("Reshape", [h, f"{p}/shape_in"], [f"{p}/h"]),
             helper.make_node("MatMul", [f"{p}/h", transpose.output[0]], [f"{p}/y"]),
@@ -114,8 +112,8 @@ def build_zo_step(model, adapter_names: list[str]):
 
     nodes = list(head)
     for node in graph.node:
-        nodes.extend(new_nodes.get(id(node), [node]))
-        if node is loss:
+        nodes.extend(new_nodes.get(node.output[0], [node]))
+        if node.output[0] == loss_name:
             nodes.extend(tail)
     del graph.node[:]
     graph.node.extend(nodes)
@@ -130,19 +128,16 @@ def forward_of(model, output: str):
     """Prune a training graph (ModelProto, in place) to the nodes, inputs and initializers `output` depends on: its
     forward, with every memory pass' forward part (attention in causal row chunks, the chunked loss) and none of
     the backward."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    needed, stack, kept = {output}, [output], set()
-    while stack:
+    producer = producers(model)
+    needed, stack = {output}, [output]
+    while stack:  # every tensor the output depends on; a node is kept when its outputs are needed
         node = producer.get(stack.pop())
-        if node is None or id(node) in kept:
-            continue
-        kept.add(id(node))
-        for name in node.input:
+        for name in node.input if node is not None else ():
             if name and name not in needed:
                 needed.add(name)
                 stack.append(name)
     graph = model.graph
-    nodes = [n for n in graph.node if id(n) in kept]
+    nodes = [n for n in graph.node if any(o in needed for o in n.output)]
     inits = [i for i in graph.initializer if i.name in needed]
     inputs = [i for i in graph.input if i.name in needed]
     outputs = [o for o in graph.output if o.name == output]

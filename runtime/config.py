@@ -18,6 +18,8 @@ from typing import Any
 
 from lars_artifacts import LarsError
 
+from .schedule import learning_rate
+
 
 # The runtime's backends (lars_ort.engine): auto picks plain onnxruntime.
 BACKENDS = ("auto", "ort", "ort-training")
@@ -57,7 +59,8 @@ class TrainingArgs:
     save_every: int = _opt(50, "write a checkpoint every N steps (0: only the one at the end, which is always written)",
                            minimum=0)
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep", minimum=1)
-    seed: int = _opt(0, "seed for the data order (and --method zo's perturbations)", minimum=0)  # numpy's default_rng takes no negative seed
+    # numpy's default_rng takes no negative seed
+    seed: int = _opt(0, "seed for the data order (and --method zo's perturbations)", minimum=0)
     threads: int = _opt(0, "ORT intra-op threads (0: the cores this process may use: its CPU affinity and cgroup "
                            "quota, else ORT's default of one per physical core)", minimum=0, maximum=MAX_THREADS)
     backend: str = _opt("auto", "ort: the bundle's standard-ONNX step on plain onnxruntime (auto picks it); "
@@ -114,11 +117,9 @@ class TrainingArgs:
                 raise LarsError(f"{flag(f.name)} {problem}")
             if f.type == "float" and not isinstance(value, float):
                 setattr(self, f.name, float(value))  # `lr: 1` in a config file means 1.0
-        if self.zo_parallel > 1 and self.zo_parallel % 2:
-            raise LarsError(f"--zo-parallel must be 1 or even (pairs of + and - perturbations), got "
-                            f"{self.zo_parallel}")
-        if self.method == "zo" and self.backend == "ort-training":
-            raise LarsError("--method zo runs the bundle's forward on plain onnxruntime; drop --backend ort-training")
+        problem = ZoConfig.from_args(self).problem() or method_problem(self.method, self.backend)
+        if problem:
+            raise LarsError(problem)
         if self.out:
             check_output_directory(self.out, "--out")
 
@@ -176,6 +177,55 @@ def option_problem(name: str, value: Any) -> str | None:
     if high is not None and value > high:
         return f"must be at most {high}{why}, got {_shown(value)}"
     return None
+
+
+def method_problem(method: str, backend: str) -> str | None:
+    """What is wrong with training `method` on `backend`, or None."""
+    if method not in METHODS:
+        return f"--method {method!r} is unknown; use one of {', '.join(METHODS)}"
+    if method == "zo" and backend == "ort-training":
+        return "--method zo runs the bundle's forward on plain onnxruntime; drop --backend ort-training"
+    return None
+
+
+@dataclass(frozen=True)
+class ZoConfig:
+    """P-RGE settings of --method zo (lars_ort.zo): TrainingArgs' --zo-* options, or set directly by an app."""
+
+    perturbations: int = 4          # q: directions per step (2q forward evaluations)
+    eps: float = 1e-3               # ε: perturbation scale
+    eps_schedule: str = "constant"  # ε over the run: constant, or linear / cosine decay to eps * eps_min_ratio
+    eps_min_ratio: float = 0.1
+    steps: int = 1                  # the run's length, for the ε schedule
+    parallel: int = 1               # adapter settings per forward: 1, or an even number (pairs of ±)
+    lora_fa: bool = True            # perturb and train the LoRA B matrices only
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: TrainingArgs) -> "ZoConfig":
+        return cls(perturbations=args.zo_perturbations, eps=args.zo_eps, eps_schedule=args.zo_eps_schedule,
+                   eps_min_ratio=args.min_lr_ratio, steps=args.steps, parallel=args.zo_parallel,
+                   lora_fa=args.zo_lora_fa, seed=args.seed)
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, or None. An app may ask for more directions or settings per forward
+        than the CLI's bounds (a typo guard there)."""
+        if self.perturbations < 1:
+            return f"--zo-perturbations must be >= 1, got {self.perturbations}"
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            return f"--zo-eps must be a finite number > 0, got {self.eps}"
+        if self.eps_schedule not in SCHEDULES:
+            return f"--zo-eps-schedule must be one of {', '.join(SCHEDULES)}, got {self.eps_schedule!r}"
+        if self.parallel < 1 or (self.parallel > 1 and self.parallel % 2):
+            return f"--zo-parallel must be 1 or even (pairs of + and - perturbations), got {self.parallel}"
+        return None
+
+    def eps_at(self, step: int) -> float:
+        return learning_rate(step, lr=self.eps, steps=self.steps, warmup_steps=0, schedule=self.eps_schedule,
+                             min_lr_ratio=self.eps_min_ratio)
 
 
 def check_output_directory(path: str | os.PathLike, what: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from lars_artifacts import IGNORE_INDEX, Bundle, LarsError
 
-from .config import BACKENDS, METHODS
+from .config import BACKENDS, method_problem
 from .data import Batch
 
 
@@ -40,11 +40,10 @@ def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.Path
     P-RGE steps with ZoConfig `zo`, zo.py)."""
     if backend not in BACKENDS:
         raise LarsError(f"--backend {backend!r} is unknown; use one of {', '.join(BACKENDS)}")
-    if method not in METHODS:
-        raise LarsError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    problem = method_problem(method, backend)
+    if problem:
+        raise LarsError(problem)
     if method == "zo":
-        if backend == "ort-training":
-            raise LarsError("--method zo runs the bundle's forward on plain onnxruntime; drop --backend ort-training")
         from .zo import ZoEngine
 
         return ZoEngine(bundle, checkpoint=checkpoint, zo=zo, **options)

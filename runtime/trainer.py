@@ -25,14 +25,13 @@ from lars_artifacts.ort_checkpoint import read_checkpoint
 
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
-from .config import TrainingArgs, flag
+from .config import TrainingArgs, ZoConfig, flag
 from .data import Batch, BatchStream, Sequence, Tokenizer, collate, eval_batches, load_sequences
 from .engine import NonFiniteStep, open_engine
 from .health import TrainingHealth
 from .interrupt import StopOnSignal
 from .metrics import MetricsWriter, Stopwatch, available_memory_bytes, peak_rss_mb
 from .schedule import learning_rate
-from .zo import ZoConfig
 
 Callback = Callable[[dict], None]
 

@@ -22,57 +22,18 @@ metrics and adapter export are the backprop engine's (the AdamW moments stay zer
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from lars_artifacts import Bundle, BundleError, LarsError
 
-from .config import SCHEDULES
+from .config import ZoConfig
 from .data import Batch
 from .engine import NonFiniteStep, batch_feeds
 from .engine_ort import OrtEngine
-from .schedule import learning_rate
 from .session import first_line, session_options
 
-@dataclass(frozen=True)
-class ZoConfig:
-    """P-RGE settings (TrainingArgs' --zo-* options)."""
-
-    perturbations: int = 4          # q: directions per step (2q forward evaluations)
-    eps: float = 1e-3               # ε: perturbation scale
-    eps_schedule: str = "constant"  # ε over the run: constant, or linear / cosine decay to eps * eps_min_ratio
-    eps_min_ratio: float = 0.1
-    steps: int = 1                  # the run's length, for the ε schedule
-    parallel: int = 1               # adapter settings per forward: 1, or an even number (pairs of ±)
-    lora_fa: bool = True            # perturb and train the LoRA B matrices only
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_args(cls, args) -> "ZoConfig":
-        """The settings of a TrainingArgs."""
-        return cls(perturbations=args.zo_perturbations, eps=args.zo_eps, eps_schedule=args.zo_eps_schedule,
-                   eps_min_ratio=args.min_lr_ratio, steps=args.steps, parallel=args.zo_parallel,
-                   lora_fa=args.zo_lora_fa, seed=args.seed)
-
-    def problem(self) -> str | None:
-        if self.perturbations < 1:
-            return f"--zo-perturbations must be >= 1, got {self.perturbations}"
-        if not (self.eps > 0 and np.isfinite(self.eps)):
-            return f"--zo-eps must be a finite number > 0, got {self.eps}"
-        if self.eps_schedule not in SCHEDULES:
-            return f"--zo-eps-schedule must be one of {', '.join(SCHEDULES)}, got {self.eps_schedule!r}"
-        if self.parallel < 1 or (self.parallel > 1 and self.parallel % 2):
-            return (f"--zo-parallel must be 1 (one adapter setting per forward) or even (pairs of + and - "
-                    f"perturbations), got {self.parallel}")
-        return None
-
-    def eps_at(self, step: int) -> float:
-        return learning_rate(step, lr=self.eps, steps=self.steps, warmup_steps=0, schedule=self.eps_schedule,
-                             min_lr_ratio=self.eps_min_ratio)
+__all__ = ["ZoConfig", "ZoEngine"]  # ZoConfig lives in config.py with the other options
 
 
 class ZoEngine:

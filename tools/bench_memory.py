@@ -173,36 +173,26 @@ def worker_floor(a) -> list[float]:
 
 
 def worker_ort(a) -> list[float]:
-    import numpy as np
-
     from lars_artifacts import load_bundle
     from lars_ort import Trainer
-    from lars_ort.data import Batch
     from lars_ort.zo import ZoConfig
 
     settings = dict(RUNTIME_SETTINGS[a.setting])
+    bundle = load_bundle(a.bundle, verify=False)
+    if a.setting == "eval":  # a ZO engine's eval without the bundle's zo graphs: eval_model.onnx, no training session
+        bundle.manifest.models["ort"]["zo"] = None
+        settings = {"method": "zo", "zo": {}}
     if "zo" in settings:
         settings["zo"] = ZoConfig(**settings["zo"])
-    if a.setting == "eval":
-        from lars_ort.engine_ort import OrtEngine
-
-        bundle = load_bundle(a.bundle, verify=False)
-        bundle.manifest.models["ort"]["zo"] = None  # evaluate through eval_model.onnx, as bundles before zo_forward
-        engine = OrtEngine(bundle, eval=True, training=False, threads=a.threads)
-        run = engine.eval_step
-    elif a.setting == "forward":
-        engine = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, **settings).engine
-        run = engine.eval_step
+    trainer = Trainer(bundle, eval=False, threads=a.threads, backend=a.backend, **settings)
+    if a.setting in ("forward", "eval"):
+        run = trainer.engine.eval_step
     else:
-        trainer = Trainer(a.bundle, eval=False, threads=a.threads, verify=False, backend=a.backend, **settings)
-        engine = trainer.engine
         run = lambda batch: trainer.step(batch, lr=1e-4)  # noqa: E731
+    vocab = trainer.bundle.manifest.vocab_size
     times = []
     for step in range(a.steps + 1):
-        ids = _tokens(engine.vocab_size, a.batch_size, a.seq_len, step)
-        labels = np.full_like(ids, -100)
-        labels[:, :-1] = ids[:, 1:]  # the next token, as Trainer.batch makes them
-        batch = Batch(ids, np.ones_like(ids), labels)
+        batch = trainer.batch(_tokens(vocab, a.batch_size, a.seq_len, step))
         t = time.perf_counter()
         run(batch)
         times.append(time.perf_counter() - t)

@@ -70,16 +70,17 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
     rows = []
 
     base_mode, _, setting = mode.partition("@")
-    if setting:  # forward-only: ZO-SGD with its own learning rate, same schedule shape
-        from lars_ort.zo import ZoConfig
-
-        zo = ZoConfig(perturbations=int(setting.removeprefix("zo-q")), eps=a.zo_eps, parallel=a.zo_parallel,
-                      steps=a.steps, seed=a.seed)
-        trainer = Trainer(bundle, threads=a.threads, method="zo", zo=zo)
-        lr_at = lambda s: learning_rate(s, lr=a.zo_lr, steps=a.steps, warmup_steps=a.warmup_steps,  # noqa: E731
-                                        schedule="cosine", min_lr_ratio=0.1)
     if base_mode in BUNDLE_MODES:
-        trainer = trainer if setting else Trainer(bundle, threads=a.threads)
+        if setting:  # forward-only: ZO-SGD with its own learning rate, same schedule shape
+            from lars_ort.zo import ZoConfig
+
+            zo = ZoConfig(perturbations=int(setting.removeprefix("zo-q")), eps=a.zo_eps, parallel=a.zo_parallel,
+                          steps=a.steps, seed=a.seed)
+            trainer = Trainer(bundle, threads=a.threads, method="zo", zo=zo)
+            lr_at = lambda s: learning_rate(s, lr=a.zo_lr, steps=a.steps,  # noqa: E731
+                                            warmup_steps=a.warmup_steps, schedule="cosine", min_lr_ratio=0.1)
+        else:
+            trainer = Trainer(bundle, threads=a.threads)
         evaluate = lambda: trainer.evaluate(held)["eval_loss"]  # noqa: E731
         step_fn = lambda batch, lr: trainer.step(batch, lr)  # noqa: E731
     else:
