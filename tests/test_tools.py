@@ -137,8 +137,8 @@ def test_bench_data_memory_on_small_files(tmp_path):
 
 def test_profile_step_splits_kernel_time_by_op_and_direction(tiny_bundles, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "profile_step.py"), str(tiny_bundles["llama"]),
-                          "--seq-len", "32", "--steps", "2", "--threads", "1", "--json", str(tmp_path / "p.json")],
-                         capture_output=True, text=True, timeout=600)
+                          "--seq-len", "32", "--steps", "2", "--threads", "1", "--nodes", "5",
+                          "--json", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "p.json").read_text())
     ops = {r["op"]: r for r in result["ops"]}
@@ -148,6 +148,14 @@ def test_profile_step_splits_kernel_time_by_op_and_direction(tiny_bundles, tmp_p
     assert ops["Gather"]["forward_ms"] > 0  # the embedding lookup only runs forward
     assert result["minor_faults"] >= 0 and result["user_s"] >= 0 and result["peak_rss_mb"] > 0
     assert "| op type | ms / step |" in out.stdout
+    # node kinds fold the layer numbers: every layer's q projection is one kind, and the kinds add up to the total
+    kinds = result["node_kinds"]
+    assert abs(sum(k["ms"] for k in kinds) - result["kernel_ms"]) < 1e-6 * max(1.0, result["kernel_ms"])
+    assert not any(ch.isdigit() for k in kinds for ch in k["kind"])
+    manifest = json.loads((Path(tiny_bundles["llama"]) / "manifest.json").read_text())
+    layers = manifest["architecture"]["num_hidden_layers"]
+    assert max(k["count"] for k in kinds) >= layers
+    assert "| node kind | op | side |" in out.stdout
 
 
 def test_bench_allocator_runs_each_setting_in_its_own_process(tiny_bundles, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import sys
 import tempfile
@@ -67,6 +68,11 @@ def kernel_times(trace: list[dict], runs: int) -> list[dict]:
     return out
 
 
+def node_kind(name: str) -> str:
+    """A node name with its numbers folded (layers.3 -> layers.#, chunk12 -> chunk#): one row per kind of node."""
+    return re.sub(r"\d+", "#", name)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle")
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=20, help="op types listed (the rest summed)")
+    p.add_argument("--nodes", type=int, default=0, help="also list the N costliest node kinds (names with their "
+                                                         "layer and chunk numbers folded: what to optimise next)")
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
 
@@ -141,8 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         ms = sum(r["ms"] for r in rest)
         print(f"| {len(rest)} other types | {ms:,.1f} | {ms / total if total else 0:.1%} | "
               f"{sum(r['forward_ms'] for r in rest):,.1f} | {sum(r['backward_ms'] for r in rest):,.1f} |")
+    kinds: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for e in events:
+        kind = kinds[(node_kind(e["node"]), e["op"], side[e["node"]])]
+        kind[0] += e["us"] / 1e3 / n
+        kind[1] += 1 / n
+    node_rows = [{"kind": k, "op": op, "side": s, "ms": ms, "count": count, "share": ms / total if total else 0.0}
+                 for (k, op, s), (ms, count) in sorted(kinds.items(), key=lambda kv: -kv[1][0])]
+    if a.nodes:
+        print("\n| node kind | op | side | ms / step | share | nodes / step |")
+        print("|---|---|---|---|---|---|")
+        for r in node_rows[: a.nodes]:
+            print(f"| {r['kind']} | {r['op']} | {r['side']} | {r['ms']:,.1f} | {r['share']:.1%} | {r['count']:,.0f} |")
     if a.json:
-        Path(a.json).write_text(json.dumps({**summary, "ops": rows}, indent=1) + "\n")
+        Path(a.json).write_text(json.dumps({**summary, "ops": rows, "node_kinds": node_rows}, indent=1) + "\n")
     return 0
 
 
