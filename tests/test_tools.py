@@ -38,6 +38,27 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     assert "| full | 32 |" in check.stdout and "predicted / measured from" in check.stdout
 
 
+def test_bench_memory_runs_a_baseline_bundle_beside_this_exporters(tiny_models, tmp_path):
+    """MODE~base runs the bundle an earlier exporter left in --baseline-cache (never one exported now)."""
+    def bench(*args):
+        return subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model",
+                               str(tiny_models["llama"]), "--seq-lens", "16", "--steps", "1", *args],
+                              capture_output=True, text=True, timeout=600)
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    assert bench("--modes", "default", "--cache", str(old)).returncode == 0
+    out = bench("--modes", "default~base,default", "--cache", str(new), "--baseline-cache", str(old),
+                "--json", str(tmp_path / "m.json"))
+    assert out.returncode == 0, out.stderr
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "m.json").read_text())}
+    assert rows["default~base"]["bundle"].startswith(str(old)) and rows["default"]["bundle"].startswith(str(new))
+    assert all(r["status"] == "ok" for r in rows.values())
+    missing = bench("--modes", "lars~base", "--cache", str(new), "--baseline-cache", str(old))
+    assert missing.returncode != 0
+    assert "has no bundle-lars-r8" in missing.stderr and "earlier exporter" in missing.stderr
+    assert "need --baseline-cache" in bench("--modes", "default~base", "--cache", str(new)).stderr
+
+
 def test_bench_quality_on_a_tiny_model(tiny_models, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_quality.py"), "--model", str(tiny_models["qwen2"]),
                           "--steps", "4", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2",

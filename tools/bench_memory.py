@@ -37,6 +37,8 @@ and a backend after ":" (default: ort, the runtime's default):
   :ort-training  onnxruntime-training 1.19.2 on ORT's own artifacts (the exporter's training build, put first on
                  the runtime environment's path)
   e.g. --modes default:ort,default:ort-training,full-int8:ort,full-int8:ort-training
+and "~base" after a bundle mode's name: the bundle an earlier exporter wrote into --baseline-cache (before / after
+an exporter change, side by side in one run), e.g. --modes peft,default~base,default --baseline-cache out/bench-old
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
 the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
 The parent also samples the child's resident memory every 50 ms split as the kernel counts it (RssAnon: heap and
@@ -104,10 +106,30 @@ RUNTIME_SETTINGS = {"": {}, "malloc": {"memory_arena": False}, "heap": {"memory_
 BACKENDS = ("ort", "ort-training")
 
 
+BASELINE = "~base"  # a bundle mode's suffix: its bundle from --baseline-cache (an earlier exporter's)
+
+
 def split_mode(mode: str) -> tuple[str, str]:
-    """(bundle or reference mode, runtime setting); the backend suffix is split_backend's."""
+    """(bundle or reference mode, runtime setting); the backend suffix is split_backend's, the baseline marker
+    is_baseline's."""
     base, _, setting = mode.partition(":")[0].partition("@")
-    return base, setting
+    return base.removesuffix(BASELINE), setting
+
+
+def is_baseline(mode: str) -> bool:
+    return mode.partition(":")[0].partition("@")[0].endswith(BASELINE)
+
+
+def baseline_bundle(model_dir: Path, cache: Path, mode: str, a) -> Path:
+    """A bundle mode's bundle as an earlier exporter wrote it into `cache` (never exported here: that would be
+    this exporter's)."""
+    name = f"bundle-{split_mode(mode)[0]}-r{a.rank}-{a.targets.replace(',', '-')}" + (
+        "" if a.loss_chunks is None else f"-loss{a.loss_chunks}")
+    bundle = cache / name
+    if not (bundle / "manifest.json").is_file():
+        raise SystemExit(f"--baseline-cache {cache} has no {name}: export it there with the earlier exporter "
+                         f"(a worktree of the earlier commit) first")
+    return bundle
 
 
 def split_backend(mode: str) -> str:
@@ -280,7 +302,7 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
     row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
            "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch,
            "loss_chunks": a.loss_chunks if base in BUNDLE_MODES else None,
-           "anon_peak_mb": None, "file_at_peak_mb": None}
+           "anon_peak_mb": None, "file_at_peak_mb": None, "bundle": str(bundle) if bundle else None}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         child, start, high, sampled_total = psutil.Process(proc.pid), time.time(), 0.0, 0.0
@@ -396,6 +418,9 @@ def main(argv=None) -> int:
     p.add_argument("--mem-limit-mb", type=float, default=20000)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per point")
     p.add_argument("--cache", default=str(REPO / "out" / "bench"), help="prepared model folder and bundles")
+    p.add_argument("--baseline-cache", help=f"bundles an earlier exporter wrote (a cache of that version): a bundle "
+                                            f"mode written MODE{BASELINE} runs that bundle, beside this exporter's "
+                                            f"in the same run (before / after an exporter change)")
     default_rt = REPO / ".venv-runtime" / "bin" / "python"
     p.add_argument("--runtime-python", default=str(default_rt) if default_rt.exists() else sys.executable,
                    help="python of the torch-free runtime environment for the ORT modes (default: .venv-runtime)")
@@ -415,7 +440,7 @@ def main(argv=None) -> int:
     modes = [m for m in a.modes.split(",") if m]
     unknown = [m for m in modes if split_mode(m)[0] not in MODES or split_mode(m)[1] not in RUNTIME_SETTINGS
                or ((split_mode(m)[1] or ":" in m) and split_mode(m)[0] not in BUNDLE_MODES)
-               or split_backend(m) not in BACKENDS]
+               or split_backend(m) not in BACKENDS or (is_baseline(m) and split_mode(m)[0] not in BUNDLE_MODES)]
     if unknown:
         p.error(f"unknown modes {unknown}; choose from {', '.join(MODES)}, bundle modes optionally with "
                 f"@{', @'.join(s for s in RUNTIME_SETTINGS if s)} and :{' or :'.join(BACKENDS)}")
@@ -426,7 +451,10 @@ def main(argv=None) -> int:
     from lars_export import architectures, load
 
     a.arch = architectures.describe(load.load_config(load.resolve(str(model_dir))))  # recorded in each row
-    bundles = {m: prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0], a.loss_chunks) for m in modes
+    if any(is_baseline(m) for m in modes) and not a.baseline_cache:
+        p.error(f"modes ending in {BASELINE} need --baseline-cache")
+    bundles = {m: baseline_bundle(model_dir, Path(a.baseline_cache), m, a) if is_baseline(m) else
+               prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0], a.loss_chunks) for m in modes
                if split_mode(m)[0] in BUNDLE_MODES}
     rows = []
     for seq in [int(s) for s in a.seq_lens.split(",")]:
