@@ -343,6 +343,14 @@ class Types:
                     out[outs[1]] = self._like(TensorProto.FLOAT, self._rank(ins[0]))
             else:
                 out = self._onnx_infer(node)
+            inferred = out.get(outs[0])
+            if op == "Unsqueeze" and len(ins) > 1 and (inferred is None or not inferred.tensor_type.HasField("shape")):
+                # axes computed at run time (the passes' gates: an empty list) but of a known length
+                axes = self.known.get(ins[1])
+                dims = axes.tensor_type.shape.dim if axes is not None else []
+                rank = self._rank(ins[0])
+                if len(dims) == 1 and dims[0].HasField("dim_value") and rank is not None:
+                    out[outs[0]] = self._like(self._elem(ins[0]), rank + dims[0].dim_value)
         elif op == "ConcatTraining":  # Concat (+ int64 [n])
             out = self._onnx_infer(helper.make_node("Concat", ins, outs[:1], axis=attr(node, "axis")))
             if len(outs) > 1:

@@ -191,20 +191,31 @@ def clone_node(node, renamed: dict, suffix: str, name: str):
     return copy
 
 
-GATE_FLOOR = "passes.gate.floor"  # int64 -1: Size(t) > -1 is always true (one shared initializer)
+GATE_NO_AXES = "passes.gate.no_axes"  # int64 [0]: Size(t) · [] is an empty axes list (one shared initializer)
 
 
 def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
-    """Nodes computing Where(Size(after) > -1, tensor, tensor), and its name: the same values (any dtype ORT's
-    Where takes: not int8), available only once `after` exists.
+    """Nodes computing Unsqueeze(tensor, axes=Size(after) · []), and its name: the same tensor (any dtype; no axis
+    is inserted), available only once `after` exists. ORT's Unsqueeze aliases its input: the gate copies nothing.
 
     Recompute passes use it so ORT cannot schedule a recomputation before the backward reaches it, and so its
     common-subexpression elimination cannot merge the copy back into the forward (the gated input differs). It
-    also keeps ORT's constant folding off a computation on initializers (quantized weights). `after` must have a
-    dynamic shape: ORT constant-folds Size of a static one, which would drop the dependency.
+    also keeps ORT's constant folding off a computation on initializers (quantized weights): the axes are not
+    constant. `after` must have a dynamic shape: ORT constant-folds Size of a static one, which would drop the
+    dependency.
     """
     nodes, (gated,) = gate_all(model, prefix, [tensor], after)
     return nodes, gated
+
+
+def gate_of(prod: dict, tensor: str):
+    """The node that opens the gate which produced `tensor` (gate_all's: its input 0 is the Size, or the sum of the
+    Sizes, of what the gate waits for), or None if `tensor` is not gated."""
+    alias = prod.get(tensor)
+    if alias is None or alias.op_type != "Unsqueeze" or len(alias.input) < 2:
+        return None
+    axes = prod.get(alias.input[1])
+    return axes if axes is not None and axes.op_type == "Mul" and axes.input[1] == GATE_NO_AXES else None
 
 
 def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> tuple[list, list[str]]:
@@ -212,7 +223,7 @@ def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> 
     be several tensors: the gate then opens once all of them exist."""
     from onnx import helper
 
-    shared_initializer(model, GATE_FLOOR, np.array(-1, np.int64))
+    shared_initializer(model, GATE_NO_AXES, np.zeros(0, np.int64))
     afters = [after] if isinstance(after, str) else list(after)
     if len(afters) == 1:
         nodes = [helper.make_node("Size", afters, [f"{prefix}/gate_size"], name=f"{prefix}/GateSize")]
@@ -225,9 +236,9 @@ def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> 
             out = f"{prefix}/gate_size" if k == len(sizes) - 1 else f"{prefix}/gate_sizes{k}"
             nodes.append(helper.make_node("Add", [total, size], [out], name=f"{prefix}/GateSizes{k}"))
             total = out
-    nodes.append(helper.make_node("Greater", [f"{prefix}/gate_size", GATE_FLOOR], [f"{prefix}/gate_open"],
+    nodes.append(helper.make_node("Mul", [f"{prefix}/gate_size", GATE_NO_AXES], [f"{prefix}/gate_axes"],
                                   name=f"{prefix}/GateOpen"))
     gated = [f"{prefix}/gated" if len(tensors) == 1 else f"{prefix}/gated{k}" for k in range(len(tensors))]
-    nodes += [helper.make_node("Where", [f"{prefix}/gate_open", t, t], [g], name=f"{prefix}/Gate{k if k else ''}")
+    nodes += [helper.make_node("Unsqueeze", [t, f"{prefix}/gate_axes"], [g], name=f"{prefix}/Gate{k if k else ''}")
               for k, (t, g) in enumerate(zip(tensors, gated))]
     return nodes, gated
