@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError
 
-from .passes._base import attr, consumers, producers
+from .passes._base import attr, consumers, gate_all, gate_of, producers
 
 LOSSES = "zo_losses"            # output: [P] mean token loss per adapter setting
 SETTINGS = "zo_settings"        # the symbolic leading axis of every adapter input
@@ -127,17 +127,50 @@ def build_zo_step(model, adapter_names: list[str]):
 def forward_of(model, output: str):
     """Prune a training graph (ModelProto, in place) to the nodes, inputs and initializers `output` depends on: its
     forward, with every memory pass' forward part (attention in causal row chunks, the chunked loss) and none of
-    the backward."""
+    the backward.
+
+    A gate (passes._base.gate_all) only orders its tensor after others: where those are not themselves needed (the
+    chunked loss' forward gradients, which order its chunks in the training step), the gate waits instead for the
+    nearest tensors they were computed from that the forward does compute (a chunk's log-probabilities), rather
+    than pulling that work in."""
+    from onnx import helper
+
     producer = producers(model)
-    needed, stack = {output}, [output]
-    while stack:  # every tensor the output depends on; a node is kept when its outputs are needed
-        node = producer.get(stack.pop())
-        for name in node.input if node is not None else ():
-            if name and name not in needed:
-                needed.add(name)
-                stack.append(name)
+    gates = {}  # gated tensor -> (its gate's axes input, the tensors the gate waits for)
+    for node in model.graph.node:
+        opener = gate_of(producer, node.output[0])
+        if opener is not None:
+            gates[node.output[0]] = (node.input[1], _gate_afters(producer, opener))
+
+    def add_ancestors(needed: set[str], stack: list[str]) -> None:
+        while stack:  # what these depend on; a gated tensor through its data input only
+            name = stack.pop()
+            node = producer.get(name)
+            for i in (node.input[:1] if name in gates else node.input) if node is not None else ():
+                if i and i not in needed:
+                    needed.add(i)
+                    stack.append(i)
+
+    needed = {output}
+    add_ancestors(needed, [output])
+    open_gates = {g for g in gates if g in needed and gates[g][1] <= needed}
+    axes = [gates[g][0] for g in open_gates]  # an open gate's own nodes (Size, Mul) stay
+    needed |= set(axes)
+    add_ancestors(needed, axes)
     graph = model.graph
-    nodes = [n for n in graph.node if any(o in needed for o in n.output)]
+    made = {o for node in graph.node if any(o in needed for o in node.output) for o in node.output}
+    constant = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    nodes = []
+    for node in graph.node:
+        if not any(o in needed for o in node.output):
+            continue
+        if node.output[0] in gates and node.output[0] not in open_gates:  # re-gate on what the forward makes
+            afters = _nearest(producer, gates[node.output[0]][1], made - constant)
+            regate, (gated,) = gate_all(model, f"{node.name}/forward", [node.input[0]], sorted(afters))
+            nodes += [*regate, helper.make_node("Identity", [gated], [node.output[0]], name=node.name)]
+            continue
+        nodes.append(node)
+    needed |= {i for node in nodes for i in node.input}  # the new gates' inputs too
     inits = [i for i in graph.initializer if i.name in needed]
     inputs = [i for i in graph.input if i.name in needed]
     outputs = [o for o in graph.output if o.name == output]
@@ -147,6 +180,35 @@ def forward_of(model, output: str):
         field.extend(values)
     del graph.value_info[:]
     return model
+
+
+def _nearest(producer: dict, tensors: set[str], available: set[str]) -> set[str]:
+    """The available tensors closest above `tensors` (each path upward stops at the first one)."""
+    found, seen, stack = set(), set(), list(tensors)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in available:
+            found.add(name)
+        elif name in producer:
+            stack.extend(i for i in producer[name].input if i)
+    return found
+
+
+def _gate_afters(producer: dict, opener) -> set[str]:
+    """The tensors a gate waits for: the inputs of the Size nodes above the node that opens it."""
+    afters, stack = set(), [opener.input[0]]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None:
+            continue
+        if node.op_type == "Size":
+            afters.add(node.input[0])
+        else:
+            stack.extend(i for i in node.input if i in producer)
+    return afters
 
 
 def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, loss: str) -> dict:

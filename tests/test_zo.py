@@ -69,6 +69,28 @@ def test_batched_forward_equals_the_eval_graph_per_setting(setup):
         _zo(eval_only, adapters, parallel=2)
 
 
+def test_forward_graph_keeps_the_loss_chunks_in_order_without_their_gradients(tiny_bundles):
+    """The training step finishes each loss chunk's dh in the forward (chunked_loss) and orders the chunks on it;
+    zo_forward.onnx drops that work and orders chunk i on chunk i-1's log-probabilities instead."""
+    import onnx
+
+    bundle = load_bundle(tiny_bundles["llama"])
+    chunks = bundle.manifest.exporter["config"]["loss_chunks"]
+    assert chunks >= 2
+
+    def nodes(name):
+        return onnx.load(bundle.file(name), load_external_data=False).graph.node
+
+    step, forward = nodes(bundle.manifest.models["ort"]["training"]), nodes("zo_forward.onnx")
+    unit_grads = [n for n in step if n.name.startswith("/ChunkedLoss/dH") and n.name[len("/ChunkedLoss/dH"):]]
+    assert len(unit_grads) == chunks
+    assert not [n.name for n in forward if n.name.startswith(("/ChunkedLoss/dH", "/ChunkedLoss/CEGrad"))]
+    for i in range(1, chunks):
+        waits_for = {n.input[0] for n in forward if n.op_type == "Size"
+                     and n.name.startswith(f"/ChunkedLoss/fwd{i}/Gate/forward/")}
+        assert f"/ChunkedLoss/logp_chunk{i - 1}" in waits_for, waits_for
+
+
 def test_two_sided_difference_is_the_directional_derivative(setup):
     bundle, adapters, batch, _, grads = setup
     engine = _zo(bundle, adapters)

@@ -5,19 +5,23 @@ a graph output, saves the log-probabilities for the backward and builds their gr
 tensors alive at the turn from forward to backward, which is where the step peaks. The pass replaces that tail:
 
     forward   the K rows of h whose label is not ignore_index (padded to C·c) -> C chunks;
-              per chunk: z = h_i·Wᵀ, Σ CE(z, labels_i)   (z dies at once)
+              per chunk, one after the other: z = h_i·Wᵀ, log p = LogSoftmax(z), CE_i = Σ −log p[label],
+              u_i = SoftmaxCrossEntropyLossGrad(1 / K, log p, labels_i)·W      ([c, d]: the chunk's dh for dloss = 1)
               loss = Σ_i CE_i / K                         (exactly ORT's "mean" reduction)
-    backward  per chunk, one after the other: z = h_i·Wᵀ again, log p = LogSoftmax(z),
-              dz = SoftmaxCrossEntropyLossGrad(dloss / K, log p, labels_i), dh_i = dz·W
-              dh = zeros with Concat(dh_i)[:K] scattered back to the labelled rows
+    backward  dh = dloss · Concat(u_i)[:K], scattered back to the labelled rows (zeros elsewhere)
 
-Only the labelled rows of h are kept; at any time one chunk's [c, vocab] tensors exist; prompt and padding
-positions never reach the vocabulary projection (with prompt-masked data that is most of the loss' work). The
-training graph no longer outputs logits (the runtime never fetches them in training; the eval graph keeps them).
-Loss and gradients equal the unchunked ones up to float summation order.
+The loss is the graph's last node and its gradient is linear in the scalar dloss, so each chunk's hidden-state
+gradient is finished while its log-probabilities exist (the fused linear cross-entropy of Liger / Cut Cross-
+Entropy): the backward recomputes nothing, and a step does two vocabulary projections per row instead of three.
+What stays between forward and backward is u, [K, d]. Only the labelled rows of h are used; at any time one
+chunk's [c, vocab] tensors exist; prompt and padding positions never reach the vocabulary projection (with
+prompt-masked data that is most of the loss' work). The training graph no longer outputs logits (the runtime never
+fetches them in training; the eval graph keeps them). Loss and gradients equal the unchunked ones up to float
+summation order (with dloss = 1, the runtime's seed, the scale is the same 1 / K).
 
-The backward chunks are chained (chunk i's recompute waits for chunk i-1's dh through a Size gate), and the first
-waits for the forward's last chunk, so ORT cannot schedule them early or together.
+Chunk i + 1 starts once chunk i's u exists (a gate on its rows of h), so ORT cannot run two chunks' [c, vocab]
+tensors at once; forward-only graphs (export/zo_step.forward_of) drop the u's and order the chunks on their
+log-probabilities instead.
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def apply(model, context: PassContext) -> PassReport:
     consts = {
         n("zero_i"): np.array([0], np.int64), n("C"): np.array([chunks], np.int64),
         n("C_minus_1"): np.array([chunks - 1], np.int64), n("minus_one"): np.array([-1], np.int64),
-        n("ignore"): np.array(ignore, np.int64), n("zero_f"): np.array(0.0, np.float32),
+        n("ignore"): np.array(ignore, np.int64),
         n("h_shape_end"): np.array([np.iinfo(np.int64).max], np.int64),
     }
     nodes = [
@@ -120,50 +124,37 @@ def apply(model, context: PassContext) -> PassReport:
         helper.make_node("Cast", [n("M")], [n("count_1")], name=n("CountFloat"), to=TensorProto.FLOAT),
         helper.make_node("Squeeze", [n("count_1")], [n("count")], name=n("Count")),
     ]
-    # forward: one chunk after another (chunk i waits for chunk i-1's logits through a Size gate)
-    sums, prev_z = [], None
+    # forward: one chunk after another (chunk i waits for chunk i-1's u through a gate), each chunk's loss and
+    # its unit-seed gradient u_i = dCE_i/dh_i while its log-probabilities exist
+    nodes.append(helper.make_node("Reciprocal", [n("count")], [n("unit_dce")], name=n("UnitDCE")))
+    sums, us, prev_u = [], [], None
     for i in range(chunks):
         h_i = n(f"h_chunk{i}")
-        if prev_z is not None:
-            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, prev_z)
+        if prev_u is not None:
+            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, prev_u)
             nodes += gate
-        z = n(f"z_chunk{i}")
-        nodes.append(helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"Logits{i}")))
-        nodes.append(helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}")],
-                                      name=n(f"CE{i}"), reduction="sum", ignore_index=ignore))
+        z, logp, dz, u = n(f"z_chunk{i}"), n(f"logp_chunk{i}"), n(f"dz_chunk{i}"), n(f"u_chunk{i}")
+        nodes += [
+            helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"Logits{i}")),
+            helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}"), logp],
+                             name=n(f"CE{i}"), reduction="sum", ignore_index=ignore),
+            helper.make_node("SoftmaxCrossEntropyLossGrad", [n("unit_dce"), logp, n(f"labels_chunk{i}")], [dz],
+                             name=n(f"CEGrad{i}"), domain=MS, reduction="sum", ignore_index=ignore),
+            helper.make_node("FusedMatMul", [dz, w_t], [u], name=n(f"dH{i}"), domain=MS, transA=0, transB=1,
+                             alpha=1.0),
+        ]
         sums.append(n(f"ce_chunk{i}"))
-        prev_z = z
+        us.append(u)
+        prev_u = u
     nodes += [helper.make_node("Sum", sums, [n("ce_sum")], name=n("SumCE")),
               helper.make_node("Div", [n("ce_sum"), n("count")], [loss], name=n("MeanCE"))]
     forward = nodes
 
-    # backward: dloss / count, then per chunk recompute -> grad -> dh_i, chained
-    nodes = [helper.make_node("Div", [loss_grad, n("count")], [n("dce")], name=n("dCE"))]
-    gate_on, dhs = prev_z, []
-    for i in range(chunks):
-        gate, h_i = gate_after(model, n(f"bwd{i}"), n(f"h_chunk{i}"), gate_on)
-        nodes += gate
-        if i == 0:  # and on the loss gradient itself, so the backward starts from the seed like every other
-            # gradient node (dce is a scalar, whose Size ORT would fold: gate on its value, which is finite)
-            nodes += [
-                helper.make_node("Mul", [n("dce"), n("zero_f")], [n("bwd0/seed_zero")], name=n("bwd0/SeedZero")),
-                helper.make_node("Add", [h_i, n("bwd0/seed_zero")], [n("bwd0/seeded")], name=n("bwd0/Seed"))]
-            h_i = n("bwd0/seeded")
-        z, logp, dz, dh = n(f"bwd{i}/z"), n(f"bwd{i}/logp"), n(f"bwd{i}/dz"), n(f"bwd{i}/dh")
-        nodes += [
-            helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"bwd{i}/Logits")),
-            helper.make_node("LogSoftmax", [z], [logp], name=n(f"bwd{i}/LogSoftmax"), axis=-1),
-            helper.make_node("SoftmaxCrossEntropyLossGrad", [n("dce"), logp, n(f"labels_chunk{i}")], [dz],
-                             name=n(f"bwd{i}/CEGrad"), domain=MS, reduction="sum", ignore_index=ignore),
-            helper.make_node("FusedMatMul", [dz, w_t], [dh], name=n(f"bwd{i}/dH"), domain=MS, transA=0, transB=1,
-                             alpha=1.0),
-        ]
-        dhs.append(dh)
-        gate_on = dh
-    nodes += [
-        helper.make_node("Concat", dhs, [n("dh_pad")], name=n("ConcatDH"), axis=0),
+    # backward: the seed times the forward's unit gradients, back to every row (zeros where there was no label)
+    backward = [
+        helper.make_node("Concat", us, [n("u_pad")], name=n("ConcatU"), axis=0),
+        helper.make_node("Mul", [n("u_pad"), loss_grad], [n("dh_pad")], name=n("dH")),
         helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], name=n("Unpad")),
-        # back to every row: zeros where there was no label
         helper.make_node("Shape", [n("h_rows")], [n("h_rows_shape")], name=n("RowsShape")),
         helper.make_node("ConstantOfShape", [n("h_rows_shape")], [n("dh_zeros")], name=n("Zeros"),
                          value=numpy_helper.from_array(np.zeros(1, np.float32))),
@@ -171,7 +162,6 @@ def apply(model, context: PassContext) -> PassReport:
         helper.make_node("ScatterND", [n("dh_zeros"), n("rows_nd"), n("dh_kept")], [n("dh_rows")], name=n("Scatter")),
         helper.make_node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad], name=n("UnflattenDH")),
     ]
-    backward = nodes
 
     # Drop the old tail: logits, the whole-vocabulary loss, its gradient and the logits' shape bookkeeping.
     old = {id(x) for x in (sce, sce_grad, matmul, reshape, old_dh)}
@@ -205,7 +195,7 @@ def apply(model, context: PassContext) -> PassReport:
     model.graph.output.extend(outputs)
     report.changed = 1
     report.details = {"chunks": chunks, "frees": "three [tokens, vocab] float32 tensors at the turn, less one chunk's",
-                      "logits_output_dropped": True}
+                      "logits_output_dropped": True, "gradient_in_forward": True}
     return report
 
 

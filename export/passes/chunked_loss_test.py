@@ -105,14 +105,20 @@ def test_no_vocabulary_sized_tensor_is_saved_for_the_backward(bundles, tmp_path)
     assert _vocab_sized_saved(chunked) == []
     assert "logits" not in {o.name for o in chunked.graph.output}
 
-    # In the graph ORT optimises and runs, every chunk's projection stays (2 per chunk: forward and recompute;
-    # common-subexpression elimination merged none) and still nothing vocabulary-sized is saved.
+    # In the graph ORT optimises and runs, every chunk's two projections stay (z and the unit gradient's dh, both in
+    # the forward; common-subexpression elimination merged none), the backward recomputes none, and still nothing
+    # vocabulary-sized is saved.
     ids = np.arange(10, dtype=np.int64).reshape(2, 5) % 20
     ort_train_step(root / "chunked", [ids, np.arange(10, dtype=np.int64) % V], optimized_to=tmp_path / "optimized.onnx")
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     projections = [n for n in optimized.graph.node if n.op_type in ("MatMul", "FusedMatMul")
                    and any("lm_head" in i for i in n.input)]
-    assert len(projections) == 3 * CHUNKS  # forward z, backward z, backward dh per chunk
+    assert len(projections) == 2 * CHUNKS
+    prod = producers(optimized)
+    for dh in [n for n in projections if n.op_type == "FusedMatMul"]:  # dz·W of the unit seed 1 / K, not of dloss
+        grad = prod[dh.input[0]]
+        assert grad.op_type == "SoftmaxCrossEntropyLossGrad" and prod[grad.input[0]].op_type == "Reciprocal"
+    assert sum(n.op_type == "SoftmaxCrossEntropyLossGrad" for n in optimized.graph.node) == CHUNKS
     assert _vocab_sized_saved(optimized) == []
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes import dequantize_in_slices as slices_pass
-from lars_export.passes._base import producers
+from lars_export.passes._base import gate_of, producers
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.chunked_loss import CHUNKED_LOSS
@@ -46,18 +46,18 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     report = DEQUANTIZE_IN_SLICES.apply(training, context)
     assert report.changed == 1 and report.skipped == [], report
     (matrix,) = report.details["matrices"]
-    # per chunk: the forward's logits, the backward's recomputed logits and dh = dz·Wᵀ
-    assert matrix["shape"] == [D, OUT] and matrix["slices"] == 3 and matrix["readers"] == 3 * CHUNKS
+    # per chunk: the logits and dh = dz·Wᵀ (both in the forward: the chunked loss recomputes nothing)
+    assert matrix["shape"] == [D, OUT] and matrix["slices"] == 3 and matrix["readers"] == 2 * CHUNKS
     # no whole float32 copy of the projection is left: only slice dequantizations
     assert not [t for t in dequantized_weights(training) if "lm_head" in t]
     deq = [n for n in training.graph.node if n.op_type == "DequantizeLinear" and "/Slices/" in n.name]
-    assert len(deq) == 3 * 3 * CHUNKS
+    assert len(deq) == 3 * 2 * CHUNKS
     # slice j+1 of a reader waits for slice j's product (its Slice start is gated on it)
     prod = producers(training)
     for node in deq:
         j = int(node.name.split("/Slices/")[1].split("/")[0])
-        start = prod[prod[node.input[0]].input[1]]  # SliceQ <- Where(gate, start, start)
-        gate_size = prod[prod[start.input[0]].input[0]]  # Greater <- Size(after)
+        start = gate_of(prod, prod[node.input[0]].input[1])  # SliceQ <- gated start
+        gate_size = prod[start.input[0]]  # the gate's axes <- Size(after)
         after = gate_size.input[0]
         assert after.endswith(f"/Slices/{j - 1}/part") or (j > 0 and after.endswith(f"/Slices/{j - 1}/sum")) \
             if j else "/Slices/" not in after, (node.name, after)
