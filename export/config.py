@@ -50,8 +50,9 @@ class ExportConfig:
         "help": "keep only each decoder block's input and recompute the block in the backward (exact; one more "
                 "forward per step; LARS then saves nothing more: pair it with --lars-basis none)"})
     loss_chunks: int = field(default=8, metadata={
-        "help": "compute the vocabulary projection and cross-entropy in this many row chunks, recomputed chunk by "
-                "chunk in the backward, so [tokens, vocab] is never whole (exact; < 2: the whole loss at once)"})
+        "help": "compute the vocabulary projection and cross-entropy in this many row chunks, one after the other, "
+                "each chunk's gradient with it in the forward, so [tokens, vocab] is never whole and the backward "
+                "recomputes nothing (exact; < 2: the whole loss at once)"})
     quantize_weights: str = field(default="none", metadata={
         "help": "store the frozen weights quantized and dequantize each inside the graph at its use: int8 (per "
                 "channel), int4 (blocks along the input dimension; the embedding and output projection stay int8) "
