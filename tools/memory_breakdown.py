@@ -124,7 +124,7 @@ def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
                    None)
     for seq in seq_lens:
         # Not saved but alive at the turn. Whole loss: the logits (a graph output) and their gradient, two more
-        # [T, vocab] tensors. Chunked loss: one chunk's recomputed logits, log-probabilities and gradient.
+        # [T, vocab] tensors. Chunked loss: one chunk's logits, log-probabilities and gradient (all in the forward).
         whole = 2 * seq * vocab * 4 / 2**20
         rows[TRANSIENTS][seq] = whole if chunked is None else 3 * -(-seq // chunked) * vocab * 4 / 2**20
     counts[TRANSIENTS] = 2 if chunked is None else 3
