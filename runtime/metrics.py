@@ -33,6 +33,21 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
+
+
+def rss_split_mb(pid: int | str = "self") -> tuple[float, float, float] | None:
+    """(resident, anonymous, file-backed) MiB of a process now, from one read of /proc/PID/status; None off Linux
+    or once the process is gone. Anonymous is what the process allocated (heap, arena, session); file-backed is
+    mapped files (the weights, libraries), pages the kernel can drop and read again."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = {k: float(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in RSS_FIELDS}
+    except OSError:
+        return None
+    return tuple(kb[k] / 1024 for k in RSS_FIELDS) if len(kb) == len(RSS_FIELDS) else None
+
+
 def _windows_peak_working_set() -> int:
     """PeakWorkingSetSize of this process in bytes (GetProcessMemoryInfo, via ctypes: psutil is no dependency)."""
     import ctypes

@@ -168,6 +168,7 @@ def test_profile_step_splits_kernel_time_by_op_and_direction(tiny_bundles, tmp_p
     assert abs(sum(r["ms"] for r in result["ops"]) - result["kernel_ms"]) < 1e-6 * max(1.0, result["kernel_ms"])
     assert ops["Gather"]["forward_ms"] > 0  # the embedding lookup only runs forward
     assert result["minor_faults"] >= 0 and result["user_s"] >= 0 and result["peak_rss_mb"] > 0
+    assert result["graph_nodes"] > 100 and result["session_anon_mb"] > 0 and "graph nodes, +" in out.stdout
     assert "| op type | ms / step |" in out.stdout
     # node kinds fold the layer numbers: every layer's q projection is one kind, and the kinds add up to the total
     kinds = result["node_kinds"]

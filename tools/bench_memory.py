@@ -272,22 +272,10 @@ def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: 
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-RSS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
-
-
-def rss_split_mb(pid: int) -> tuple[float, float, float] | None:
-    """(resident, anonymous, file-backed) MB of a process now, from one read of /proc/PID/status (None off Linux
-    or once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            kb = {k: float(v.split()[0]) for k, _, v in (line.partition(":") for line in f) if k in RSS_FIELDS}
-    except OSError:
-        return None
-    return tuple(kb[k] / 1024 for k in RSS_FIELDS) if len(kb) == len(RSS_FIELDS) else None
-
-
 def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dict:
     import psutil
+
+    from lars_ort.metrics import rss_split_mb
 
     # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).

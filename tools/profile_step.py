@@ -6,6 +6,7 @@
 Runs the bundle's training step on the default backend (plain onnxruntime, lars_ort.engine_ort) with ORT's profiler
 on: one warm-up step, then --steps measured steps on a random batch. Prints, per step:
 - wall time, user and system CPU, minor and major page faults (getrusage around the measured steps) and peak RSS;
+- the graph's node count and the anonymous memory loading its session took (Linux: ORT keeps a few KB per node);
 - kernel time per op type, split into forward (the nodes the loss depends on) and backward (everything else: the
   gradient, the recomputations, the lowered training ops), with each type's share of all kernel time.
 A node the optimizer created (a fusion) is matched to the graph node whose name it extends; what matches none is
@@ -26,8 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def forward_nodes(model_path: str, loss: str) -> tuple[set[str], set[str]]:
-    """(names of the nodes the loss depends on, names of all nodes) of the training-step graph."""
+def forward_nodes(model_path: str, loss: str) -> tuple[set[str], set[str], int]:
+    """(names of the nodes the loss depends on, names of all nodes, the node count) of the training-step graph."""
     import onnx
 
     graph = onnx.load(model_path, load_external_data=False).graph
@@ -39,7 +40,7 @@ def forward_nodes(model_path: str, loss: str) -> tuple[set[str], set[str]]:
             continue
         forward.add(node.name)
         stack.extend(node.input)
-    return forward, {node.name for node in graph.node}
+    return forward, {node.name for node in graph.node}, len(graph.node)
 
 
 def classify(name: str, forward: set[str], known: set[str]) -> str:
@@ -91,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from lars_artifacts import load_bundle
     from lars_ort.data import Batch
     from lars_ort.engine_ort import OrtEngine
-    from lars_ort.metrics import peak_rss_mb
+    from lars_ort.metrics import peak_rss_mb, rss_split_mb
 
     bundle = load_bundle(a.bundle, verify=False)
     with tempfile.TemporaryDirectory(prefix="lars-profile-") as tmp:
+        loading = rss_split_mb()
         engine = OrtEngine(bundle, eval=False, threads=a.threads, profile_prefix=str(Path(tmp) / "step"))
+        loaded = rss_split_mb()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, bundle.manifest.vocab_size, size=(a.batch_size, a.seq_len))
         labels = np.roll(ids, -1, axis=1)
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - clock
         after = resource.getrusage(resource.RUSAGE_SELF)
         trace = json.loads(Path(engine.session.end_profiling()).read_text())
-    forward, known = forward_nodes(bundle.file(engine.spec["training"]), engine.spec["loss"])
+    forward, known, node_count = forward_nodes(bundle.file(engine.spec["training"]), engine.spec["loss"])
+    # what loading the session took (ORT keeps a few KB per graph node: node count is memory)
+    session_mb = loaded[1] - loading[1] if loading and loaded else None
     events = kernel_times(trace, a.steps)
 
     by_op: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                "system_s": (after.ru_stime - before.ru_stime) / n,
                "minor_faults": (after.ru_minflt - before.ru_minflt) / n,
                "major_faults": (after.ru_majflt - before.ru_majflt) / n, "peak_rss_mb": peak_rss_mb(),
-               "kernel_ms": total,
+               "graph_nodes": node_count, "session_anon_mb": session_mb, "kernel_ms": total,
                "forward_ms": sum(v.get("forward", 0.0) for v in by_op.values()),
                "backward_ms": sum(v.get("backward", 0.0) for v in by_op.values()),
                "unmatched_ms": sum(v.get("unmatched", 0.0) for v in by_op.values())}
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall {summary['wall_s']:.2f} s, user {summary['user_s']:.2f} s, system {summary['system_s']:.2f} s, "
           f"{summary['minor_faults']:,.0f} minor / {summary['major_faults']:,.0f} major page faults, "
           f"peak RSS {summary['peak_rss_mb']:,.0f} MB")
+    if session_mb is not None:
+        print(f"session: {node_count:,} graph nodes, +{session_mb:,.0f} MB anonymous once loaded "
+              f"({1024 * session_mb / node_count:.1f} KB per node)")
     print(f"kernel time {total:,.0f} ms: forward {summary['forward_ms']:,.0f} ms, backward "
           f"{summary['backward_ms']:,.0f} ms, unmatched {summary['unmatched_ms']:,.0f} ms\n")
     print("| op type | ms / step | share | forward ms | backward ms |")
