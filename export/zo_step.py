@@ -166,7 +166,9 @@ def forward_of(model, output: str):
             continue
         if node.output[0] in gates and node.output[0] not in open_gates:  # re-gate on what the forward makes
             afters = _nearest(producer, gates[node.output[0]][1], made - constant)
-            regate, (gated,) = gate_all(model, f"{node.name}/forward", [node.input[0]], sorted(afters))
+            gated, regate = node.input[0], []
+            if afters:  # else what it waited for comes from the inputs alone: nothing to order
+                regate, (gated,) = gate_all(model, f"{node.name}/forward", [gated], sorted(afters))
             nodes += [*regate, helper.make_node("Identity", [gated], [node.output[0]], name=node.name)]
             continue
         nodes.append(node)

@@ -91,6 +91,61 @@ def test_forward_graph_keeps_the_loss_chunks_in_order_without_their_gradients(ti
         assert f"/ChunkedLoss/logp_chunk{i - 1}" in waits_for, waits_for
 
 
+def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
+    """x -> a -> b -> loss, with side work s = a·a that is not on the loss' path (like a loss chunk's gradient):
+    a gate on b waiting for a stays; one on b waiting for s re-gates on a (what s came from that the forward
+    computes); one waiting for work on the inputs alone becomes an Identity. The pruned graph runs in onnxruntime
+    and gives the training graph's loss."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from lars_export.passes._base import gate_after, gate_of, producers
+    from lars_export.zo_step import forward_of
+
+    def graph(after: str):
+        model = helper.make_model(helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "a"], ["s"]),
+             helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Sigmoid", ["a"], ["b"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T"])],
+            [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []),
+             helper.make_tensor_value_info("s", TensorProto.FLOAT, ["T"])]),
+            opset_imports=[helper.make_opsetid("", 17)])
+        gate, gated = gate_after(model, "/g", "b", after)
+        model.graph.node.extend([*gate, helper.make_node("ReduceSum", [gated], ["loss"], keepdims=0)])
+        return model
+
+    x = np.array([-1.0, 0.5, 2.0], np.float32)
+    expected = float(np.sum(1 / (1 + np.exp(-np.maximum(x, 0)))))
+    for after, waits_for in (("a", {"a"}), ("s", {"a"}), ("n", set())):
+        model = forward_of(graph(after), "loss")
+        onnx.checker.check_model(model)
+        names = {o for n in model.graph.node for o in n.output}
+        assert "s" not in names and ("n" not in names or after == "a")
+        prod = producers(model)
+        out = prod["/g/gated"]  # the gate itself, or an Identity of the re-gated (or ungated) tensor
+        opener = gate_of(prod, out.input[0] if out.op_type == "Identity" else out.output[0])
+        if waits_for:
+            assert (out.op_type == "Identity") == (after != "a")
+            assert {prod[t].input[0] for t in _size_inputs(prod, opener)} == waits_for, after
+        else:
+            assert prod["/g/gated"].op_type == "Identity" and prod["/g/gated"].input[0] == "b"
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"x": x})[0] == pytest.approx(expected, rel=1e-6)
+
+
+def _size_inputs(prod, opener) -> list[str]:
+    """The Size outputs a gate's opener is computed from."""
+    out, stack = [], [opener.input[0]]
+    while stack:
+        node = prod.get(stack.pop())
+        if node is not None and node.op_type == "Size":
+            out.append(node.output[0])
+        elif node is not None:
+            stack.extend(node.input)
+    return out
+
+
 def test_two_sided_difference_is_the_directional_derivative(setup):
     bundle, adapters, batch, _, grads = setup
     engine = _zo(bundle, adapters)
