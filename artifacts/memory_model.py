@@ -50,10 +50,11 @@ SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forw
                  # after loading, 290 without; the pieces' gates, slices and sums count)
                  "attention_row_chunks": 0.18 * 2**20,
                  "int8": 0.03 * 2**20, "int4": 0.17 * 2**20}  # per quantized matrix (its dequantizations)
-# A chunked loss holds about five [rows / chunks, vocab] tensors at the turn (measured: stack bundles with chunked
-# attention at 2048 tokens, where the loss is the peak, when the backward recomputed each chunk's logits; since each
-# chunk's gradient is computed with it in the forward, the last chunk's logits, log-probabilities and gradient,
-# and the same bundles measure within 3 MB of before: full-int8 at 2048 tokens 891 -> 888 MB).
+# A chunked loss holds about five [rows / chunks, vocab] tensors at the turn (measured on stack bundles with chunked
+# attention at 2048 tokens, where the loss is the peak, when the backward recomputed each chunk's logits). Since
+# each chunk's gradient is computed with it in the forward, three are alive at a time (the last chunk's logits,
+# log-probabilities and gradient), yet the same bundles measure within 3 MB of before (full-int8 at 2048 tokens:
+# 891 -> 888 MB), so the count stands.
 CHUNKED_LOSS_TENSORS = 5
 # Chunked attention holds about three [group, rows, T] tensors in a piece of a layer's backward (two of scores,
 # scaled and masked scores and probabilities; then probabilities, dP and dS), as whole attention does: its pieces

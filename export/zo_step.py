@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError
 
-from .passes._base import attr, consumers, gate_all, gate_of, producers
+from .passes._base import attr, consumers, gate_all, gate_of, gate_waits_for, producers
 
 LOSSES = "zo_losses"            # output: [P] mean token loss per adapter setting
 SETTINGS = "zo_settings"        # the symbolic leading axis of every adapter input
@@ -140,7 +140,7 @@ def forward_of(model, output: str):
     for node in model.graph.node:
         opener = gate_of(producer, node.output[0])
         if opener is not None:
-            gates[node.output[0]] = (node.input[1], _gate_afters(producer, opener))
+            gates[node.output[0]] = (node.input[1], gate_waits_for(producer, opener))
 
     def add_ancestors(needed: set[str], stack: list[str]) -> None:
         while stack:  # what these depend on; a gated tensor through its data input only
@@ -197,20 +197,6 @@ def _nearest(producer: dict, tensors: set[str], available: set[str]) -> set[str]
         elif name in producer:
             stack.extend(i for i in producer[name].input if i)
     return found
-
-
-def _gate_afters(producer: dict, opener) -> set[str]:
-    """The tensors a gate waits for: the inputs of the Size nodes above the node that opens it."""
-    afters, stack = set(), [opener.input[0]]
-    while stack:
-        node = producer.get(stack.pop())
-        if node is None:
-            continue
-        if node.op_type == "Size":
-            afters.add(node.input[0])
-        else:
-            stack.extend(i for i in node.input if i in producer)
-    return afters
 
 
 def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, loss: str) -> dict:

@@ -100,7 +100,7 @@ def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from lars_export.passes._base import gate_after, gate_of, producers
+    from lars_export.passes._base import gate_after, gate_of, gate_waits_for, producers
     from lars_export.zo_step import forward_of
 
     def graph(after: str):
@@ -127,23 +127,11 @@ def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
         opener = gate_of(prod, out.input[0] if out.op_type == "Identity" else out.output[0])
         if waits_for:
             assert (out.op_type == "Identity") == (after != "a")
-            assert {prod[t].input[0] for t in _size_inputs(prod, opener)} == waits_for, after
+            assert gate_waits_for(prod, opener) == waits_for, after
         else:
             assert prod["/g/gated"].op_type == "Identity" and prod["/g/gated"].input[0] == "b"
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         assert session.run(None, {"x": x})[0] == pytest.approx(expected, rel=1e-6)
-
-
-def _size_inputs(prod, opener) -> list[str]:
-    """The Size outputs a gate's opener is computed from."""
-    out, stack = [], [opener.input[0]]
-    while stack:
-        node = prod.get(stack.pop())
-        if node is not None and node.op_type == "Size":
-            out.append(node.output[0])
-        elif node is not None:
-            stack.extend(node.input)
-    return out
 
 
 def test_two_sided_difference_is_the_directional_derivative(setup):

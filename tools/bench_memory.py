@@ -123,14 +123,12 @@ def is_baseline(mode: str) -> bool:
     return mode.partition(":")[0].partition("@")[0].endswith(BASELINE)
 
 
-def baseline_bundle(model_dir: Path, cache: Path, mode: str, a) -> Path:
+def baseline_bundle(cache: Path, mode: str, a) -> Path:
     """A bundle mode's bundle as an earlier exporter wrote it into `cache` (never exported here: that would be
     this exporter's)."""
-    name = f"bundle-{split_mode(mode)[0]}-r{a.rank}-{a.targets.replace(',', '-')}" + (
-        "" if a.loss_chunks is None else f"-loss{a.loss_chunks}")
-    bundle = cache / name
+    bundle = bundle_dir(cache, a.rank, a.targets, split_mode(mode)[0], a.loss_chunks)
     if not (bundle / "manifest.json").is_file():
-        raise SystemExit(f"--baseline-cache {cache} has no {name}: export it there with the earlier exporter "
+        raise SystemExit(f"--baseline-cache {cache} has no {bundle.name}: export it there with the earlier exporter "
                          f"(a worktree of the earlier commit) first")
     return bundle
 
@@ -256,6 +254,12 @@ def prepare_model(model: str | None, cache: Path) -> Path:
     return folder
 
 
+def bundle_dir(cache: Path, rank: int, targets: str, mode: str, loss_chunks: int | None) -> Path:
+    """Where a mode's bundle lies in a cache."""
+    return cache / (f"bundle-{mode}-r{rank}-{targets.replace(',', '-')}"
+                    + ("" if loss_chunks is None else f"-loss{loss_chunks}"))
+
+
 def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: str = "ort-lora",
                    loss_chunks: int | None = None) -> Path:
     """The bundle of a mode, exported once into the cache (a changed exporter means: clear the cache);
@@ -263,8 +267,7 @@ def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: 
     from lars_export import ExportConfig, export
 
     settings = dict(BUNDLE_MODES[mode], **({} if loss_chunks is None else {"loss_chunks": loss_chunks}))
-    out = cache / (f"bundle-{mode}-r{rank}-{targets.replace(',', '-')}"
-                   + ("" if loss_chunks is None else f"-loss{loss_chunks}"))
+    out = bundle_dir(cache, rank, targets, mode, loss_chunks)
     if not (out / "manifest.json").is_file():
         export(ExportConfig(model=str(model_dir), out=str(out), lora_rank=rank, lora_alpha=2 * rank,
                             targets=tuple(targets.split(",")), force=True, **settings))
@@ -444,7 +447,7 @@ def main(argv=None) -> int:
     a.arch = architectures.describe(load.load_config(load.resolve(str(model_dir))))  # recorded in each row
     if any(is_baseline(m) for m in modes) and not a.baseline_cache:
         p.error(f"modes ending in {BASELINE} need --baseline-cache")
-    bundles = {m: baseline_bundle(model_dir, Path(a.baseline_cache), m, a) if is_baseline(m) else
+    bundles = {m: baseline_bundle(Path(a.baseline_cache), m, a) if is_baseline(m) else
                prepare_bundle(model_dir, cache, a.rank, a.targets, split_mode(m)[0], a.loss_chunks) for m in modes
                if split_mode(m)[0] in BUNDLE_MODES}
     rows = []

@@ -218,6 +218,20 @@ def gate_of(prod: dict, tensor: str):
     return axes if axes is not None and axes.op_type == "Mul" and axes.input[1] == GATE_NO_AXES else None
 
 
+def gate_waits_for(prod: dict, opener) -> set[str]:
+    """The tensors a gate (gate_of's opener) waits for: the inputs of the Size nodes above it."""
+    afters, stack = set(), [opener.input[0]]
+    while stack:
+        node = prod.get(stack.pop())
+        if node is None:
+            continue
+        if node.op_type == "Size":
+            afters.add(node.input[0])
+        else:
+            stack.extend(i for i in node.input if i in prod)
+    return afters
+
+
 def gate_all(model, prefix: str, tensors: list[str], after: str | list[str]) -> tuple[list, list[str]]:
     """gate_after for several tensors on one condition: nodes, and the gated names in the order given. `after` may
     be several tensors: the gate then opens once all of them exist."""

@@ -127,11 +127,11 @@ def apply(model, context: PassContext) -> PassReport:
     # forward: one chunk after another (chunk i waits for chunk i-1's u through a gate), each chunk's loss and
     # its unit-seed gradient u_i = dCE_i/dh_i while its log-probabilities exist
     nodes.append(helper.make_node("Reciprocal", [n("count")], [n("unit_dce")], name=n("UnitDCE")))
-    sums, us, prev_u = [], [], None
+    sums, us = [], []
     for i in range(chunks):
         h_i = n(f"h_chunk{i}")
-        if prev_u is not None:
-            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, prev_u)
+        if us:
+            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, us[-1])
             nodes += gate
         z, logp, dz, u = n(f"z_chunk{i}"), n(f"logp_chunk{i}"), n(f"dz_chunk{i}"), n(f"u_chunk{i}")
         nodes += [
@@ -145,7 +145,6 @@ def apply(model, context: PassContext) -> PassReport:
         ]
         sums.append(n(f"ce_chunk{i}"))
         us.append(u)
-        prev_u = u
     nodes += [helper.make_node("Sum", sums, [n("ce_sum")], name=n("SumCE")),
               helper.make_node("Div", [n("ce_sum"), n("count")], [loss], name=n("MeanCE"))]
     forward = nodes
