@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -104,6 +105,20 @@ def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path)
     assert reports["attention_chunks"]["details"]["row_chunks"] == 3
     assert changed["attention_chunks"] == 2 and changed["layer_recompute"] == 2 and changed["chunked_loss"] == 1
     assert changed["attention_recompute"] == 0  # nothing left to recompute
+    # The causal chunks' bounds and mask blocks are cut once per mask for every layer, forward and backward, and
+    # the layer copies read them ungated (a gate is three nodes per layer): the residual stream and the rotary tables
+    # (unsqueezed before they meet Q) wait behind gates, the causal plan does not.
+    training = onnx.load(str(bundle / "training_model.onnx"), load_external_data=False)
+    masks = {n.input[0] for n in training.graph.node if n.name.endswith("/RowsMask")}
+    assert 1 <= len(masks) <= 2  # gemma3: the sliding-window layers' mask and the global layers'
+    assert sum(n.name.endswith("/RowsMask") for n in training.graph.node) == 3 * len(masks)
+    assert not any("AttentionChunks" in n.name and n.op_type == "Shape" and n.input[0] in masks
+                   for n in training.graph.node)
+    gated = {layer: sorted(n.input[0] for n in training.graph.node
+                           if n.name.startswith(f"/layer_recompute/layers.{layer}/in") and n.op_type == "Unsqueeze")
+             for layer in (0, 1)}
+    for layer, inputs in gated.items():
+        assert len(inputs) <= 3 and not any(t.startswith(tuple(masks)) for t in inputs), (layer, inputs)
     compare_with_peft(tiny_models[arch], bundle)
 
 

@@ -21,8 +21,8 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
   full      every memory pass: stack-chunks with INT4 frozen weights; full-int8: with INT8 ones
   stack-rows  stack-chunks with each head's query rows in 4 chunks and the loss in 16 (--attention-row-chunks 4
             --loss-chunks 16); full-int8-rows: the same with INT8 frozen weights
-  full-int8-causal  layer recompute, attention in 16 causal row chunks (all heads at once), INT8 frozen weights;
-            full-int8-h3r8: in 3 groups of heads x 8 causal row chunks
+  full-int8-causal  layer recompute, attention in 16 causal row chunks (all heads at once), the loss in 16
+            chunks, INT8 frozen weights; full-int8-h3r8: in 3 groups of heads x 8 causal row chunks, the loss in 8
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @malloc   ORT's arena off (--no-memory-arena): a malloc per tensor, those of 1 MB and more in their own mapping
@@ -74,7 +74,7 @@ BUNDLE_MODES = {
     "default-whole": {"attention_row_chunks": 0},  # the defaults before causal row chunks: attention whole
     "default-rows4": {"attention_row_chunks": 4},
     "full-int8-causal": {"lars_basis": "none", "recompute_layers": True, "attention_row_chunks": 16,
-                         "quantize_weights": "int8"},
+                         "loss_chunks": 16, "quantize_weights": "int8"},
     "full-int8-h3r8": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": 3,
                        "attention_row_chunks": 8, "quantize_weights": "int8"},
     "stack": {**_WHOLE, "lars_basis": "none", "recompute_layers": True},

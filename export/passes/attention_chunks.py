@@ -155,18 +155,56 @@ def _pad_zeros(model, prefix: str, q: str) -> list:
     return nodes
 
 
-def _pads(model, prefix: str, r: str, end: str) -> list:
+def _pads(model, prefix: str, r: str, skipped: str) -> list:
     """Nodes computing a chunk's pads (Pad-13 layout, begins then ends) that grow its dKᵀ [..., hd, end] and
-    dV [..., end, hd] to T keys: T - end zeros after the last key."""
+    dV [..., end, hd] to T keys: `skipped` (T - end) zeros after the last key. (Pad-13 has no axes input: the
+    pads list spans q's rank, whose zeros _pad_zeros measures per layer.)"""
     from onnx import helper
 
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
     rows = f"{prefix}/rows"
-    return [helper.make_node("Sub", [f"{rows}/t", end], [p(f"{r}/skipped")], name=p(f"{r}/Skipped")),
-            helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but1", p(f"{r}/skipped")],
+    return [helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but1", skipped],
                              [p(f"{r}/pads_dkt")], name=p(f"{r}/PadsKt"), axis=0),
-            helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but2", p(f"{r}/skipped"), _i64(model, 0)],
+            helper.make_node("Concat", [f"{rows}/zeros_all", f"{rows}/zeros_but2", skipped, _i64(model, 0)],
                              [p(f"{r}/pads_dv")], name=p(f"{r}/PadsV"), axis=0)]
+
+
+def _causal_rows(model, mask: str, rows: int) -> tuple[list, list[dict]]:
+    """Nodes computing, once for every layer that adds `mask` under a causal mask, each of `rows` chunks' query
+    bounds [start], [end] = T·j // rows, T·(j + 1) // rows, its block of the mask (its rows, or the only row of a
+    mask that broadcasts one, and the keys before `end`) and the keys it skips, T - end; and those names per chunk.
+
+    Shared because they depend on the mask alone: under a causal mask query i is key i, so T is the mask's key count,
+    the same in every layer. Per layer they were ~100 nodes of shape arithmetic and a Slice of the mask per chunk,
+    three times with layer recompute (ORT holds ~4.7 KB of session memory per node: ~60 MB on SmolLM2 at 16 chunks).
+    The blocks together hold about half the [T, T] mask, which nothing else reads once they are cut."""
+    from onnx import helper
+
+    p = lambda s: f"{mask}/causal_rows{rows}/{s}"  # noqa: E731
+    nodes = [helper.make_node("Shape", [mask], [p("t")], name=p("ShapeKeys"), start=-1),
+             helper.make_node("Shape", [mask], [p("tm")], name=p("ShapeMaskRows"), start=-2, end=-1),
+             helper.make_node("Sub", [p("tm"), _i64(model, 1)], [p("tm_last")], name=p("MaskLast"))]
+    cuts = []
+    for j in range(rows + 1):
+        nodes += [helper.make_node("Mul", [p("t"), _i64(model, j)], [p(f"tj{j}")], name=p(f"Mul{j}")),
+                  helper.make_node("Div", [p(f"tj{j}"), _i64(model, rows)], [p(f"b{j}")], name=p(f"Div{j}"))]
+        cuts.append(p(f"b{j}"))
+    chunks = []
+    for j in range(rows):
+        start, end = cuts[j], cuts[j + 1]
+        m0, m1, block, skipped = p(f"m{j}_start"), p(f"m{j}_end"), p(f"r{j}/mask"), p(f"r{j}/skipped")
+        nodes += [helper.make_node("Min", [start, p("tm_last")], [m0], name=p(f"MaskStart{j}")),
+                  helper.make_node("Min", [end, p("tm")], [p(f"m{j}_upto")], name=p(f"MaskUpTo{j}")),
+                  helper.make_node("Add", [m0, _i64(model, 1)], [p(f"m{j}_one")], name=p(f"MaskOne{j}")),
+                  helper.make_node("Max", [p(f"m{j}_upto"), p(f"m{j}_one")], [m1], name=p(f"MaskEnd{j}")),
+                  helper.make_node("Concat", [m0, _i64(model, 0)], [p(f"r{j}/mask_starts")], name=p(f"r{j}/MaskStarts"),
+                                   axis=0),
+                  helper.make_node("Concat", [m1, end], [p(f"r{j}/mask_ends")], name=p(f"r{j}/MaskEnds"), axis=0),
+                  helper.make_node("Slice", [mask, p(f"r{j}/mask_starts"), p(f"r{j}/mask_ends"), _axes(model, -2, -1)],
+                                   [block], name=p(f"r{j}/RowsMask")),
+                  helper.make_node("Sub", [p("t"), end], [skipped], name=p(f"r{j}/Skipped"))]
+        chunks.append({"start": start, "end": end, "mask": block, "skipped": skipped})
+    return nodes, chunks
 
 
 def _piece(model, chain, tag: str, q: str, kt: str, v: str, mask: str | None, d_out: str | None, axis: int):
@@ -216,7 +254,7 @@ def _piece(model, chain, tag: str, q: str, kt: str, v: str, mask: str | None, d_
 
 
 def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt: str, v: str, results: dict,
-                 d_out: str | None = None, rows: int = 1, causal: bool = False) -> list:
+                 d_out: str | None = None, rows: int = 1, causal: bool = False, shared: dict | None = None) -> list:
     """Nodes computing the attention core of `chain` from q, kt, v ([batch, heads, ...]) in `groups` groups of
     heads, one after the other, into results["o"] (forward, d_out None), or from the output gradient d_out into
     results["dq"], ["dkt"], ["dv"]. With rows >= 2 the query rows also run in that many chunks, one after the other
@@ -226,7 +264,9 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
     `causal` (the mask hides every key after the query's own position, and query i is key i: a decoder LM's
     training step): a chunk of rows [start, end) reads only the keys before `end`, and its dKᵀ and dV are padded
     with zeros to T before the sum. The skipped scores are masked, so their probabilities are exactly 0 (exp
-    underflows) and leaving them out changes no value: with N chunks the core does (N + 1) / 2N of the work."""
+    underflows) and leaving them out changes no value: with N chunks the core does (N + 1) / 2N of the work. The
+    chunks' bounds and mask blocks are then made once per mask (_causal_rows) and kept in `shared` for the other
+    layers and the backward: the returned nodes include them the first time."""
     from onnx import helper
 
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
@@ -254,13 +294,21 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
     if rows < 2:
         nodes += split(q, "q") + (split(d_out, "do") if d_out else [])
         chunks = [("", None, None)]
+    elif skip:
+        row_axis = _i64(model, -2)
+        shared = {} if shared is None else shared
+        if (mask, rows) not in shared:
+            plan_nodes, shared[(mask, rows)] = _causal_rows(model, mask, rows)
+            nodes += plan_nodes
+        chunks = [(f"r{j}", [c["start"], c["end"]], c["mask"]) for j, c in enumerate(shared[(mask, rows)])]
+        skipped = [c["skipped"] for c in shared[(mask, rows)]]
+        if d_out:  # only the backward pads (its dKᵀ and dV)
+            nodes += _pad_zeros(model, prefix, q)
     else:
         row_axis = _i64(model, -2)
         bound_nodes, bounds = _row_bounds(model, prefix, q, mask, rows)
         nodes += bound_nodes
         chunks = [(f"r{j}", bound, mask) for j, bound in enumerate(bounds)]
-        if skip and d_out:  # only the backward pads (its dKᵀ and dV)
-            nodes += _pad_zeros(model, prefix, q)
     for j, (tag, bound, mask) in enumerate(chunks):
         mask_rows, r = None, tag
         keys = ""  # the split of Kᵀ and V this chunk reads: all keys, or (skip) the keys before its end
@@ -282,21 +330,15 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
                                            name=p(f"{r}/KeysKt")),
                           helper.make_node("Slice", [v, zero, bound[1], row_axis], [p(f"{r}/v")], name=p(f"{r}/KeysV"))]
                 nodes += split(p(f"{r}/kt"), f"{r}/kt") + split(p(f"{r}/v"), f"{r}/v")
-            if mask is not None:
+            if skip:  # the chunk's block of the mask (its rows, the keys before its end), cut once for all layers
+                mask_rows = mask
+            elif mask is not None:
                 mask_rows = p(f"{r}/mask")
-                if skip:  # its rows, and the keys before the chunk's end
-                    nodes += [helper.make_node("Concat", [bound[2], zero], [p(f"{r}/mask_starts")],
-                                               name=p(f"{r}/MaskStarts"), axis=0),
-                              helper.make_node("Concat", [bound[3], bound[1]], [p(f"{r}/mask_ends")],
-                                               name=p(f"{r}/MaskEnds"), axis=0),
-                              helper.make_node("Slice", [mask, p(f"{r}/mask_starts"), p(f"{r}/mask_ends"),
-                                                         _axes(model, -2, -1)], [mask_rows], name=p(f"{r}/RowsMask"))]
-                else:
-                    nodes.append(helper.make_node("Slice", [mask, bound[2], bound[3], row_axis], [mask_rows],
-                                                  name=p(f"{r}/RowsMask")))
+                nodes.append(helper.make_node("Slice", [mask, bound[2], bound[3], row_axis], [mask_rows],
+                                              name=p(f"{r}/RowsMask")))
         pad = skip and d_out is not None and j < len(chunks) - 1  # the last chunk ends at T
         if pad:
-            nodes += _pads(model, prefix, r, bound[1])
+            nodes += _pads(model, prefix, r, skipped[j])
         pieces = {key: [] for key in results}
         for g in range(groups):
             piece = f"g{g}" if not r else f"{r}g{g}"
@@ -358,6 +400,7 @@ def apply(model, context: PassContext) -> PassReport:
     removed: set[int] = set()
     skipping = 0  # layers whose row chunks skip the keys after their rows (a causal mask in the chain)
     before: dict[int, list] = {}  # id(anchor node) -> new nodes to put before it
+    shared: dict = {}  # what every layer's causal row chunks share (chunked_core); the first layer's nodes make it
     for softmax, match, why_not in list(find(model)):
         if match is None or (why_not := check(*match, inits, prod, graph_names, rows)):
             log.info("attention_chunks: leaving %s: %s", softmax.name, why_not)
@@ -381,7 +424,7 @@ def apply(model, context: PassContext) -> PassReport:
             continue
         prefix = softmax.name.rsplit("/", 1)[0] + "/AttentionChunks"
         fwd = chunked_core(model, chain, groups, heads, f"{prefix}/fwd", q, kt, v, {"o": o}, rows=rows,
-                           causal=context.causal_attention)
+                           causal=context.causal_attention, shared=shared)
         # The backward starts once dO exists: Q, Kᵀ and V go through a gate on it (which also keeps CSE away).
         bwd, gated = [], []
         for k, t in enumerate((q, kt, v)):
@@ -389,7 +432,7 @@ def apply(model, context: PassContext) -> PassReport:
             bwd += gate
             gated.append(name)
         bwd += chunked_core(model, chain, groups, heads, f"{prefix}/bwd", *gated, dict(zip(("dq", "dkt", "dv"), grads)),
-                            d_out=f"{o}_grad", rows=rows, causal=context.causal_attention)
+                            d_out=f"{o}_grad", rows=rows, causal=context.causal_attention, shared=shared)
         removed |= gone
         skipping += any(n.name.endswith("/KeysKt") for n in fwd)
         before.setdefault(id(pv), []).extend(fwd)

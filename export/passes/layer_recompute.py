@@ -13,7 +13,8 @@ How it composes with the other passes:
   (--lars-basis none) with --recompute-layers unless the approximation is wanted for itself.
 
 The copy's inputs from outside the block (the residual stream) pass through a gate on the gradient of the block's
-output, so ORT cannot run the copy early, and common-subexpression elimination cannot merge it into the forward.
+output, so ORT cannot run the copy early, and common-subexpression elimination cannot merge it into the forward:
+enough of them that every copied node waits for a gated tensor (what all blocks share is read ungated).
 """
 
 from __future__ import annotations
@@ -72,17 +73,17 @@ def apply(model, context: PassContext) -> PassReport:
                 needed.add(id(node))
                 stack.extend(node.input)
         copy_nodes = [n for n in blocks[layer] if id(n) in needed]  # stored order
-        # What comes in from outside the block (the residual stream, the mask, rotary tables, shapes): all gated.
-        external = sorted({t for n in copy_nodes for t in n.input
-                           if t and t not in graph_inputs and t in prod and id(prod[t]) not in members
-                           and id(prod[t]) not in backward_ids})
+        # What comes in from outside the block (the residual stream, the mask, rotary tables, shapes).
+        external = {t for n in copy_nodes for t in n.input
+                    if t and t not in graph_inputs and t in prod and id(prod[t]) not in members
+                    and id(prod[t]) not in backward_ids}
         if not grads or not external:
             why = "no gradient of the block output to gate on" if not grads else "no input from outside the block"
             report.skipped.append(f"layers.{layer}: {why}")
             continue
         prefix = f"/layer_recompute/layers.{layer}"
         renamed, new_nodes = {}, []
-        for k, t in enumerate(external):
+        for k, t in enumerate(_to_gate(copy_nodes, external)):
             gate, gated = gate_after(model, f"{prefix}/in{k}", t, grads[0])
             new_nodes += gate
             renamed[t] = gated
@@ -99,6 +100,21 @@ def apply(model, context: PassContext) -> PassReport:
             model.graph.node.insert(at + offset, node)
     report.details = {"blocks": report.changed, "keeps": "each block's input (residual stream)"}
     return report
+
+
+def _to_gate(copy_nodes: list, external: set[str]) -> list[str]:
+    """The external inputs to gate: enough that every copied node reading an external tensor waits for a gated one,
+    directly or through the copy (a node waits for all its inputs, and one gated input also keeps CSE off it). In
+    stored (topological) order, a node that does not wait yet gets all its external inputs gated; usually that is
+    the residual stream alone, and the mask, rotary tables and shared shape arithmetic are read as they are (each
+    gate costs three nodes of ORT session memory per layer)."""
+    gated, waiting = set(), set()  # gated externals; copy outputs that wait for one
+    for node in copy_nodes:
+        if not any(t in gated or t in waiting for t in node.input):
+            gated |= {t for t in node.input if t in external}
+        if any(t in gated or t in waiting for t in node.input):
+            waiting.update(node.output)
+    return sorted(gated)
 
 
 LAYER_RECOMPUTE = GraphPass("layer_recompute", "training", apply, help=__doc__.splitlines()[0],

@@ -95,3 +95,18 @@ def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tm
     # The graph ORT runs: the copies survived its common-subexpression elimination.
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
     assert _kept_inside_blocks(optimized) == []
+
+
+def test_a_copy_gates_only_the_inputs_it_would_not_otherwise_wait_for():
+    """The residual stream is gated; a shared tensor read beside a waiting one (the mask next to the scores) is not;
+    one read alone (the rotary table unsqueezed before it meets Q) is."""
+    from onnx import helper
+
+    from lars_export.passes.layer_recompute import _to_gate
+
+    nodes = [helper.make_node("Add", ["residual", "bias"], ["h"]),
+             helper.make_node("Add", ["h", "mask"], ["scores"]),
+             helper.make_node("Unsqueeze", ["cos", "axes"], ["cos4"]),
+             helper.make_node("Mul", ["scores", "cos4"], ["out"])]
+    assert _to_gate(nodes, {"residual", "mask", "cos"}) == ["cos", "residual"]
+    assert _to_gate(nodes[1:2], {"h", "mask"}) == ["h", "mask"]  # nothing waits yet: all of the node's externals
