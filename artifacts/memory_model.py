@@ -14,9 +14,11 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   graph; the numbers below are what it finds): the residual stream and norm inputs 2d, Q and the GQA-expanded K
   and V 3d, the MLP's gate, up and their product 3f, the adapter inputs (d per distinct input of q/k/v, o, gate/up;
   f for down; LARS keeps k per distinct input instead), r per adapter; attention probabilities H·T² per layer
-  (none with attention recompute); once for all layers the causal mask T², the rotary cos/sin 2·head_dim and the
-  loss' log-probabilities, vocab per token (a chunked loss keeps the final hidden state, d, instead). Layer
-  recompute keeps d per layer and token (each block's input) and what all layers share.
+  (none with attention recompute); once for all layers the causal mask T² (with N causal row chunks its blocks on
+  and below the diagonal, (N + 1) / 2N of it), the rotary cos/sin 2·head_dim and the loss' log-probabilities,
+  vocab per token (a chunked loss keeps its gradient with respect to the final hidden state, d, instead). Layer
+  recompute keeps d per layer and token (each block's input, and the last block's output) and what all layers
+  share.
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
   two gradients, 3·H·T², or with chunked attention one group's, about 3·(H/G)·T² (its pieces run in turn
@@ -49,6 +51,10 @@ SESSION_BYTES = {"layer_recompute": 0.8 * 2**20,   # per layer (the block's forw
                  # per layer, group and chunk of query rows after the first (full-int8 with 4 row chunks: 434 MB
                  # after loading, 290 without; the pieces' gates, slices and sums count)
                  "attention_row_chunks": 0.18 * 2**20,
+                 # and per layer and chunk after the first, whatever the groups: its slices of Q, Kᵀ, V and dO and
+                 # their gates (the bounds and mask blocks are shared by all layers). SmolLM2 INT8 stacks with layer
+                 # recompute after loading: 16 row chunks of all heads +79 MB over one head at a time, all rows
+                 "row_chunk": 0.06 * 2**20,
                  "int8": 0.03 * 2**20, "int4": 0.17 * 2**20}  # per quantized matrix (its dequantizations)
 # A chunked loss holds about five [rows / chunks, vocab] tensors at the turn (measured on stack bundles with chunked
 # attention at 2048 tokens, where the loss is the peak, when the backward recomputed each chunk's logits). Since
@@ -172,19 +178,22 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
     # Shared by all layers: the rotary cos/sin rows of each position; the final hidden state a chunked loss
     # recomputes its chunks from, or the log-probabilities of the whole one.
     shared = 2 * head_dim + (d if chunked else vocab)
+    # The causal mask, T² once for all layers; with causal row chunks its blocks instead (chunk j's rows and the keys
+    # before its end: (rows + 1) / 2·rows of it), cut once, after which nothing reads the whole mask.
+    mask = (rows + 1) / (2 * rows) if rows >= 2 else 1
     if recompute_layers:
-        saved, saved_sq = L * d + shared, 1
+        saved, saved_sq = (L + 1) * d + shared, mask  # each block's input, and the last one's output (final norm)
         backward, backward_sq = per_layer, (CHUNKED_ATTENTION_TENSORS if chunked_attention else 3) * group
     else:
         saved = L * per_layer + shared
-        saved_sq = 1 + (0 if recompute_attention else L * heads)
+        saved_sq = mask + (0 if recompute_attention else L * heads)
         backward = 0
         backward_sq = (CHUNKED_ATTENTION_TENSORS * group if chunked_attention else
                        3 * heads if recompute_attention else 2 * heads)
     turn = CHUNKED_LOSS_TENSORS * vocab / loss_chunks if chunked else 2 * vocab
     session = ((SESSION_BYTES["layer_recompute"] * L if recompute_layers else 0)
                + (SESSION_BYTES["attention_chunks"] * L * groups if chunked_attention else 0)
-               + SESSION_BYTES["attention_row_chunks"] * L * groups * (rows - 1)
+               + (SESSION_BYTES["attention_row_chunks"] * groups + SESSION_BYTES["row_chunk"]) * L * (rows - 1)
                + SESSION_BYTES.get(quantize_weights, 0) * (7 * L + 2))
     return MemoryModel(runtime=RUNTIME_BYTES + session, weights=stored + dequantized, saved_per_token=F32 * saved,
                        saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,

@@ -26,6 +26,9 @@ PER_HEAD = 1 << 16  # --attention-chunks at or above the head count: one head at
 _CHUNKED = dict(_EXACT, recompute_attention=True, attention_chunks=PER_HEAD, loss_chunks=8)
 # For long sequences: each head's query rows in 4 chunks too, and the loss in 16 (bench mode stack-rows).
 _ROWS = dict(_CHUNKED, recompute_layers=True, attention_row_chunks=4, loss_chunks=16)
+# Layer recompute with all heads' query rows in 16 causal chunks (each reads only the keys up to its last row) and the
+# loss in 16 (bench mode full-int8-causal).
+_CAUSAL = dict(_EXACT, recompute_attention=True, recompute_layers=True, attention_row_chunks=16, loss_chunks=16)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class Candidate:
 # Row chunks (4) and 16 loss chunks: stack-rows took 1.12x stack-chunks' step in one run at 2048 tokens
 # (docs/bench/memory_2048_rows_smollm2.json); applied to the stacks' factors below.
 ROWS_TIME, ROWS_INT8_TIME, ROWS_INT4_TIME = 1.45 * 1.12, 1.46 * 1.12, 1.50 * 1.12
+# Causal row chunks: full-int8-causal took 0.93x full-int8's step at 2048 tokens (0.64x at 4096) in one run
+# (docs/bench/speed_ab_causal_rows_smollm2.json); applied to the per-head stacks' factors below.
+CAUSAL_TIME, CAUSAL_INT8_TIME = 1.45 * 0.93, 1.46 * 0.93
 # Step times relative to `ort-lora` at 2048 tokens, SmolLM2-135M (docs/BENCHMARKS.md, "The full memory stack"):
 # each pass alone from the per-pass run; combinations from the same run where measured, else the product.
 CANDIDATES = [
@@ -45,10 +51,13 @@ CANDIDATES = [
     Candidate("chunked loss", dict(_EXACT, loss_chunks=8), 1.06),
     Candidate("attention recompute + chunked loss", dict(_EXACT, recompute_attention=True, loss_chunks=8), 1.12),
     Candidate("chunked attention + chunked loss", _CHUNKED, 1.22),
+    Candidate("layer recompute + attention in causal row chunks + chunked loss", _CAUSAL, CAUSAL_TIME),
     Candidate("layer recompute + chunked attention + chunked loss", dict(_CHUNKED, recompute_layers=True), 1.45),
     Candidate("layer recompute + chunked attention by heads and rows + chunked loss", _ROWS, ROWS_TIME),
     # quantized frozen weights change the model's loss a little (docs/BENCHMARKS.md): only when nothing exact fits
     Candidate("chunked attention + chunked loss + int8 weights", dict(_CHUNKED, quantize_weights="int8"), 1.23),
+    Candidate("layer recompute + attention in causal row chunks + chunked loss + int8 weights",
+              dict(_CAUSAL, quantize_weights="int8"), CAUSAL_INT8_TIME),
     Candidate("layer recompute + chunked attention + chunked loss + int8 weights",
               dict(_CHUNKED, recompute_layers=True, quantize_weights="int8"), 1.46),
     Candidate("layer recompute + chunked attention + chunked loss + int4 weights",

@@ -5,9 +5,9 @@
 The training graph is split into forward and backward (backward = every node the loss and logits do not need); a
 tensor is *saved* when a forward node produces it and a backward node reads more than its shape. Those tensors are all alive at the
 turn from forward to backward, which is where a LoRA step peaks (plus the loss' transient [T, vocab] tensors and the
-frozen weights, reported on their own rows). Shapes are measured, not guessed: the graph runs once in onnxruntime
-at a probe length with every saved tensor as an extra output, and each dimension equal to the probe length is then
-scaled to the requested lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT
+frozen weights, reported on their own rows). Shapes are measured, not guessed: the graph runs in onnxruntime at
+two probe lengths with every saved tensor as an extra output, and each dimension, taken as linear in the length (the
+length itself, a constant, or a chunk's share of it), is then scaled to the requested lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT
 and are counted once. The definitions (backward, saved, views) are the passes' own, from lars_export.passes._base.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 TRANSIENTS = "loss transients at the turn (not saved)"
-PROBE = 97  # a prime, so a dimension equal to it is the sequence length and nothing else
+PROBES = (97, 194)  # two lengths, so each dimension's growth with the length is measured, not guessed
 
 # (kind, test on the saved tensor's name and producer) in priority order; the first match wins.
 KINDS = [
@@ -65,8 +65,8 @@ def kind_of(aliases: set[str], op: str) -> str:
     return next((kind for kind, test in KINDS if any(test(name, op) for name in sorted(aliases))), "other")
 
 
-def probe_shapes(bundle: Path, names: list[str]) -> dict[str, tuple[tuple[int, ...], int]]:
-    """Run the training graph once at the probe length; return each tensor's shape and item size."""
+def probe_shapes(bundle: Path, names: list[str], lengths=PROBES) -> dict[str, tuple[list[tuple[int, ...]], int]]:
+    """Run the training graph at each probe length; return each tensor's shapes (one per length) and item size."""
     import onnx
     from onnxruntime.capi import _pybind_state as C
 
@@ -85,21 +85,30 @@ def probe_shapes(bundle: Path, names: list[str]) -> dict[str, tuple[tuple[int, .
         options.graph_optimization_level = C.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every name
         sess = C.InferenceSession(options, str(probe), True, False)
         sess.initialize_session(["CPUExecutionProvider"], [{}], set())
-        feeds = {}
-        for arg in sess.inputs_meta:
-            shape = [d if isinstance(d, int) else 1 for d in arg.shape]
-            if arg.name in ("input_ids", "attention_mask"):
-                feeds[arg.name] = np.ones((1, PROBE), np.int64)
-            elif arg.name == "labels":  # flattened like the logits: [batch * sequence]
-                feeds[arg.name] = np.ones((PROBE,), np.int64)
-            elif arg.type == "tensor(bool)":
-                feeds[arg.name] = np.array(True) if not shape else np.ones(shape, bool)
-            else:
-                feeds[arg.name] = np.zeros(shape, np.float32)
-        values = sess.run(names, feeds, None)
+        runs = []
+        for length in lengths:
+            feeds = {}
+            for arg in sess.inputs_meta:
+                shape = [d if isinstance(d, int) else 1 for d in arg.shape]
+                if arg.name in ("input_ids", "attention_mask"):
+                    feeds[arg.name] = np.ones((1, length), np.int64)
+                elif arg.name == "labels":  # flattened like the logits: [batch * sequence]
+                    feeds[arg.name] = np.ones((length,), np.int64)
+                elif arg.type == "tensor(bool)":
+                    feeds[arg.name] = np.array(True) if not shape else np.ones(shape, bool)
+                else:
+                    feeds[arg.name] = np.zeros(shape, np.float32)
+            runs.append(sess.run(names, feeds, None))
     finally:
         probe.unlink(missing_ok=True)
-    return {n: (tuple(v.shape), v.dtype.itemsize) for n, v in zip(names, values)}
+    return {n: ([tuple(run[k].shape) for run in runs], runs[0][k].dtype.itemsize) for k, n in enumerate(names)}
+
+
+def scaled_elements(shapes: list[tuple[int, ...]], seq: int, lengths=PROBES) -> float:
+    """A tensor's element count at `seq` tokens from its shapes at the two probe lengths, each dimension taken as
+    linear in the length (the length itself, a constant, or a share of it such as a chunk's rows T·j / N)."""
+    (t1, t2), (s1, s2) = lengths, shapes
+    return float(np.prod([a + (b - a) / (t2 - t1) * (seq - t1) for a, b in zip(s1, s2)]))
 
 
 def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
@@ -115,11 +124,11 @@ def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
     rows: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))
     counts: dict[str, int] = defaultdict(int)
     for name, (op, aliases) in saved.items():
-        shape, itemsize = shapes[name]
+        probed, itemsize = shapes[name]
         kind = kind_of(aliases, op)
         counts[kind] += 1
         for seq in seq_lens:
-            rows[kind][seq] += float(np.prod([seq if d == PROBE else d for d in shape])) * itemsize / 2**20
+            rows[kind][seq] += scaled_elements(probed, seq) * itemsize / 2**20
     chunked = next((p["details"]["chunks"] for p in manifest.passes if p["name"] == "chunked_loss" and p["changed"]),
                    None)
     for seq in seq_lens:
@@ -130,7 +139,7 @@ def breakdown(bundle: Path, seq_lens: list[int]) -> dict:
     counts[TRANSIENTS] = 2 if chunked is None else 3
     names = defaultdict(list)
     for name, (op, aliases) in sorted(saved.items()):
-        names[kind_of(aliases, op)].append(f"{name} {op} {list(shapes[name][0])}")
+        names[kind_of(aliases, op)].append(f"{name} {op} {list(shapes[name][0][0])}")
     return {"bundle": str(bundle), "lars": manifest.adapter.get("lars", {}),
             "frozen_weight_mb": manifest.adapter["frozen_weight_bytes"] / 2**20,
             "rows": {k: {str(s): v for s, v in by_len.items()} for k, by_len in rows.items()},

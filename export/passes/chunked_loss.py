@@ -149,13 +149,17 @@ def apply(model, context: PassContext) -> PassReport:
               helper.make_node("Div", [n("ce_sum"), n("count")], [loss], name=n("MeanCE"))]
     forward = nodes
 
-    # backward: the seed times the forward's unit gradients, back to every row (zeros where there was no label)
+    # backward: the seed times the forward's unit gradients, back to every row (zeros where there was no label).
+    # The zeros wait for the gradient (a gate on dh_kept): their shape is known in the forward, where ORT would
+    # otherwise make them and keep a [T, hidden] tensor through the whole backward.
+    zeros_gate, rows_shape = gate_after(model, n("ZerosAfter"), n("h_rows_shape"), n("dh_kept"))
     backward = [
         helper.make_node("Concat", us, [n("u_pad")], name=n("ConcatU"), axis=0),
         helper.make_node("Mul", [n("u_pad"), loss_grad], [n("dh_pad")], name=n("dH")),
         helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], name=n("Unpad")),
         helper.make_node("Shape", [n("h_rows")], [n("h_rows_shape")], name=n("RowsShape")),
-        helper.make_node("ConstantOfShape", [n("h_rows_shape")], [n("dh_zeros")], name=n("Zeros"),
+        *zeros_gate,
+        helper.make_node("ConstantOfShape", [rows_shape], [n("dh_zeros")], name=n("Zeros"),
                          value=numpy_helper.from_array(np.zeros(1, np.float32))),
         helper.make_node("Unsqueeze", [n("rows"), n("minus_one")], [n("rows_nd")], name=n("RowIndices")),
         helper.make_node("ScatterND", [n("dh_zeros"), n("rows_nd"), n("dh_kept")], [n("dh_rows")], name=n("Scatter")),
