@@ -3,12 +3,13 @@
     python tools/memory_breakdown.py BUNDLE [BUNDLE ...] --seq-lens 512,1024,2048 [--json out.json]
 
 The training graph is split into forward and backward (backward = every node the loss and logits do not need); a
-tensor is *saved* when a forward node produces it and a backward node reads more than its shape. Those tensors are all alive at the
-turn from forward to backward, which is where a LoRA step peaks (plus the loss' transient [T, vocab] tensors and the
-frozen weights, reported on their own rows). Shapes are measured, not guessed: the graph runs in onnxruntime at
-two probe lengths with every saved tensor as an extra output, and each dimension, taken as linear in the length (the
-length itself, a constant, or a chunk's share of it), is then scaled to the requested lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT
-and are counted once. The definitions (backward, saved, views) are the passes' own, from lars_export.passes._base.
+tensor is *saved* when a forward node produces it and a backward node reads more than its shape. Those tensors are
+all alive at the turn from forward to backward, which is where a LoRA step peaks (plus the loss' transient
+[T, vocab] tensors and the frozen weights, reported on their own rows). Shapes are measured, not guessed: the graph
+runs in onnxruntime at two probe lengths with every saved tensor as an extra output, and each dimension, taken as
+linear in the length (the length itself, a constant, or a chunk's share of it), is then scaled to the requested
+lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT and are counted once. The
+definitions (backward, saved, views) are the passes' own, from lars_export.passes._base.
 """
 
 from __future__ import annotations
