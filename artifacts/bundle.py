@@ -147,10 +147,6 @@ class Manifest:
         return int(self.architecture["max_position_embeddings"])
 
     @property
-    def budget_bytes(self) -> int | None:
-        return self.memory.get("budget_bytes")
-
-    @property
     def bundle_id(self) -> str:
         """Identifies the bundle a run belongs to: the hash of its initial checkpoint and training graph."""
         return hashlib.sha256((self.files[CHECKPOINT]["sha256"] + self.files[TRAINING_MODEL]["sha256"]).encode()

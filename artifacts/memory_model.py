@@ -69,10 +69,6 @@ CHUNKED_LOSS_TENSORS = 5
 # ordered (dP gated, dQ last), ORT computed a layer's dP all at once and this was 8.
 CHUNKED_ATTENTION_TENSORS = 3
 
-# The choices a bundle's memory depends on (ExportConfig field names).
-OPTIONS = ("recompute_attention", "attention_chunks", "attention_row_chunks", "recompute_layers", "loss_chunks",
-           "quantize_weights", "lars_basis", "lars_rank")
-
 
 @dataclass(frozen=True)
 class MemoryModel:

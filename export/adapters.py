@@ -3,7 +3,8 @@
 PEFT initialises every lora_B to zeros. The TorchScript exporter merges identical initializers, so all-zero B
 tensors of one shape would collapse into one shared parameter and training would go silently wrong. We therefore
 give each B a distinct random value for the export and set B = 0 again in the ONNX graph before ORT builds the
-training artifacts (see onnx_export.zero_lora_b); `count_trainables` checks that no tensor was merged.
+training artifacts (see onnx_export.zero_lora_b); the pipeline's graph check fails the export if any tensor was
+merged (every adapter tensor must be an initializer of its own).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from .quantization import SCHEMES
+
 # Short names users type, and the module names of the Llama / Qwen2 families.
 TARGET_ALIASES = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -56,7 +58,7 @@ class ExportConfig:
     quantize_weights: str = field(default="none", metadata={
         "help": "store the frozen weights quantized and dequantize each inside the graph at its use: int8 (per "
                 "channel), int4 (blocks along the input dimension; the embedding and output projection stay int8) "
-                "or none (float32)", "choices": ("none", "int8", "int4")})
+                "or none (float32)", "choices": SCHEMES})
     quantize_block_size: int = field(default=32, metadata={"help": "int4 block size (values sharing a scale and "
                                                                     "a minimum)"})
     memory_budget: str | None = field(default=None, metadata={

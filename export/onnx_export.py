@@ -1,6 +1,6 @@
 """torch -> ONNX with the TorchScript exporter, in the form ORT 1.19.2 can differentiate.
 
-Why this exporter and these settings (BRIEF §4): opset 17, eager attention, no constant folding (folding
+Why this exporter and these settings: opset 17, eager attention, no constant folding (folding
 transposes weights into anonymous initializers and loses the parameter names), EVAL mode, dynamic batch and
 sequence axes. The dynamo exporter works too but renames or folds parameters unless optimize=False; the TorchScript
 one keeps the PEFT names, which the manifest maps to PEFT keys.

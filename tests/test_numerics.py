@@ -124,7 +124,8 @@ def test_the_lowest_memory_exact_stack_matches_peft(arch, tiny_models, tmp_path)
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_every_adapter_tensor_is_its_own_trainable_parameter(arch, tiny_bundles):
-    """The TorchScript exporter merges identical initializers; all-zero lora_B would collapse (BRIEF §4)."""
+    """The TorchScript exporter merges identical initializers; all-zero lora_B would collapse
+    into a few shared parameters and train wrong (export/adapters.py)."""
     from lars_artifacts.ort_checkpoint import read_checkpoint
     from lars_export import ort_training
 

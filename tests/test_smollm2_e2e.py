@@ -24,7 +24,7 @@ def test_export_train_adapter_roundtrip_on_smollm2(smol_bundle, tmp_path):
     m = bundle.manifest
     assert m.architecture["model_type"] == "llama" and m.architecture["num_hidden_layers"] == 30
     assert m.architecture["vocab_size"] == 49152
-    assert len(m.adapter["parameters"]) == 30 * 7 * 2  # every adapter tensor its own parameter (BRIEF §4)
+    assert len(m.adapter["parameters"]) == 30 * 7 * 2  # every adapter tensor its own parameter (the exporter merges equal ones)
 
     probe = Trainer(bundle)
     seqs = load_sequences(TRAIN_TEXT, probe.tokenizer, seq_len=64)

@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
-# SmolLM2-135M (BRIEF §5), the model of every stored benchmark run.
+# SmolLM2-135M, the model of every stored benchmark run.
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=8192)
 ALL_TARGETS = "q,k,v,o,gate,up,down"

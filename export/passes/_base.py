@@ -45,7 +45,6 @@ class GraphPass:
     name: str
     stage: str  # "forward" | "training"
     apply: Callable  # (onnx.ModelProto, PassContext) -> PassReport
-    help: str = ""
     switch: str | tuple | None = None  # the ExportConfig field(s) that turn the pass on (None: always runs)
 
 

@@ -472,5 +472,5 @@ def _between(model, start: str, ends: set[str], backward: set[int]) -> list:
     return [n for n in model.graph.node if id(n) in down and id(n) in up]
 
 
-ATTENTION_CHUNKS = GraphPass("attention_chunks", "training", apply, help=__doc__.splitlines()[0],
+ATTENTION_CHUNKS = GraphPass("attention_chunks", "training", apply,
                              switch=("attention_chunks", "attention_row_chunks"))

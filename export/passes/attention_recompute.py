@@ -101,5 +101,5 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-ATTENTION_RECOMPUTE = GraphPass("attention_recompute", "training", apply, help=__doc__.splitlines()[0],
+ATTENTION_RECOMPUTE = GraphPass("attention_recompute", "training", apply,
                                 switch="recompute_attention")

@@ -202,4 +202,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-CHUNKED_LOSS = GraphPass("chunked_loss", "training", apply, help=__doc__.splitlines()[0], switch="loss_chunks")
+CHUNKED_LOSS = GraphPass("chunked_loss", "training", apply, switch="loss_chunks")

@@ -122,5 +122,5 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-DEQUANTIZE_AT_USE = GraphPass("dequantize_at_use", "training", apply, help=__doc__.splitlines()[0],
+DEQUANTIZE_AT_USE = GraphPass("dequantize_at_use", "training", apply,
                               switch="quantize_weights")

@@ -151,5 +151,5 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-DEQUANTIZE_IN_SLICES = GraphPass("dequantize_in_slices", "training", apply, help=__doc__.splitlines()[0],
+DEQUANTIZE_IN_SLICES = GraphPass("dequantize_in_slices", "training", apply,
                                  switch="quantize_weights")

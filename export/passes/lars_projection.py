@@ -116,4 +116,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-LARS_PROJECTION = GraphPass("lars_projection", "training", apply, help=__doc__.splitlines()[0])
+LARS_PROJECTION = GraphPass("lars_projection", "training", apply)

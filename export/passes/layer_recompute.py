@@ -117,5 +117,5 @@ def _to_gate(copy_nodes: list, external: set[str]) -> list[str]:
     return sorted(gated)
 
 
-LAYER_RECOMPUTE = GraphPass("layer_recompute", "training", apply, help=__doc__.splitlines()[0],
+LAYER_RECOMPUTE = GraphPass("layer_recompute", "training", apply,
                             switch="recompute_layers")

@@ -67,4 +67,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-PRETRANSPOSE_FROZEN = GraphPass("pretranspose_frozen", "forward", apply, help=__doc__.splitlines()[0])
+PRETRANSPOSE_FROZEN = GraphPass("pretranspose_frozen", "forward", apply)

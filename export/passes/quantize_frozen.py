@@ -184,7 +184,7 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, help=__doc__.splitlines()[0], switch="quantize_weights")
+QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, switch="quantize_weights")
 
 
 def dequantized_weights(model) -> dict[str, tuple[list, str]]:
