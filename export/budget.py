@@ -11,31 +11,28 @@ The user's LARS setting is kept and priced in.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lars_artifacts import LarsError
 from lars_artifacts.memory_model import MemoryModel, estimate
+
+from .stacks import STACKS
 
 # ORT's arena (the runtime's default) peaks up to 14% above the model, which was fitted to a malloc per tensor
 # (0.856 of the measured peak for whole attention at 2048 tokens, docs/bench/speed_2048_smollm2.json).
 MARGIN = 0.15
 
-_EXACT = dict(recompute_attention=False, attention_chunks=0, attention_row_chunks=0, loss_chunks=0,
-              recompute_layers=False, quantize_weights="none")
-PER_HEAD = 1 << 16  # --attention-chunks at or above the head count: one head at a time (set to the head count)
-_CHUNKED = dict(_EXACT, recompute_attention=True, attention_chunks=PER_HEAD, loss_chunks=8)
-# For long sequences: each head's query rows in 4 chunks too, and the loss in 16 (bench mode stack-rows).
-_ROWS = dict(_CHUNKED, recompute_layers=True, attention_row_chunks=4, loss_chunks=16)
-# Layer recompute with all heads' query rows in 16 causal chunks (each reads only the keys up to its last row) and the
-# loss in 16 (bench mode full-int8-causal).
-_CAUSAL = dict(_EXACT, recompute_attention=True, recompute_layers=True, attention_row_chunks=16, loss_chunks=16)
-
 
 @dataclass(frozen=True)
 class Candidate:
     name: str
-    settings: dict
+    settings: dict  # ExportConfig pass options: lars_export.stacks.STACKS[stack]
     step_time: float  # relative to exact LoRA without passes (measured, see the module docstring)
+    stack: str = ""  # its name in lars_export.stacks (and tools/bench_memory.py's mode)
+
+
+def _candidate(name: str, stack: str, step_time: float) -> Candidate:
+    return Candidate(name, dict(STACKS[stack]), step_time, stack)
 
 
 # Row chunks (4) and 16 loss chunks: stack-rows took 1.12x stack-chunks' step in one run at 2048 tokens
@@ -47,25 +44,23 @@ CAUSAL_TIME, CAUSAL_INT8_TIME = 1.45 * 0.93, 1.46 * 0.93
 # Step times relative to `ort-lora` at 2048 tokens, SmolLM2-135M (docs/BENCHMARKS.md, "The full memory stack"):
 # each pass alone from the per-pass run; combinations from the same run where measured, else the product.
 CANDIDATES = [
-    Candidate("no memory pass", _EXACT, 1.00),
-    Candidate("chunked loss", dict(_EXACT, loss_chunks=8), 1.06),
-    Candidate("attention recompute + chunked loss", dict(_EXACT, recompute_attention=True, loss_chunks=8), 1.12),
-    Candidate("chunked attention + chunked loss", _CHUNKED, 1.22),
-    Candidate("layer recompute + attention in causal row chunks + chunked loss", _CAUSAL, CAUSAL_TIME),
-    Candidate("layer recompute + chunked attention + chunked loss", dict(_CHUNKED, recompute_layers=True), 1.45),
-    Candidate("layer recompute + chunked attention by heads and rows + chunked loss", _ROWS, ROWS_TIME),
+    _candidate("no memory pass", "ort-lora", 1.00),
+    _candidate("chunked loss", "chunked-loss", 1.06),
+    _candidate("attention recompute + chunked loss", "recompute-chunked-loss", 1.12),
+    _candidate("chunked attention + chunked loss", "chunked-attention", 1.22),
+    _candidate("layer recompute + attention in causal row chunks + chunked loss", "stack-causal", CAUSAL_TIME),
+    _candidate("layer recompute + chunked attention + chunked loss", "stack-chunks", 1.45),
+    _candidate("layer recompute + chunked attention by heads and rows + chunked loss", "stack-rows", ROWS_TIME),
     # quantized frozen weights change the model's loss a little (docs/BENCHMARKS.md): only when nothing exact fits
-    Candidate("chunked attention + chunked loss + int8 weights", dict(_CHUNKED, quantize_weights="int8"), 1.23),
-    Candidate("layer recompute + attention in causal row chunks + chunked loss + int8 weights",
-              dict(_CAUSAL, quantize_weights="int8"), CAUSAL_INT8_TIME),
-    Candidate("layer recompute + chunked attention + chunked loss + int8 weights",
-              dict(_CHUNKED, recompute_layers=True, quantize_weights="int8"), 1.46),
-    Candidate("layer recompute + chunked attention + chunked loss + int4 weights",
-              dict(_CHUNKED, recompute_layers=True, quantize_weights="int4"), 1.50),
-    Candidate("layer recompute + chunked attention by heads and rows + chunked loss + int8 weights",
-              dict(_ROWS, quantize_weights="int8"), ROWS_INT8_TIME),
-    Candidate("layer recompute + chunked attention by heads and rows + chunked loss + int4 weights",
-              dict(_ROWS, quantize_weights="int4"), ROWS_INT4_TIME),
+    _candidate("chunked attention + chunked loss + int8 weights", "chunked-attention-int8", 1.23),
+    _candidate("layer recompute + attention in causal row chunks + chunked loss + int8 weights", "full-int8-causal",
+               CAUSAL_INT8_TIME),
+    _candidate("layer recompute + chunked attention + chunked loss + int8 weights", "full-int8", 1.46),
+    _candidate("layer recompute + chunked attention + chunked loss + int4 weights", "full", 1.50),
+    _candidate("layer recompute + chunked attention by heads and rows + chunked loss + int8 weights",
+               "full-int8-rows", ROWS_INT8_TIME),
+    _candidate("layer recompute + chunked attention by heads and rows + chunked loss + int4 weights", "full-rows",
+               ROWS_INT4_TIME),
 ]
 
 
@@ -105,8 +100,8 @@ def plan(arch: dict, config) -> tuple[Candidate, list[dict]]:
                      "fits": model.peak_bytes(1, seq) <= (1 - MARGIN) * budget,
                      "max_seq_len": model.max_seq_len((1 - MARGIN) * budget)})
     heads = arch["num_attention_heads"]
-    fitting = [Candidate(c.name, {**c.settings, "attention_chunks": min(c.settings["attention_chunks"], heads)},
-                         c.step_time) for c, r in zip(CANDIDATES, rows) if r["fits"]]
+    fitting = [replace(c, settings={**c.settings, "attention_chunks": min(c.settings["attention_chunks"], heads)})
+               for c, r in zip(CANDIDATES, rows) if r["fits"]]
     if not fitting:
         best = min(rows, key=lambda r: r["predicted_peak_bytes"])
         reach = (f"fits up to {best['max_seq_len']} tokens" if best["max_seq_len"] else

@@ -105,7 +105,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
         chosen, rows = budget.plan(arch, config)
         print(budget.describe(rows, chosen, config.memory_budget, config.max_seq_len), file=stream, flush=True)
         config = dataclasses.replace(config, **chosen.settings)
-        plan = {"chosen": chosen.name, "settings": chosen.settings, "candidates": rows}
+        plan = {"chosen": chosen.name, "stack": chosen.stack, "settings": chosen.settings, "candidates": rows}
 
     with phases(f"loading {source.gguf_file or source.name_or_path}"):
         tok = load.load_tokenizer(source)

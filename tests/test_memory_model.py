@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from lars_artifacts import LarsError, load_bundle
 from lars_artifacts.memory_model import MemoryModel, weight_bytes
 from lars_export import ExportConfig, budget, export
+from lars_export.stacks import PER_HEAD
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -144,7 +146,7 @@ def test_the_planner_takes_the_first_candidate_that_fits():
         assert [r["fits"] for r in rows][:k] == [False] * k
     assert budget.plan(SMOL, _config(memory_budget="40GB", max_seq_len=seq))[0] == budget.CANDIDATES[0]
     # The chosen settings are what the exporter runs: one head at a time means the model's head count.
-    per_head = next(k for k, c in enumerate(budget.CANDIDATES) if c.settings["attention_chunks"] == budget.PER_HEAD)
+    per_head = next(k for k, c in enumerate(budget.CANDIDATES) if c.settings["attention_chunks"] == PER_HEAD)
     need = peaks[per_head] / (1 - budget.MARGIN)
     chosen, _ = budget.plan(SMOL, _config(memory_budget=f"{need / 2**20 + 1:.0f}MB", max_seq_len=seq))
     assert chosen.name == budget.CANDIDATES[per_head].name
@@ -220,3 +222,16 @@ def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_pat
     over = train("run2", 8, 256)
     assert over.returncode == 0, over.stderr
     assert "warning: a step of batch 8 x 256 tokens is predicted to peak at" in over.stderr
+
+
+def test_the_budget_and_the_benchmarks_share_one_table_of_pass_combinations():
+    from bench_memory import BUNDLE_MODES
+
+    from lars_export.stacks import PASS_OPTIONS, STACKS
+
+    assert set(PASS_OPTIONS) <= {f.name for f in fields(ExportConfig)}
+    for name, settings in STACKS.items():
+        assert set(settings) == set(PASS_OPTIONS), name  # every option set: no bundle depends on the defaults
+        assert BUNDLE_MODES[name] == {"lars_basis": "none", **settings}, name
+    assert all(c.stack in STACKS and c.settings == STACKS[c.stack] for c in budget.CANDIDATES)
+    assert len({c.stack for c in budget.CANDIDATES}) == len(budget.CANDIDATES)

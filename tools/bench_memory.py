@@ -23,6 +23,8 @@ Modes (same model, batch, length, LoRA rank/targets and thread count):
             --loss-chunks 16); full-int8-rows: the same with INT8 frozen weights
   full-int8-causal  layer recompute, attention in 16 causal row chunks (all heads at once), the loss in 16
             chunks, INT8 frozen weights; full-int8-h3r8: in 3 groups of heads x 8 causal row chunks, the loss in 8
+  every other combination `--memory-budget` chooses among, by its name in lars_export.stacks (stack-causal,
+            chunked-attention, recompute-chunked-loss, ...), with exact LoRA
   floor     PyTorch no-grad forward of the same model and length: the physical floor
 A bundle mode takes a runtime setting after "@" (default: the runtime's memory-first defaults):
   @malloc   ORT's arena off (--no-memory-arena): a malloc per tensor, those of 1 MB and more in their own mapping
@@ -59,39 +61,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from lars_export.stacks import STACKS
+
 REPO = Path(__file__).resolve().parent.parent
-# Bundle modes: the export settings of each (everything else equal).
-_NO_PASSES = {"lars_basis": "none", "recompute_attention": False, "attention_row_chunks": 0, "loss_chunks": 0}
-_WHOLE = {"attention_row_chunks": 0}  # the stacks as first measured: attention rows whole (no causal row chunks)
-PER_HEAD = 1024  # --attention-chunks above the head count: one head at a time
+# Bundle modes: the export settings of each (everything else equal). The memory passes' combinations are
+# lars_export.stacks' (what --memory-budget chooses among), with exact LoRA; the rest vary LARS and the defaults.
 BUNDLE_MODES = {
-    "ort-lora": _NO_PASSES,
-    "lars": {**_NO_PASSES, "lars_basis": "pca"},
-    "lars-random": {**_NO_PASSES, "lars_basis": "random"},
-    "recompute": {**_NO_PASSES, "recompute_attention": True},
-    "chunked-loss": {**_NO_PASSES, "loss_chunks": 8},
+    **{name: {"lars_basis": "none", **settings} for name, settings in STACKS.items()},
+    "lars": {**STACKS["ort-lora"], "lars_basis": "pca"},
+    "lars-random": {**STACKS["ort-lora"], "lars_basis": "random"},
     "default": {},  # the exporter's defaults
     "default-whole": {"attention_row_chunks": 0},  # the defaults before causal row chunks: attention whole
     "default-rows4": {"attention_row_chunks": 4},
-    "full-int8-causal": {"lars_basis": "none", "recompute_layers": True, "attention_row_chunks": 16,
-                         "loss_chunks": 16, "quantize_weights": "int8"},
     "full-int8-h3r8": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": 3,
                        "attention_row_chunks": 8, "quantize_weights": "int8"},
-    "stack": {**_WHOLE, "lars_basis": "none", "recompute_layers": True},
-    "int8": {**_NO_PASSES, "quantize_weights": "int8"},
-    "int4": {**_NO_PASSES, "quantize_weights": "int4"},
-    "stack-int8": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "quantize_weights": "int8"},
-    "stack-int4": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "quantize_weights": "int4"},
-    "attn-chunks": {**_NO_PASSES, "attention_chunks": PER_HEAD},
-    "stack-chunks": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD},
-    "full": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
-             "quantize_weights": "int4"},
-    "full-int8": {**_WHOLE, "lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
-                  "quantize_weights": "int8"},
-    "stack-rows": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
-                   "attention_row_chunks": 4, "loss_chunks": 16},
-    "full-int8-rows": {"lars_basis": "none", "recompute_layers": True, "attention_chunks": PER_HEAD,
-                       "attention_row_chunks": 4, "loss_chunks": 16, "quantize_weights": "int8"},
 }
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
