@@ -55,19 +55,19 @@ def train_steps(directory: str, checkpoint: str | None, feeds_path: str, steps: 
     user inputs by name, and optionally `param:<name>` arrays copied into the parameters before the first step.
     Writes out_path (.npz): `loss` [steps], `grad:<name>` of every step (`[steps, ...]`), `param:<name>` after the
     last step. Optionally saves the checkpoint (adapters + AdamW state) to save_to, and the graph ORT optimised and
-    ran to optimized_to. Session options as the runtime's (priority order unless told otherwise, QDQ transformers off).
+    ran to optimized_to. Session settings as the runtime's (lars_artifacts.session_settings: arena on, buffer reuse
+    off, priority order unless told otherwise, QDQ transformers and prepacking off).
     Returns the trainable names."""
     import numpy as np
     from onnxruntime.capi import _pybind_state as C
+
+    from lars_artifacts import session_settings
 
     C.set_default_logger_severity(3)
     root = Path(directory)
     state = C.load_checkpoint(checkpoint or str(root / "checkpoint"))
     device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
-    options = C.SessionOptions()
-    if priority_order:
-        options.execution_order = C.ExecutionOrder.PRIORITY_BASED
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    options = session_settings.apply(C.SessionOptions(), C, priority_order=priority_order)  # as the runtime's
     if optimized_to:
         options.optimized_model_filepath = optimized_to
     module = C.Module(str(root / "training_model.onnx"), state, None, device, options)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 
+from lars_artifacts import session_settings
+
 from .allocator import set_mmap_threshold
 
 # Run option that hands the arena's free regions back at the end of a run (ORT >= 1.9, CPU and CUDA).
@@ -24,33 +26,11 @@ def session_options(ort, threads: int = 0, memory_arena: bool = True, memory_reu
     threads = threads or available_cores()
     if threads:
         options.intra_op_num_threads = threads
-    # ORT's CPU arena (a best-fit allocator over regions it mallocs) lets a step reuse the blocks its dead tensors
-    # freed; without it each large tensor is a fresh mapping whose every page faults in (SmolLM2 at 1024 tokens:
-    # 8.4 s of system time per step against 0.5 s, at the same peak RSS; README "Runtime memory settings").
-    # run_options() shrinks it at the end of every step, so between steps the process holds what it held before.
-    # Memory patterns stay off: they preallocate the planned layout of every tensor (5.0 GB peak against 1.9).
-    options.enable_cpu_mem_arena = memory_arena
-    options.enable_mem_pattern = False
-    # ORT's planner lets a later tensor of the same size reuse a dead tensor's buffer; the buffer then stays
-    # allocated from the first tensor's death until the reuse, which can be the whole forward (a forward
-    # temporary reused by a backward tensor). Measured on SmolLM2 at 1024 tokens: off is 0.6 GB lower
-    # (README "Runtime memory settings"), and it is what lets LARS' freed inputs actually leave memory.
-    options.enable_mem_reuse = memory_reuse
-    # Quantized bundles dequantize a frozen matrix once for several readers that run one after the other (the
-    # chunked loss' chunks). ORT's QDQ transformers would duplicate that DequantizeLinear per reader, and all
-    # copies could run at once; lars' dequantizations are gated on step data, so nothing is constant-folded
-    # with them off either (tested: export/passes/quantize_frozen_test.py).
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    # ORT >= 1.20 prepacks MatMul weights into heap copies of the memory-mapped frozen weights: +725 MB after load
-    # on an 8-layer SmolLM2-width model (measured). The weights stay where the bundle's file maps them.
-    options.add_session_config_entry("session.disable_prepacking", "1")
     if profile_prefix:  # ORT's profiler: a JSON trace per session (tools/profile_step.py reads it)
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    if priority_order:
-        # ORT's priority-based order runs Shape/Size nodes as early as possible and forward nodes before
-        # backward ones, so tensors the backward only measures (or that LARS projects) die with the forward.
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # the arena, buffer reuse, execution order and config entries every runner of a bundle sets
+    session_settings.apply(options, ort, memory_arena, memory_reuse, priority_order)
     return options
 
 
