@@ -2,13 +2,13 @@
 
 from .bundle import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, FORMAT_VERSION, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                      MANIFEST, MODEL_CONFIG, OPTIMIZER_MODEL, ORT_BACKEND, ORT_TRAINING_BACKEND, TOKENIZER,
-                     TOKENIZER_CONFIG, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, ZO_FORWARD, ZO_STEP, Bundle, Manifest, load_bundle,
-                     sha256_file, write_manifest)
+                     TOKENIZER_CONFIG, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, ZO_FORWARD, ZO_STEP, AdamWConfig, Bundle,
+                     Manifest, load_bundle, sha256_file, write_manifest)
 from .errors import BundleError, LarsError
 
 __all__ = [
     "ORT_BACKEND", "ORT_TRAINING_BACKEND", "TRAINING_STEP", "ZO_FORWARD", "ZO_STEP",
     "ATTENTION_MASK", "CHECKPOINT", "EVAL_MODEL", "FORMAT_VERSION", "IGNORE_INDEX", "INPUT_IDS", "LABELS", "LOGITS",
     "MANIFEST", "MODEL_CONFIG", "OPTIMIZER_MODEL", "TOKENIZER", "TOKENIZER_CONFIG", "TRAINING_MODEL", "WEIGHTS",
-    "Bundle", "Manifest", "load_bundle", "sha256_file", "write_manifest", "BundleError", "LarsError",
+    "AdamWConfig", "Bundle", "Manifest", "load_bundle", "sha256_file", "write_manifest", "BundleError", "LarsError",
 ]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,21 @@ JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", int: "a
 # The backends a bundle serves, as keys of manifest["models"].
 ORT_BACKEND = "ort"                    # plain onnxruntime: training_step.onnx + eval_model.onnx, AdamW in the runtime
 ORT_TRAINING_BACKEND = "ort-training"  # onnxruntime-training's Module/Optimizer on ORT's own artifacts
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """What onnxblock's AdamW writes into optimizer_model.onnx (lars-export's defaults); the manifest records it
+    (ort.optimizer) and the plain-onnxruntime backend applies it (lars_ort.optimizer)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    correct_bias: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

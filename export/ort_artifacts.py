@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
-                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, LarsError)
+                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, AdamWConfig, LarsError)
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,6 @@ def write_training_step(out_dir: Path, trainable: list[str], strict: bool = Fals
     """training_step.onnx: ORT's training graph lowered to standard ONNX (lars_export.lowering), reading the same
     external weights file; returns the manifest's "ort" model entry (file names, input/output names, AdamW)."""
     import onnx
-
-    from lars_ort.optimizer import AdamWConfig
 
     from . import lowering
 

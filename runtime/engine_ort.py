@@ -20,12 +20,12 @@ import os
 
 import numpy as np
 
-from lars_artifacts import (CHECKPOINT, ORT_BACKEND, WEIGHTS, Bundle, BundleError, LarsError)
+from lars_artifacts import (CHECKPOINT, ORT_BACKEND, WEIGHTS, AdamWConfig, Bundle, BundleError, LarsError)
 from lars_artifacts.ort_checkpoint import OptimizerState, OrtCheckpoint, read_checkpoint, write_checkpoint
 
 from .data import Batch
 from .engine import NonFiniteStep, batch_feeds
-from .optimizer import AdamW, AdamWConfig
+from .optimizer import AdamW
 from .session import first_line, run_options, session_options
 
 

@@ -9,23 +9,9 @@ against ORT's own optimizer: tests/test_backends.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class AdamWConfig:
-    """What onnxblock's AdamW writes into optimizer_model.onnx (lars-export's defaults); the manifest records it."""
-
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-6
-    weight_decay: float = 0.0
-    correct_bias: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from lars_artifacts import AdamWConfig
 
 
 class AdamW:
