@@ -10,7 +10,7 @@ import lars_ort.data as data_module
 from lars_artifacts import TOKENIZER, LarsError, load_bundle
 from lars_ort.data import BatchStream, Sequence, SequenceSet, Tokenizer, collate, eval_batches, load_sequences
 from lars_ort.trainer import load_tokenizer
-from tiny import EVAL_TEXT, TRAIN_TEXT
+from tiny import BAD_DATA, EVAL_TEXT, OK_LINE, TRAIN_TEXT, chat
 
 
 @pytest.fixture(scope="module")
@@ -275,55 +275,6 @@ def test_crlf_and_byte_order_mark_read_as_text_mode_reads_them(tok, tmp_path):
 
 
 # -- every bad value is a one-line error naming the file, the line and the fix -------------------------------------
-OK_LINE = '{"text": "Who\'s there?"}\n'
-
-
-def chat(*messages):
-    return json.dumps({"messages": list(messages)})
-
-
-BAD_DATA = [  # file name, content, what the error names
-    ("utf8.jsonl", OK_LINE.encode() + b'{"text": "caf\xe9"}\n',
-     ["utf8.jsonl line 2", "not UTF-8", "save the file as UTF-8"]),
-    ("utf8.txt", b"fine\nalso fine\n\xff\xfe\n", ["utf8.txt line 3", "not UTF-8", "save the file as UTF-8"]),
-    ("nan.jsonl", OK_LINE + '{"input_ids": [1, NaN]}', ["nan.jsonl line 2", "item 1 is NaN", "integer token ids"]),
-    ("null.jsonl", OK_LINE + '{"input_ids": [1, null]}', ["line 2", "item 1 is null", "integer token ids"]),
-    ("float.jsonl", OK_LINE + '{"input_ids": [1, 1.5]}', ["line 2", "item 1 is 1.5", "integer token ids"]),
-    ("bool.jsonl", OK_LINE + '{"input_ids": [true, 2]}', ["line 2", "item 0 is true", "integer token ids"]),
-    ("string.jsonl", OK_LINE + '{"input_ids": ["5"]}', ["line 2", 'item 0 is "5"', "integer token ids"]),
-    ("nested.jsonl", OK_LINE + '{"input_ids": [[1, 2], [3, 4]]}', ["line 2", "item 0 is a list", "flat list"]),
-    ("ragged.jsonl", OK_LINE + '{"input_ids": [1, [2, 3]]}', ["line 2", "item 1 is a list", "flat list"]),
-    ("huge.jsonl", OK_LINE + '{"input_ids": [1, 99999999999999999999999]}',
-     ["line 2", "token id 99999999999999999999999", "vocabulary", "tokenise with the bundle's tokenizer.json"]),
-    ("negative.jsonl", OK_LINE + '{"input_ids": [-1]}', ["line 2", "token id -1", "vocabulary"]),
-    ("empty_ids.jsonl", OK_LINE + '{"input_ids": []}', ["line 2", '"input_ids" is empty', "drop the line"]),
-    ("ids_text.jsonl", OK_LINE + '{"input_ids": "1 2 3"}', ["line 2", '"input_ids" is "1 2 3"', "flat list"]),
-    ("digits.jsonl", OK_LINE + '{"input_ids": [' + "9" * 5000 + "]}",
-     ["line 2", "not valid JSON (a number too long to read)", "one JSON object"]),
-    ("content_int.jsonl", OK_LINE + chat({"role": "user", "content": 5}),
-     ["line 2", 'message 1 "content" is 5, not a string', "write it as a JSON string"]),
-    ("content_null.jsonl", OK_LINE + chat({"role": "user", "content": "hi"}, {"role": "assistant", "content": None}),
-     ["line 2", 'message 2 "content" is null, not a string']),
-    ("content_list.jsonl", OK_LINE + chat({"role": "user", "content": [{"type": "text", "text": "hi"}]}),
-     ["line 2", 'message 1 "content" is a list, not a string']),
-    ("no_role.jsonl", OK_LINE + chat({"content": "hi"}), ["line 2", 'message 1 has no "role"', "non-empty list"]),
-    ("role_int.jsonl", OK_LINE + chat({"role": 1, "content": "hi"}), ["line 2", 'message 1 "role" is 1, not a string']),
-    ("messages_text.jsonl", OK_LINE + '{"messages": "hi"}', ["line 2", '"messages" is "hi"', "non-empty list"]),
-    ("messages_empty.jsonl", OK_LINE + '{"messages": []}', ["line 2", '"messages" is empty', "non-empty list"]),
-    ("message_text.jsonl", OK_LINE + '{"messages": ["hi"]}', ["line 2", 'message 1 is "hi"', "non-empty list"]),
-    ("text_int.jsonl", OK_LINE + '{"text": 5}', ["line 2", '"text" is 5, not a string', "JSON string"]),
-    ("prompt_list.jsonl", OK_LINE + '{"prompt": ["a"], "completion": "b"}', ["line 2", '"prompt" is a list']),
-    ("completion_null.jsonl", OK_LINE + '{"prompt": "a", "completion": null}', ["line 2", '"completion" is null']),
-    ("surrogate.jsonl", OK_LINE + '{"text": "a\\ud800b"}', ["line 2", "unpaired surrogate \\ud800", "remove it"]),
-    ("deep.jsonl", OK_LINE + "[" * 100_000 + "]" * 100_000, ["deep.jsonl line 2", "nested too deeply",
-                                                                "one JSON object"]),
-    ("deep_field.jsonl", OK_LINE + '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
-     ["line 2", "nested too deeply"]),
-    ("data.json", '[{"text": "hi"}]', ["data.json is .json", "convert it to .jsonl", "one JSON object per line"]),
-    ("data.csv", "text\nhello\n", ["data.csv has the extension .csv", "pass a .txt", ".jsonl"]),
-    ("data.parquet", b"PAR1\x00\x00", ["data.parquet has the extension .parquet", "pass a .txt"]),
-    ("data", "hello\n", ["has no extension", "pass a .txt"]),
-]
 
 
 @pytest.mark.parametrize("name, content, needles", BAD_DATA, ids=[case[0] for case in BAD_DATA])

@@ -16,7 +16,7 @@ import pytest
 
 from lars_artifacts import load_bundle
 from lars_ort.cli import main
-from test_data import BAD_DATA, OK_LINE
+from tiny import BAD_DATA, OK_LINE
 
 SEED = 1234
 VALID_LINES = [  # one line of each format

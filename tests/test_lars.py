@@ -6,7 +6,7 @@ import pytest
 from lars_artifacts import load_bundle
 from lars_export.passes._base import backward_nodes, producers, saved_for_backward, view_chain
 from lars_ort import Trainer
-from test_numerics import compare_with_peft
+from tiny import compare_with_peft
 
 
 def _export(model_dir, out, **kw):

@@ -5,67 +5,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from lars_artifacts import load_bundle
 from lars_ort import Trainer
-from tiny import random_lora_b
-
-
-def _batch(trainer, vocab, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, vocab, size=(3, 21))
-    mask = np.ones_like(ids)
-    mask[1, 15:] = 0  # a right-padded row
-    mask[2, 9:] = 0
-    batch = trainer.batch(ids, mask)
-    batch.labels[0, :4] = -100  # prompt-like positions without loss
-    return batch
-
-
-def _reference(model_dir, bundle, adapters, batch, dequantize=None):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    manifest = bundle.manifest
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    if dequantize:
-        dequantize(model)
-    peft_cfg = manifest.adapter["peft_config"]
-    lora = LoraConfig(r=peft_cfg["r"], lora_alpha=peft_cfg["lora_alpha"], target_modules=peft_cfg["target_modules"],
-                      lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
-    params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for p in manifest.adapter["parameters"]:
-            params[p["onnx_name"].removeprefix("model.")].copy_(torch.from_numpy(adapters[p["onnx_name"]]))
-    logits = peft_model(input_ids=torch.from_numpy(batch.input_ids),
-                        attention_mask=torch.from_numpy(batch.attention_mask)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             torch.from_numpy(batch.labels.reshape(-1)), ignore_index=-100)
-    loss.backward()
-    grads = {p["onnx_name"]: params[p["onnx_name"].removeprefix("model.")].grad.numpy()
-             for p in manifest.adapter["parameters"]}
-    return float(loss), grads
-
-
-def compare_with_peft(model_dir, bundle_dir, dequantize=None):
-    """First-step loss and every LoRA gradient of the bundle against PyTorch + PEFT (B randomised in both);
-    `dequantize(model)` gives the reference the bundle's quantized frozen weights."""
-    bundle = load_bundle(bundle_dir)
-    trainer = Trainer(bundle, eval=False)
-    adapters = random_lora_b(trainer, 1)  # B = 0 (PEFT's init) makes every dA zero
-    batch = _batch(trainer, bundle.manifest.vocab_size)
-
-    ours = trainer.engine.forward_backward(batch)
-    grads = trainer.engine.gradients()
-    ref_loss, ref_grads = _reference(model_dir, bundle, adapters, batch, dequantize)
-
-    assert ours == pytest.approx(ref_loss, rel=1e-5)
-    assert len(grads) == len(ref_grads) == 2 * 7 * 2  # layers x targets x (A, B)
-    for name, ref in ref_grads.items():
-        assert np.abs(ref).max() > 0, name
-        np.testing.assert_allclose(grads[name], ref, rtol=1e-3, atol=1e-5 * np.abs(ref).max(), err_msg=name)
+from tiny import compare_with_peft
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

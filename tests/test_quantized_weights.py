@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lars_export import ExportConfig, export, quantization
-from test_numerics import compare_with_peft
+from tiny import compare_with_peft
 
 BLOCK = 32
 
