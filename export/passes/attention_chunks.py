@@ -103,15 +103,14 @@ def _i64(model, value: int) -> str:
     return shared_initializer(model, f"passes.attention_chunks.i64_{value}", np.array([value], np.int64))
 
 
-def _row_bounds(model, prefix: str, q: str, mask: str | None, rows: int) -> tuple[list, list[list[str]]]:
-    """Nodes computing, for each of `rows` chunks of the query rows of q [..., T, head_dim], the 1-D bounds
-    [start, end] = T·j // rows, T·(j + 1) // rows, and the mask's: the same rows of a mask that has T of them, its
-    only row when it broadcasts one (min(start, rows_m - 1), max(min(end, rows_m), that + 1)). Shapes are read at
-    run time."""
+def _row_bounds(model, p, length, mask: str | None, rows: int) -> tuple[list, list[list[str]]]:
+    """Nodes computing, for each of `rows` chunks of T query rows, the 1-D bounds [start, end] = T·j // rows,
+    T·(j + 1) // rows, and the mask's: the same rows of a mask that has T of them, its only row when it broadcasts
+    one (min(start, rows_m - 1), max(min(end, rows_m), that + 1)). `length` is the node computing T as p("t") (a
+    Shape: lengths are read at run time); `p` names the nodes and tensors."""
     from onnx import helper
 
-    p = lambda s: f"{prefix}/rows/{s}"  # noqa: E731
-    nodes = [helper.make_node("Shape", [q], [p("t")], name=p("ShapeT"), start=-2, end=-1)]
+    nodes = [length]
     if mask is not None:
         nodes += [helper.make_node("Shape", [mask], [p("tm")], name=p("ShapeMask"), start=-2, end=-1),
                   helper.make_node("Sub", [p("tm"), _i64(model, 1)], [p("tm_last")], name=p("MaskLast"))]
@@ -175,29 +174,19 @@ def _causal_rows(model, mask: str, rows: int) -> tuple[list, list[dict]]:
     mask that broadcasts one, and the keys before `end`) and the keys it skips, T - end; and those names per chunk.
 
     Shared because they depend on the mask alone: under a causal mask query i is key i, so T is the mask's key count,
-    the same in every layer. Per layer they were ~100 nodes of shape arithmetic and a Slice of the mask per chunk,
-    three times with layer recompute (ORT holds ~4.7 KB of session memory per node: ~60 MB on SmolLM2 at 16 chunks).
+    the same in every layer. Made per layer they would be ~100 nodes of shape arithmetic and a Slice of the mask per
+    chunk, three times with layer recompute (ORT holds ~4.7 KB of session memory per node: 75 MB on SmolLM2 at 16
+    chunks, measured).
     The blocks together hold about half the [T, T] mask, which nothing else reads once they are cut."""
     from onnx import helper
 
     p = lambda s: f"{mask}/causal_rows{rows}/{s}"  # noqa: E731
-    nodes = [helper.make_node("Shape", [mask], [p("t")], name=p("ShapeKeys"), start=-1),
-             helper.make_node("Shape", [mask], [p("tm")], name=p("ShapeMaskRows"), start=-2, end=-1),
-             helper.make_node("Sub", [p("tm"), _i64(model, 1)], [p("tm_last")], name=p("MaskLast"))]
-    cuts = []
-    for j in range(rows + 1):
-        nodes += [helper.make_node("Mul", [p("t"), _i64(model, j)], [p(f"tj{j}")], name=p(f"Mul{j}")),
-                  helper.make_node("Div", [p(f"tj{j}"), _i64(model, rows)], [p(f"b{j}")], name=p(f"Div{j}"))]
-        cuts.append(p(f"b{j}"))
+    keys = helper.make_node("Shape", [mask], [p("t")], name=p("ShapeKeys"), start=-1)
+    nodes, bounds = _row_bounds(model, p, keys, mask, rows)
     chunks = []
-    for j in range(rows):
-        start, end = cuts[j], cuts[j + 1]
-        m0, m1, block, skipped = p(f"m{j}_start"), p(f"m{j}_end"), p(f"r{j}/mask"), p(f"r{j}/skipped")
-        nodes += [helper.make_node("Min", [start, p("tm_last")], [m0], name=p(f"MaskStart{j}")),
-                  helper.make_node("Min", [end, p("tm")], [p(f"m{j}_upto")], name=p(f"MaskUpTo{j}")),
-                  helper.make_node("Add", [m0, _i64(model, 1)], [p(f"m{j}_one")], name=p(f"MaskOne{j}")),
-                  helper.make_node("Max", [p(f"m{j}_upto"), p(f"m{j}_one")], [m1], name=p(f"MaskEnd{j}")),
-                  helper.make_node("Concat", [m0, _i64(model, 0)], [p(f"r{j}/mask_starts")], name=p(f"r{j}/MaskStarts"),
+    for j, (start, end, m0, m1) in enumerate(bounds):
+        block, skipped = p(f"r{j}/mask"), p(f"r{j}/skipped")
+        nodes += [helper.make_node("Concat", [m0, _i64(model, 0)], [p(f"r{j}/mask_starts")], name=p(f"r{j}/MaskStarts"),
                                    axis=0),
                   helper.make_node("Concat", [m1, end], [p(f"r{j}/mask_ends")], name=p(f"r{j}/MaskEnds"), axis=0),
                   helper.make_node("Slice", [mask, p(f"r{j}/mask_starts"), p(f"r{j}/mask_ends"), _axes(model, -2, -1)],
@@ -306,7 +295,9 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
             nodes += _pad_zeros(model, prefix, q)
     else:
         row_axis = _i64(model, -2)
-        bound_nodes, bounds = _row_bounds(model, prefix, q, mask, rows)
+        rows_p = lambda s: f"{prefix}/rows/{s}"  # noqa: E731
+        length = helper.make_node("Shape", [q], [rows_p("t")], name=rows_p("ShapeT"), start=-2, end=-1)
+        bound_nodes, bounds = _row_bounds(model, rows_p, length, mask, rows)
         nodes += bound_nodes
         chunks = [(f"r{j}", bound, mask) for j, bound in enumerate(bounds)]
     for j, (tag, bound, mask) in enumerate(chunks):
