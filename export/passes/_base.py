@@ -33,7 +33,9 @@ class PassReport:
     name: str
     changed: int = 0
     skipped: list[str] = field(default_factory=list)  # one line each: what was left alone and why
-    bytes_freed: int = 0                               # what the pass expects to free (per step or at load)
+    bytes_freed: int = 0                               # what the pass expects to free, counted per `freed_per`:
+    freed_per: str = ""                                # "token" (activations of each token), "step" (a step's
+    #                                                    transient at its peak) or "bundle" (weights held at load)
     details: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

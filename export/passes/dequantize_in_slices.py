@@ -146,6 +146,7 @@ def apply(model, context: PassContext) -> PassReport:
             report.changed += 1
             # per reader, the float32 matrix at once: the whole of it before, one slice now
             report.bytes_freed = max(report.bytes_freed, 4 * k * n - 4 * k * math.ceil(n / slices))
+            report.freed_per = "step"
             log.info("dequantize_in_slices: %s [%d, %d] in %d slices for %d readers", weight, k, n, slices, done)
     report.details = {"slice_bytes": SLICE_BYTES, "matrices": matrices}
     return report

@@ -45,6 +45,7 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     monkeypatch.setattr(slices_pass, "SLICE_BYTES", 10240)
     report = DEQUANTIZE_IN_SLICES.apply(training, context)
     assert report.changed == 1 and report.skipped == [], report
+    assert report.freed_per == "step" and report.bytes_freed == 4 * D * OUT - 4 * D * -(-OUT // 3)  # 2 of 3 slices
     (matrix,) = report.details["matrices"]
     # per chunk: the logits and dh = dz·Wᵀ (both in the forward: the chunked loss recomputes nothing)
     assert matrix["shape"] == [D, OUT] and matrix["slices"] == 3 and matrix["readers"] == 2 * CHUNKS

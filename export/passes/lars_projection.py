@@ -110,8 +110,8 @@ def apply(model, context: PassContext) -> PassReport:
             model.graph.node.remove(reshape)
         report.changed += 1
     # Bytes per token that no longer outlive the forward: the full x minus the kept x̃, per distinct input.
-    report.bytes_freed = 4 * sum(freed_widths.values())
-    report.details = {"distinct_inputs": len(projected), "bytes_freed_unit": "per token (float32)",
+    report.bytes_freed, report.freed_per = 4 * sum(freed_widths.values()), "token"
+    report.details = {"distinct_inputs": len(projected),
                       "ranks": sorted({k for _, _, k in projected.values()})}
     return report
 

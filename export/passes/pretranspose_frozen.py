@@ -54,7 +54,8 @@ def apply(model, context: PassContext) -> PassReport:
             continue
         replace(model, node, weight, context)
         report.changed += 1
-        report.bytes_freed += initializer_nbytes(weight)
+        report.bytes_freed += initializer_nbytes(weight)  # the Transpose's output, made every step
+        report.freed_per = "step"
     # Drop weights nothing reads any more (their transposed copy replaced them); tied embeddings stay, the Gather
     # still reads them.
     used = consumers(model)

@@ -178,7 +178,7 @@ def apply(model, context: PassContext) -> PassReport:
                 model.graph.node.insert(at + offset, n)
         counts[scheme] += 1
         report.changed += 1
-    report.bytes_freed = before - after
+    report.bytes_freed, report.freed_per = before - after, "bundle"
     report.details = {"scheme": context.quantize, "block": context.quantize_block if context.quantize == "int4"
                       else None, "matrices": counts, "float32_bytes": before, "stored_bytes": after}
     return report

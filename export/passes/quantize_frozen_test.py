@@ -71,6 +71,8 @@ def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, 
     assert report.changed == 8 and report.skipped == []  # embed, 2 × (up, gate, down), lm_head
     assert report.details["matrices"] == ({"int8": 8, "int4": 0} if scheme == "int8" else {"int8": 2, "int4": 6})
     assert report.details["stored_bytes"] < report.details["float32_bytes"] / (3.5 if scheme == "int8" else 4.5)
+    assert report.freed_per == "bundle"
+    assert report.bytes_freed == report.details["float32_bytes"] - report.details["stored_bytes"]
     for name in passes:
         assert training_reports[name].changed, training_reports[name].skipped
 
