@@ -171,8 +171,8 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
     chunked_attention = groups * rows >= 2
     group = -(-heads // groups) / rows
     recompute_attention = recompute_attention or chunked_attention
-    # Shared by all layers: the rotary cos/sin rows of each position; the final hidden state a chunked loss
-    # recomputes its chunks from, or the log-probabilities of the whole one.
+    # Shared by all layers: the rotary cos/sin rows of each position; a chunked loss' gradient with respect to the
+    # final hidden state (computed in the forward, d per token), or the log-probabilities of the whole loss.
     shared = 2 * head_dim + (d if chunked else vocab)
     # The causal mask, T² once for all layers; with causal row chunks its blocks instead (chunk j's rows and the keys
     # before its end: (rows + 1) / 2·rows of it), cut once, after which nothing reads the whole mask.

@@ -105,9 +105,9 @@ def apply(model, context: PassContext) -> PassReport:
 def _to_gate(copy_nodes: list, external: set[str]) -> list[str]:
     """The external inputs to gate: enough that every copied node reading an external tensor waits for a gated one,
     directly or through the copy (a node waits for all its inputs, and one gated input also keeps CSE off it). In
-    stored (topological) order, a node that does not wait yet gets all its external inputs gated; usually that is
-    the residual stream alone, and the mask, rotary tables and shared shape arithmetic are read as they are (each
-    gate costs three nodes of ORT session memory per layer)."""
+    stored (topological) order, a node that does not wait yet gets all its external inputs gated: on the Llama-family
+    blocks the residual stream and the rotary tables (unsqueezed before they meet Q); the mask and shared shape
+    arithmetic are read as they are (each gate costs three nodes of ORT session memory per layer)."""
     gated, waiting = set(), set()  # gated externals; copy outputs that wait for one
     for node in copy_nodes:
         if not any(t in gated or t in waiting for t in node.input):
