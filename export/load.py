@@ -101,7 +101,8 @@ def load_model(source: Source, config):
     return model.eval()
 
 
-def load_tokenizer(source: Source):
+def hf_tokenizer(source: Source):
+    """The model's Hugging Face fast tokenizer (the exporter writes its tokenizer.json into the bundle)."""
     from transformers import AutoTokenizer
 
     try:

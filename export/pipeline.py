@@ -108,7 +108,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
         plan = {"chosen": chosen.name, "stack": chosen.stack, "settings": chosen.settings, "candidates": rows}
 
     with phases(f"loading {source.gguf_file or source.name_or_path}"):
-        tok = load.load_tokenizer(source)
+        tok = load.hf_tokenizer(source)
         model = load.load_model(source, model_config)
         peft_model, lora = adapters.add_lora(model, config)
         params = adapters.adapter_params(peft_model)

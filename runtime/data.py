@@ -40,7 +40,7 @@ CUT_TRIES = 8          # candidate cuts checked per piece before waiting for mor
 
 
 @dataclass
-class Sequence:
+class TokenSequence:
     tokens: np.ndarray   # int64 [n]
     targets: np.ndarray  # bool [n]: token i is predicted (from tokens[:i]) and counts in the loss
 
@@ -174,7 +174,7 @@ def _close_files(*files) -> None:
 class SequenceSet:
     """A data file's training sequences, held in temporary files (4 bytes a token) rather than in memory.
 
-    Reads like the list of Sequence it replaces: len(ds), ds[i], ds[a:b], iteration; the order is the packed
+    Reads like the list of TokenSequence it replaces: len(ds), ds[i], ds[a:b], iteration; the order is the packed
     blocks of the text stream, then the {"prompt", "completion"} and {"messages"} examples in file order.
     Packed text is cut into blocks of seq_len + 1 tokens overlapping by one (every next-token target once).
 
@@ -246,14 +246,14 @@ class SequenceSet:
         if i < blocks:
             start = i * self.seq_len
             tokens = self._stream.read(start, min(self.seq_len + 1, self._stream.size - start)).astype(np.int64)
-            return Sequence(tokens, np.ones(len(tokens), dtype=bool))
+            return TokenSequence(tokens, np.ones(len(tokens), dtype=bool))
         start, length, masked = (int(v) for v in self._examples.read(3 * (i - blocks), 3))
         tokens = self._example_tokens.read(start, length).astype(np.int64)
         targets = np.ones(length, dtype=bool)
         targets[:masked] = False
-        return Sequence(tokens, targets)
+        return TokenSequence(tokens, targets)
 
-    def __iter__(self) -> Iterator[Sequence]:
+    def __iter__(self) -> Iterator[TokenSequence]:
         for i in range(len(self)):
             yield self[i]
 
@@ -267,7 +267,7 @@ class SequenceSet:
         self.close()
 
 
-Sequences = SequenceSet | list[Sequence]  # what BatchStream and eval_batches take
+Sequences = SequenceSet | list[TokenSequence]  # what BatchStream and eval_batches take
 
 
 # -- reading and checking the file -----------------------------------------------------------------------------------
@@ -531,7 +531,7 @@ def load_sequences(path: str | Path, tok: Tokenizer, seq_len: int, mask_prompt: 
     return data
 
 
-def collate(seqs: list[Sequence], pad_id: int) -> Batch:
+def collate(seqs: list[TokenSequence], pad_id: int) -> Batch:
     """Right-pad to the longest sequence; labels are the next token where it is a target, else IGNORE_INDEX."""
     t = max(len(s.tokens) for s in seqs) - 1
     ids = np.full((len(seqs), t), pad_id, dtype=np.int64)

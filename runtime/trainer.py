@@ -15,7 +15,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence as Seq
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from lars_artifacts.ort_checkpoint import read_checkpoint
 from . import checkpoint as ckpt
 from .adapters import write_peft_adapter
 from .config import TrainingArgs, ZoConfig, flag
-from .data import Batch, BatchStream, Sequence, Tokenizer, collate, eval_batches, load_sequences
+from .data import Batch, BatchStream, TokenSequence, Tokenizer, collate, eval_batches, load_sequences
 from .engine import NonFiniteStep, open_engine
 from .health import TrainingHealth
 from .interrupt import StopOnSignal
@@ -36,7 +36,8 @@ from .schedule import learning_rate
 Callback = Callable[[dict], None]
 
 
-def load_tokenizer(bundle: Bundle) -> Tokenizer:
+def bundle_tokenizer(bundle: Bundle) -> Tokenizer:
+    """The runtime's tokenizer of a bundle (tokenizers' tokenizer.json, the chat template, the manifest's tokens)."""
     config = json.loads(Path(bundle.file(TOKENIZER_CONFIG)).read_text())
     return Tokenizer(bundle.file(TOKENIZER), bundle.manifest.tokens, config.get("chat_template"),
                      bundle.manifest.vocab_size)
@@ -72,7 +73,7 @@ class Trainer:
                                   threads=threads, memory_arena=memory_arena, memory_reuse=memory_reuse,
                                   mmap_threshold_mb=mmap_threshold_mb)
         self.method = method
-        self.tokenizer = load_tokenizer(self.bundle)
+        self.tokenizer = bundle_tokenizer(self.bundle)
         self.warn_budget = warn_budget
         self._warned_shapes: set[tuple[int, int]] = set()
 
@@ -91,11 +92,11 @@ class Trainer:
             labels[:, :-1] = np.where(mask[:, 1:] == 1, ids[:, 1:], -100)
         return Batch(ids, mask, _int_array(labels, "labels"))
 
-    def text_batch(self, texts: Seq[str]) -> Batch:
+    def text_batch(self, texts: Sequence[str]) -> Batch:
         seqs = []
         for text in texts:
             tokens = np.asarray(self.tokenizer.encode(text)[: self.engine.max_seq_len + 1], dtype=np.int64)
-            seqs.append(Sequence(tokens, np.ones(len(tokens), dtype=bool)))
+            seqs.append(TokenSequence(tokens, np.ones(len(tokens), dtype=bool)))
         return collate(seqs, self.tokenizer.pad_id)
 
     def step(self, batch: Batch, lr: float) -> float:
@@ -118,7 +119,7 @@ class Trainer:
             return None
         return budget_warning(self.bundle.manifest.memory, batch_size, seq_len)
 
-    def step_text(self, texts: Seq[str], lr: float) -> float:
+    def step_text(self, texts: Sequence[str], lr: float) -> float:
         return self.step(self.text_batch(texts), lr)
 
     def evaluate(self, batches: Iterable[Batch]) -> dict:
@@ -178,7 +179,7 @@ def _last_saved(saved_step: int | None) -> str:
             else "no checkpoint was written; the run restarts from step 0 with --resume")
 
 
-def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Callback] = (),
+def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Sequence[Callback] = (),
           handle_signals: bool = True) -> dict:
     """The `lars-ort train` loop. Returns a summary (first/last loss, final eval, where the checkpoint is, and
     `interrupted`: the signal that stopped it early, if one did).
@@ -210,14 +211,14 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Seq[Cal
         return _train_locked(bundle, run, resume, args, callbacks, handle_signals, held)
 
 
-def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, callbacks: Seq[Callback],
+def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, callbacks: Sequence[Callback],
                   handle_signals: bool, held: contextlib.ExitStack) -> dict:
     # the memory model is the backprop step's: a forward-only run stays below it
     over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len) if args.method != "zo" else None
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
     _check_fits_in_memory(bundle, args.batch_size, args.seq_len, model=args.method != "zo")
-    tok = load_tokenizer(bundle)
+    tok = bundle_tokenizer(bundle)
     run.mkdir(parents=True, exist_ok=True)  # the token store lives beside the checkpoints, not in a RAM /tmp
     seqs = load_sequences(args.data, tok, args.seq_len, args.mask_prompt, store_dir=run)
     eval_seqs = (load_sequences(args.eval_data, tok, args.seq_len, args.mask_prompt, store_dir=run)
@@ -304,7 +305,8 @@ def _check_resume(run: Path, info: dict, args: TrainingArgs, data_id: dict, save
 
 
 def _loop(run: Path, bundle: Bundle, trainer: Trainer, stream: BatchStream, args: TrainingArgs, eval_seqs,
-          data_id: dict, start: int, best_loss: float | None, callbacks: Seq[Callback], handle_signals: bool) -> dict:
+          data_id: dict, start: int, best_loss: float | None, callbacks: Sequence[Callback],
+          handle_signals: bool) -> dict:
     tok = trainer.tokenizer
     metrics = MetricsWriter(run / ckpt.METRICS_FILE)
     reporters: list[Callback] = [metrics.write, *callbacks]

@@ -8,14 +8,14 @@ import pytest
 
 import lars_ort.data as data_module
 from lars_artifacts import TOKENIZER, LarsError, load_bundle
-from lars_ort.data import BatchStream, Sequence, SequenceSet, Tokenizer, collate, eval_batches, load_sequences
-from lars_ort.trainer import load_tokenizer
+from lars_ort.data import BatchStream, TokenSequence, SequenceSet, Tokenizer, collate, eval_batches, load_sequences
+from lars_ort.trainer import bundle_tokenizer
 from tiny import BAD_DATA, EVAL_TEXT, OK_LINE, TRAIN_TEXT, chat
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_bundles):
-    return load_tokenizer(load_bundle(tiny_bundles["llama"]))
+    return bundle_tokenizer(load_bundle(tiny_bundles["llama"]))
 
 
 def test_text_is_packed_into_overlapping_blocks(tok):
@@ -58,8 +58,8 @@ def test_messages_use_the_chat_template_and_mask_all_but_the_last_answer(tok, tm
 
 
 def test_collate_pads_right_with_mask_and_ignored_labels(tok):
-    a = Sequence(np.array([5, 6, 7, 8]), np.ones(4, bool))
-    b = Sequence(np.array([9, 10]), np.ones(2, bool))
+    a = TokenSequence(np.array([5, 6, 7, 8]), np.ones(4, bool))
+    b = TokenSequence(np.array([9, 10]), np.ones(2, bool))
     batch = collate([a, b], pad_id=0)
     assert batch.input_ids.tolist() == [[5, 6, 7], [9, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -121,13 +121,13 @@ def reference_sequences(path, tok, seq_len, mask_prompt=True):
     out = []
     for start in range(0, max(0, len(stream) - 1), seq_len):
         chunk = np.asarray(stream[start:start + seq_len + 1], dtype=np.int64)
-        out.append(Sequence(chunk, np.ones(len(chunk), dtype=bool)))
+        out.append(TokenSequence(chunk, np.ones(len(chunk), dtype=bool)))
     for tokens, masked in examples:
         tokens = np.asarray(tokens[:seq_len + 1], dtype=np.int64)
         targets = np.ones(len(tokens), dtype=bool)
         targets[:masked] = False
         if targets[1:].any():
-            out.append(Sequence(tokens, targets))
+            out.append(TokenSequence(tokens, targets))
     return out
 
 

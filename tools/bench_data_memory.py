@@ -37,7 +37,7 @@ def default_bundle() -> Path | None:
 def load_tokenizer(bundle: str | None, cache: Path):
     if bundle:
         from lars_artifacts import load_bundle
-        from lars_ort.trainer import load_tokenizer as bundle_tokenizer
+        from lars_ort.trainer import bundle_tokenizer
 
         return bundle_tokenizer(load_bundle(bundle, verify=False))
     sys.path.insert(0, str(REPO / "tests"))

@@ -74,7 +74,7 @@ def build_model(name: str, cache: Path) -> Path:
             if "norm" in pname:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(folder)
-    load.load_tokenizer(load.resolve(None)).save_pretrained(folder)
+    load.hf_tokenizer(load.resolve(None)).save_pretrained(folder)
     return folder
 
 

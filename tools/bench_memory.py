@@ -228,7 +228,7 @@ def prepare_model(model: str | None, cache: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     m = load.load_model(source, load.load_config(source))
-    tok = load.load_tokenizer(source)
+    tok = load.hf_tokenizer(source)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from its (dequantized) config and copy the weights.
     fresh = AutoModelForCausalLM.from_config(m.config, dtype=torch.float32)
     fresh.load_state_dict(m.state_dict())

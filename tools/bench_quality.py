@@ -58,10 +58,10 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
     from lars_ort import Trainer
     from lars_ort.data import BatchStream, eval_batches, load_sequences
     from lars_ort.schedule import learning_rate
-    from lars_ort.trainer import load_tokenizer
+    from lars_ort.trainer import bundle_tokenizer
 
     bundle = load_bundle(bundle_path, verify=False)
-    tok = load_tokenizer(bundle)
+    tok = bundle_tokenizer(bundle)
     seqs = load_sequences(train_file, tok, a.seq_len)
     held = list(eval_batches(load_sequences(eval_file, tok, a.seq_len), a.batch_size, tok.pad_id, a.eval_batches))
     stream = BatchStream(seqs, a.batch_size, tok.pad_id, a.seed)
