@@ -159,7 +159,7 @@ def main() -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(json.dumps({"error": first[:1000]}))
         return 0
-    from lars_ort.metrics import peak_rss_mb
+    from lars_artifacts.measure import peak_rss_mb
 
     # this process' own high-water mark (the parent's getrusage(RUSAGE_CHILDREN) starts from its own RSS at the spawn)
     print(json.dumps({"result": result, "peak_rss_mb": peak_rss_mb()}))

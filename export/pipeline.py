@@ -20,7 +20,7 @@ from pathlib import Path
 from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                             OPTIMIZER_MODEL, ORT_BACKEND, ORT_TRAINING_BACKEND, TOKENIZER, TOKENIZER_CONFIG,
                             TRAINING_MODEL, TRAINING_STEP, LarsError, Manifest, write_manifest)
-from lars_ort.metrics import Stopwatch, peak_rss_mb
+from lars_artifacts.measure import Stopwatch, peak_rss_mb
 
 from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight, zo_step
 from .config import ExportConfig

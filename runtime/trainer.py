@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle, sha256_file
+from lars_artifacts.measure import Stopwatch, peak_rss_mb
 from lars_artifacts.memory_model import MemoryModel, budget_warning
 from lars_artifacts.ort_checkpoint import read_checkpoint
 
@@ -30,7 +31,7 @@ from .data import Batch, BatchStream, TokenSequence, Tokenizer, collate, eval_ba
 from .engine import NonFiniteStep, open_engine
 from .health import TrainingHealth
 from .interrupt import StopOnSignal
-from .metrics import MetricsWriter, Stopwatch, available_memory_bytes, peak_rss_mb
+from .metrics import MetricsWriter, available_memory_bytes
 from .schedule import learning_rate
 
 Callback = Callable[[dict], None]

@@ -403,17 +403,17 @@ def test_os_errors_are_one_line(error, needles, capsys, monkeypatch, tmp_path):
     one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "r", "--out", tmp_path / "a"), *needles)
 
 
-# --- Windows: lars_ort.metrics without `resource` -------------------------------------------------------------------
+# --- Windows: lars_artifacts.measure without `resource` ----------------------------------------------------------
 
 def test_metrics_import_without_the_resource_module():
     code = ("import sys; sys.modules['resource'] = None\n"
-            "import lars_ort.metrics as m\n"
+            "import lars_artifacts.measure as m\n"
             "peak = m.peak_rss_mb()\n"
             "assert isinstance(peak, float) and peak > 0, peak\n"
-            "sys.modules.pop('lars_ort.metrics')\n"
+            "sys.modules.pop('lars_artifacts.measure')\n"
             "real_open = open\n"
             "import builtins; builtins.open = lambda *a, **k: (_ for _ in ()).throw(OSError('no /proc'))\n"
-            "import lars_ort.metrics as m\n"
+            "import lars_artifacts.measure as m\n"
             "assert m.peak_rss_mb() == 0.0\n"  # neither /proc nor resource: unknown, not a crash
             "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -426,7 +426,7 @@ def test_windows_peak_working_set_reads_process_memory_counters(monkeypatch):
     import types
     from ctypes import wintypes
 
-    from lars_ort import metrics
+    from lars_artifacts import measure as metrics
 
     def get_current_process():
         return -1

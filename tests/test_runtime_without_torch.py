@@ -82,3 +82,23 @@ print(json.dumps({{"loss": loss, "moved": moved, "training_session": t.engine.ba
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["imported"] == [] and not result["training_session"] and result["loss"] > 0
     assert result["moved"] and all(".lora_B." in n for n in result["moved"])
+
+
+def test_data_flows_one_way_export_artifacts_runtime():
+    """The exporter imports the bundle contract, never the runtime; the contract imports neither half (read from the
+    source: an import inside a function counts too)."""
+    import ast
+
+    def imported(folder):
+        names = set()
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names |= {(a.name.split(".")[0], path.name) for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names.add((node.module.split(".")[0], path.name))
+        return names
+
+    assert [n for n in imported("export") if n[0] == "lars_ort"] == []
+    assert [n for n in imported("artifacts") if n[0] in ("lars_ort", "lars_export")] == []
+    assert ("lars_artifacts", "pipeline.py") in imported("export")  # the check reads what it should

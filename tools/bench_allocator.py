@@ -56,7 +56,7 @@ def worker(a) -> dict:
     import lars_ort.engine_ort as engine_ort
     from lars_artifacts import load_bundle
     from lars_ort.data import Batch
-    from lars_ort.metrics import peak_rss_mb
+    from lars_artifacts.measure import peak_rss_mb
 
     s = SETTINGS[a.worker]
     plain = engine_ort.session_options

@@ -9,7 +9,7 @@ one's.
 
 Generates 1 MB and --mb MB files from the Shakespeare excerpts in tests/data, repeated: a .jsonl of {"text"} lines
 (a few dozen lines of the play each) and a .txt. Each is loaded in a child process, which then draws --batches
-batches through BatchStream; the child reports its peak RSS (VmHWM, lars_ort.metrics.peak_rss_mb), the tokens
+batches through BatchStream; the child reports its peak RSS (VmHWM, lars_artifacts.measure.peak_rss_mb), the tokens
 and the seconds the load took. The tokenizer is the bundle's (default: out/smollm2-lora or a bundle in out/bench),
 else the tests' tiny BPE tokenizer (tests/tiny.py, needs the export extra).
 """
@@ -70,7 +70,7 @@ def write_data(path: Path, megabytes: float) -> None:
 def child(a) -> None:
     """Load one file and draw batches; print the numbers as one JSON line."""
     from lars_ort.data import BatchStream, load_sequences
-    from lars_ort.metrics import peak_rss_mb
+    from lars_artifacts.measure import peak_rss_mb
 
     tok = load_tokenizer(a.bundle, Path(a.cache))
     before = peak_rss_mb()

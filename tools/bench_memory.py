@@ -122,7 +122,7 @@ def split_backend(mode: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- workers
 def _peak_mb() -> float:
-    from lars_ort.metrics import peak_rss_mb
+    from lars_artifacts.measure import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -261,7 +261,7 @@ def prepare_bundle(model_dir: Path, cache: Path, rank: int, targets: str, mode: 
 def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dict:
     import psutil
 
-    from lars_ort.metrics import rss_split_mb
+    from lars_artifacts.measure import rss_split_mb
 
     # ORT modes run where the runtime runs on a device: in the base-install environment without torch (importing
     # onnxruntime next to an installed torch imports torch too, which would inflate our RSS).

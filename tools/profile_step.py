@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from lars_artifacts import load_bundle
     from lars_ort.data import Batch
     from lars_ort.engine_ort import OrtEngine
-    from lars_ort.metrics import peak_rss_mb, rss_split_mb
+    from lars_artifacts.measure import peak_rss_mb, rss_split_mb
 
     bundle = load_bundle(a.bundle, verify=False)
     with tempfile.TemporaryDirectory(prefix="lars-profile-") as tmp:
