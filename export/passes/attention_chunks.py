@@ -171,13 +171,13 @@ def _pads(model, prefix: str, r: str, skipped: str) -> list:
 def _causal_rows(model, mask: str, rows: int) -> tuple[list, list[dict]]:
     """Nodes computing, once for every layer that adds `mask` under a causal mask, each of `rows` chunks' query
     bounds [start], [end] = T·j // rows, T·(j + 1) // rows, its block of the mask (its rows, or the only row of a
-    mask that broadcasts one, and the keys before `end`) and the keys it skips, T - end; and those names per chunk.
+    mask that broadcasts one, and the keys before `end`) and the keys it skips, T - end (None for the last chunk,
+    which ends at T and is not padded); and those names per chunk.
 
     Shared because they depend on the mask alone: under a causal mask query i is key i, so T is the mask's key count,
     the same in every layer. Made per layer they would be ~100 nodes of shape arithmetic and a Slice of the mask per
     chunk, three times with layer recompute (ORT holds ~4.7 KB of session memory per node: 75 MB on SmolLM2 at 16
-    chunks, measured).
-    The blocks together hold about half the [T, T] mask, which nothing else reads once they are cut."""
+    chunks, measured). The blocks together hold about half the [T, T] mask, which nothing else reads once cut."""
     from onnx import helper
 
     p = lambda s: f"{mask}/causal_rows{rows}/{s}"  # noqa: E731
@@ -185,13 +185,14 @@ def _causal_rows(model, mask: str, rows: int) -> tuple[list, list[dict]]:
     nodes, bounds = _row_bounds(model, p, keys, mask, rows)
     chunks = []
     for j, (start, end, m0, m1) in enumerate(bounds):
-        block, skipped = p(f"r{j}/mask"), p(f"r{j}/skipped")
+        block, skipped = p(f"r{j}/mask"), p(f"r{j}/skipped") if j < rows - 1 else None
         nodes += [helper.make_node("Concat", [m0, _i64(model, 0)], [p(f"r{j}/mask_starts")], name=p(f"r{j}/MaskStarts"),
                                    axis=0),
                   helper.make_node("Concat", [m1, end], [p(f"r{j}/mask_ends")], name=p(f"r{j}/MaskEnds"), axis=0),
                   helper.make_node("Slice", [mask, p(f"r{j}/mask_starts"), p(f"r{j}/mask_ends"), _axes(model, -2, -1)],
-                                   [block], name=p(f"r{j}/RowsMask")),
-                  helper.make_node("Sub", [p("t"), end], [skipped], name=p(f"r{j}/Skipped"))]
+                                   [block], name=p(f"r{j}/RowsMask"))]
+        if skipped:
+            nodes.append(helper.make_node("Sub", [p("t"), end], [skipped], name=p(f"r{j}/Skipped")))
         chunks.append({"start": start, "end": end, "mask": block, "skipped": skipped})
     return nodes, chunks
 
@@ -280,11 +281,11 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
     per_group: dict[str, list[list[str]]] = {key: [[] for _ in range(groups)] for key in results}
     by_rows: dict[str, list[str]] = {key: [] for key in results}  # one chunk of rows, all heads
     previous = None
+    row_axis = _i64(model, -2) if rows >= 2 else None
     if rows < 2:
         nodes += split(q, "q") + (split(d_out, "do") if d_out else [])
         chunks = [("", None, None)]
     elif skip:
-        row_axis = _i64(model, -2)
         shared = {} if shared is None else shared
         if (mask, rows) not in shared:
             plan_nodes, shared[(mask, rows)] = _causal_rows(model, mask, rows)
@@ -294,7 +295,6 @@ def chunked_core(model, chain, groups: int, heads: int, prefix: str, q: str, kt:
         if d_out:  # only the backward pads (its dKᵀ and dV)
             nodes += _pad_zeros(model, prefix, q)
     else:
-        row_axis = _i64(model, -2)
         rows_p = lambda s: f"{prefix}/rows/{s}"  # noqa: E731
         length = helper.make_node("Shape", [q], [rows_p("t")], name=rows_p("ShapeT"), start=-2, end=-1)
         bound_nodes, bounds = _row_bounds(model, rows_p, length, mask, rows)
