@@ -46,3 +46,47 @@ def test_quantized_bundle_matches_peft_on_dequantized_weights(arch, scheme, tiny
     assert manifest.adapter["frozen_weight_bytes"] < report["details"]["float32_bytes"] / (3 if scheme == "int8"
                                                                                            else 4)
     compare_with_peft(tiny_models[arch], bundle, dequantize=lambda model: dequantize_like_the_bundle(model, scheme))
+
+
+def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp_path):
+    """With layer recompute, a recomputed layer's forward and backward readers of a matrix each get their own float32
+    copy (the layer's whole backward runs between them): in the order plain onnxruntime actually runs the step
+    (its profiler's kernel events), one dequantized matrix exists at a time, as passes._base.run_order predicts."""
+    import json
+    from pathlib import Path
+
+    import onnx
+
+    from lars_artifacts import load_bundle
+    from lars_export.passes.dequantize_at_use import most_alive
+    from lars_export.passes.quantize_frozen import dequantized_weights
+    from lars_ort.data import Batch
+    from lars_ort.engine_ort import OrtEngine
+
+    out = export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
+                              lars_basis="none", quantize_weights="int8", recompute_layers=True, loss_chunks=2))
+    bundle = load_bundle(out)
+    engine = OrtEngine(bundle, eval=False, threads=1, profile_prefix=str(tmp_path / "step"))
+    ids = np.random.default_rng(0).integers(1, bundle.manifest.vocab_size, size=(1, 24))
+    engine.forward_backward(Batch(ids, np.ones_like(ids), np.roll(ids, -1, axis=1)))
+    trace = json.loads(Path(engine.session.end_profiling()).read_text())
+    ran = [e["name"][: -len("_kernel_time")] for e in sorted(trace, key=lambda e: e["ts"])
+           if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    at = {}
+    for k, name in enumerate(ran):
+        at.setdefault(name, k)
+
+    step = onnx.load(bundle.file(engine.spec["training"]), load_external_data=False)
+    readers = {}
+    for node in step.graph.node:
+        for i in node.input:
+            readers.setdefault(i, []).append(node)
+    spans = []
+    for name, (chain, _) in dequantized_weights(step).items():
+        made = [n.name for n in chain if n.op_type == "DequantizeLinear"]
+        read = [r.name for r in readers.get(name, [])]
+        assert made and read and all(n in at for n in made + read), (name, made, read)  # ran under its own name
+        spans.append((at[made[0]], max(at[r] for r in read)))
+    assert len(spans) > 2 * 7  # the forward's, the recomputed forward's and the backward's copies
+    alive = [sum(1 for s, e in spans if s <= k < e) for k in range(len(ran))]
+    assert max(alive) == 1 == most_alive(step)

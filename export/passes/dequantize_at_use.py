@@ -8,16 +8,22 @@ peak. The pass gives every reader other than the one the dequantization was made
 computation, gated on one of that reader's own inputs (in the backward, a gradient), so the copy runs when the
 reader is about to, and dies with it. Readers that run one after the other in one phase (the chunked loss'
 chunks) share one copy, made when the first of them is about to run: one dequantization of the output projection
-per phase instead of one per chunk. Run last: it must see the readers every other pass adds.
+per phase instead of one per chunk. "One after the other" is judged in the order ORT runs the graph
+(passes._base.run_order): no other dequantized matrix is read in between. A recomputed layer's forward reader and
+its backward reader are both in the backward, but the layer's whole backward runs between them: sharing one copy
+there kept all seven of a layer's matrices alive through its backward (232 MB on Llama-3.2-1B), so each gets its
+own. Run last: it must see the readers every other pass adds.
 
 It changes no value: each copy computes the same float32 matrix from the same stored tensors.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 
-from ._base import GraphPass, PassContext, PassReport, backward_nodes, clone_node, consumers, producers
+from ._base import (VIEW_OPS, GraphPass, PassContext, PassReport, backward_nodes, clone_node, consumers,
+                    producers, run_order)
 from .quantize_frozen import dequantized_weights
 
 log = logging.getLogger(__name__)
@@ -60,13 +66,41 @@ def _first_of(gates: list[str], readers: list, prod: dict, region: set, memo: di
     return next((g for g in gates if g is not None and all(g in n for n in needs)), None)
 
 
+def most_alive(model) -> int:
+    """The largest number of dequantized matrices alive at once when ORT runs the graph (in run_order): a matrix
+    lives from the last node of its computation to its last reader, looking through views and transposes of it."""
+    order = run_order(model)
+    at = {id(n): k for k, n in enumerate(order)}
+    cons = consumers(model)
+    events = []
+    for name, (chain, _gate) in dequantized_weights(model).items():
+        readers, stack = [], [name]
+        while stack:
+            current = stack.pop()
+            for node in cons.get(current, []):
+                if node.op_type in (*VIEW_OPS, "Transpose") and node.input[0] == current:
+                    stack.append(node.output[0])
+                else:
+                    readers.append(node)
+        if readers:
+            events += [(max(at[id(n)] for n in chain), 1), (max(at[id(r)] for r in readers), -1)]
+    alive = peak = 0
+    for _, change in sorted(events):  # at one position a free (-1) sorts before a make
+        alive += change
+        peak = max(peak, alive)
+    return peak
+
+
 def apply(model, context: PassContext) -> PassReport:
     report = PassReport("dequantize_at_use")
     weights = dequantized_weights(model)
     if not weights:
         return report
     prod, cons = producers(model), consumers(model)
-    backward_list = backward_nodes(model)  # held: node ids are only stable while the wrappers are alive
+    order = run_order(model)  # held, as backward_list: node ids are only stable while the wrappers are alive
+    run_at = {id(n): k for k, n in enumerate(order)}
+    read_at = sorted(run_at[id(r)] for w in weights for r in cons.get(w, []))
+    backward_list = backward_nodes(model)
     backward = {id(n) for n in backward_list}
     everything = {id(n) for n in model.graph.node}
     position = {id(n): i for i, n in enumerate(model.graph.node)}
@@ -82,6 +116,13 @@ def apply(model, context: PassContext) -> PassReport:
         inserts.append((min(position[id(r)] for r in readers), copies))
         report.changed += 1
 
+    def one_after_the_other(group: list) -> bool:
+        """No other dequantized matrix is read between the group's first and last reader in ORT's order (the
+        chunked loss' chunks; not a recomputed layer's forward reader and its backward reader, between which
+        the whole layer's backward runs)."""
+        at = sorted(run_at[id(r)] for r in group)
+        return bisect.bisect_right(read_at, at[-1]) - bisect.bisect_left(read_at, at[0]) == len(at)
+
     for weight, (chain, gate_on) in weights.items():
         readers = cons.get(weight, [])
         original_phase = id(chain[-1]) in backward
@@ -91,14 +132,15 @@ def apply(model, context: PassContext) -> PassReport:
             if not group:
                 continue
             region = backward if phase else everything
-            # One dequantization per phase when one tensor precedes every reader of the phase (the chunked loss'
-            # chunks, one after the other); the copy then lives from the first reader to the last.
-            if phase == original_phase and _first_of([gate_on], group, prod, region, memo):
+            # One dequantization per phase when one tensor precedes every reader of the phase and they run one
+            # after the other (the chunked loss' chunks); the copy then lives from the first reader to the last.
+            together = one_after_the_other(group)
+            if phase == original_phase and together and _first_of([gate_on], group, prod, region, memo):
                 kept += len(group)
                 shared += len(group) > 1
                 continue
             gates = [gate_input(r, weight, prod, cons, backward) for r in group]
-            first = _first_of(gates, group, prod, region, memo) if len(group) > 1 else None
+            first = _first_of(gates, group, prod, region, memo) if len(group) > 1 and together else None
             if first is not None:
                 copy_for(group, weight, chain, gate_on, first)
                 shared += 1

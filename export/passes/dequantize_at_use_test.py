@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import backward_nodes, consumers, producers
+from lars_export.passes._base import backward_nodes, consumers, producers, run_order
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
@@ -68,3 +68,20 @@ def test_does_nothing_without_quantized_weights(tmp_path):
     nodes = len(training.graph.node)
     assert DEQUANTIZE_AT_USE.apply(training, PassContext(trainable=TRAINABLE)).changed == 0
     assert len(training.graph.node) == nodes
+
+
+def test_run_order_follows_ort_priority_and_finds_cycles():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    graph = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["b"], name="first"),  # the lowest index among the ready nodes
+         helper.make_node("Relu", ["x"], ["a"], name="third"),
+         helper.make_node("Size", ["b"], ["s"], name="second"),  # Shape and Size go first once ready
+         helper.make_node("Add", ["a", "b"], ["y"], name="fourth")],
+        "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
+    model = helper.make_model(graph)
+    assert [n.name for n in run_order(model)] == ["first", "second", "third", "fourth"]
+    model.graph.node[0].input[0] = "y"  # first <- fourth <- first
+    with pytest.raises(ValueError, match="cycle through"):
+        run_order(model)

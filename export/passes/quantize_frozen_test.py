@@ -11,6 +11,7 @@ from lars_export import quantization
 from lars_export.passes import PassContext, run_passes
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
+from lars_export.passes.dequantize_at_use import most_alive
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
 from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
 
@@ -107,6 +108,9 @@ def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, 
         assert len(head) == 1, head
     for graph in (stored, optimized):
         assert kept_for_backward(graph) == set()
+    # In the order ORT runs the step, one float32 copy of a layer matrix exists at a time: a recomputed layer's
+    # forward and backward readers of a matrix (the whole layer's backward between them) get one copy each.
+    assert most_alive(stored) == 1
 
 
 def test_round_trip_error_is_bounded_and_int4_is_exact_on_its_own_grid():
