@@ -26,3 +26,54 @@ def tiny_bundles(tiny_models, tmp_path_factory):
     return {arch: export(ExportConfig(model=str(path), out=str(root / arch), lora_rank=4, lora_alpha=8,
                                       lars_basis="none"))
             for arch, path in tiny_models.items() if arch in ("llama", "qwen2")}
+
+
+# The fast tier (`make test-fast`, `pytest -m "not slow"`): every test but these, which each took more than ~2 s
+# on this 2-core machine (`pytest --durations=0`: exports of the real SmolLM2, PyTorch + PEFT references, ORT
+# training-build children, subprocess runs of the tools). `make test` (CI) runs them all. A file, or file::test
+# (all its parametrizations).
+SLOW = (
+    "export/lowering/lower_test.py",
+    "export/passes/attention_chunks_test.py",
+    "export/passes/attention_recompute_test.py",
+    "export/passes/chunked_loss_test.py::test_chunked_loss_and_gradients_equal_autograd",
+    "export/passes/dequantize_at_use_test.py",
+    "export/passes/dequantize_in_slices_test.py::test_output_projection_is_dequantized_one_slice_at_a_time",
+    "export/passes/lars_projection_test.py",
+    "export/passes/layer_recompute_test.py",
+    "export/passes/quantize_frozen_test.py",
+    "tests/test_allocator.py::test_the_arena_is_handed_back_after_every_step",
+    "tests/test_backends.py",
+    "tests/test_cli_and_bad_input.py::test_export_budget_errors_name_the_problem",
+    "tests/test_cli_and_bad_input.py::test_export_errors_name_the_problem",
+    "tests/test_cli_and_bad_input.py::test_train_eval_export_adapter_through_the_cli",
+    "tests/test_export_weights.py",
+    "tests/test_fuzz_run_state.py",
+    "tests/test_lars.py::test_full_rank_lars_reproduces_exact_lora_gradients",
+    "tests/test_memory_model.py",
+    "tests/test_numerics.py::test_every_adapter_tensor_is_its_own_trainable_parameter",
+    "tests/test_numerics.py::test_other_families_with_the_default_passes_match_peft",
+    "tests/test_numerics.py::test_the_lowest_memory_exact_stack_matches_peft",
+    "tests/test_ort_checkpoint.py",
+    "tests/test_platforms.py",
+    "tests/test_preflight.py",
+    "tests/test_quantized_weights.py",
+    "tests/test_run_directory.py::test_a_signal_finishes_the_step_saves_and_resumes_bit_identical",
+    "tests/test_run_directory.py::test_sigkill_at_any_moment_resumes_bit_identical_without_duplicate_metrics",
+    "tests/test_smollm2_e2e.py",
+    "tests/test_tools.py::test_alloc_trace_finds_the_peak_and_what_is_alive_there",
+    "tests/test_tools.py::test_bench_export_on_a_tiny_model",
+    "tests/test_tools.py::test_bench_memory_on_a_tiny_model",
+    "tests/test_tools.py::test_bench_memory_runs_a_baseline_bundle_beside_this_exporters",
+    "tests/test_tools.py::test_bench_quality_on_a_tiny_model",
+    "tests/test_tools.py::test_chaos_kills_damages_resumes_and_compares_bit_for_bit",
+    "tests/test_tools.py::test_memory_breakdown_counts_what_each_pass_frees",
+    "tests/test_zo.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        test = item.nodeid.split("[")[0]
+        if any(test == s or test.startswith(s + "::") for s in SLOW):
+            item.add_marker(pytest.mark.slow)
