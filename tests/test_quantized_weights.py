@@ -58,6 +58,7 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
     import onnx
 
     from lars_artifacts import load_bundle
+    from lars_export.passes._base import consumers
     from lars_export.passes.dequantize_at_use import most_alive
     from lars_export.passes.quantize_frozen import dequantized_weights
     from lars_ort.data import Batch
@@ -77,10 +78,7 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
         at.setdefault(name, k)
 
     step = onnx.load(bundle.file(engine.spec["training"]), load_external_data=False)
-    readers = {}
-    for node in step.graph.node:
-        for i in node.input:
-            readers.setdefault(i, []).append(node)
+    readers = consumers(step)
     spans = []
     for name, (chain, _) in dequantized_weights(step).items():
         made = [n.name for n in chain if n.op_type == "DequantizeLinear"]
