@@ -68,6 +68,7 @@ SLOW = (
     "tests/test_tools.py::test_bench_quality_on_a_tiny_model",
     "tests/test_tools.py::test_chaos_kills_damages_resumes_and_compares_bit_for_bit",
     "tests/test_tools.py::test_memory_breakdown_counts_what_each_pass_frees",
+    "tests/test_tools.py::test_write_gguf_round_trips_through_the_exporters_gguf_loader",
     "tests/test_zo.py",
 )
 

@@ -1,6 +1,7 @@
 """Smoke tests: each benchmark runs end to end on a tiny model and writes its table, JSON and plot."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,40 @@ def test_bench_export_on_a_tiny_model(tiny_models, tmp_path):
     assert 100 < row["child_peak_rss_mb"] and row["parameters"] > 0 and row["peak_rss_mb"] > 0
     assert not (tmp_path / "cache" / "bundle-qwen2").exists()  # removed unless --keep-bundles
     assert "| qwen2 |" in out.stdout and (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_write_gguf_round_trips_through_the_exporters_gguf_loader(tiny_models, tmp_path):
+    """A folder written as GGUF loads back through `lars-export`'s GGUF path with the same weights: float32 blocks give
+    the same logits bit for bit (Llama's permuted q/k rows undone by transformers' reader, a tied and an untied head);
+    Q8_0 blocks within their rounding; a config the GGUF cannot carry is refused by name."""
+    import torch
+
+    from lars_export import load
+
+    def logits(source):
+        model = load.load_model(source, load.load_config(source))
+        with torch.no_grad():
+            return model(torch.arange(1, 33).reshape(1, 32)).logits
+
+    qwen2 = tmp_path / "qwen2"  # the tiny qwen2 with Qwen2.5's rope theta: the GGUF must carry it
+    shutil.copytree(tiny_models["qwen2"], qwen2)
+    config = json.loads((qwen2 / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 1e6
+    (qwen2 / "config.json").write_text(json.dumps(config))
+    folders = {"llama": tiny_models["llama"], "qwen2": qwen2}
+    for arch in ("llama", "qwen2"):  # the tiny llama has a tied head, the tiny qwen2 an untied one
+        reference = logits(load.resolve(str(folders[arch])))
+        for qtype, tolerance in (("f32", 0.0), ("q8_0", 0.05)):
+            path = tmp_path / f"{arch}-{qtype}.gguf"
+            out = subprocess.run([sys.executable, str(REPO / "tools" / "write_gguf.py"), str(folders[arch]),
+                                  str(path), "--type", qtype], capture_output=True, text=True, timeout=300)
+            assert out.returncode == 0, out.stderr
+            assert f"wrote {path}" in out.stdout
+            got = logits(load.resolve(str(path)))
+            diff = float((got - reference).abs().max())
+            assert diff <= tolerance, (arch, qtype, diff)
+            if qtype == "q8_0":
+                assert diff > 0  # really quantized
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "write_gguf.py"), str(tiny_models["llama3"]),
+                          str(tmp_path / "l3.gguf")], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "rope scaling" in out.stderr and not (tmp_path / "l3.gguf").exists()

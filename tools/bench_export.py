@@ -11,8 +11,11 @@ once under --cache:
   llama-3.2-1b  Llama-3.2-1B's (hidden 2048, MLP 8192, 16 layers, vocab 128,256, tied)
   llama-3.2-3b  Llama-3.2-3B's (hidden 3072, MLP 8192, 28 layers, tied)
   gemma-3-1b    Gemma 3 1B's (hidden 1152, MLP 6912, 26 layers, 5 of 6 with a 512-token window, vocab 262,144, tied)
-Each export runs with the exporter's defaults (extra flags: --export-args). The table gives each phase's time, the
-exporter's peak RSS and that of its onnxruntime-training child (the gradient builder), as the exporter prints them.
+NAME.gguf (e.g. qwen2.5-0.5b.gguf) writes that folder as a GGUF first (tools/write_gguf.py, --gguf-type, default
+q8_0, once under --cache) and exports the .gguf, through transformers' GGUF reader as a user's GGUF would go; a path
+to an existing .gguf file is exported as it is. Each export runs with the exporter's defaults (extra flags:
+--export-args). The table gives each phase's time, the exporter's peak RSS and that of its onnxruntime-training child
+(the gradient builder), as the exporter prints them.
 """
 
 from __future__ import annotations
@@ -92,11 +95,23 @@ def parse_phases(stderr: str) -> list[dict]:
     return phases
 
 
+def build_gguf(name: str, cache: Path, qtype: str) -> Path:
+    """The named config's random-weight folder written as a GGUF of `qtype` blocks (built once)."""
+    path = cache / f"{name}.{qtype}.gguf"
+    if not path.is_file():
+        import write_gguf
+
+        write_gguf.write(build_model(name, cache), path.with_suffix(".partial"), qtype).rename(path)
+    return path
+
+
 def measure(name: str, a) -> dict:
     if name == "smollm2":
         model = None
-    elif Path(name).is_dir():  # a local HF folder
+    elif Path(name).is_dir() or Path(name).is_file():  # a local HF folder or .gguf file
         model = name
+    elif name.endswith(".gguf"):
+        model = str(build_gguf(name.removesuffix(".gguf"), Path(a.cache), a.gguf_type))
     else:
         model = str(build_model(name, Path(a.cache)))
     out = Path(a.cache) / f"bundle-{Path(name).name}"
@@ -168,7 +183,8 @@ def plot(rows: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="smollm2,qwen2.5-0.5b",
-                   help=f"smollm2, any of {', '.join(CONFIGS)}, or a local HF model folder")
+                   help=f"smollm2, any of {', '.join(CONFIGS)} (or NAME.gguf), a local HF model folder or .gguf")
+    p.add_argument("--gguf-type", default="q8_0", help="block type of NAME.gguf models (tools/write_gguf.py --type)")
     p.add_argument("--export-args", default="", help="extra lars-export flags, e.g. '--quantize-weights int8'")
     p.add_argument("--cache", default=str(REPO / "out" / "bench-export"), help="built model folders and bundles")
     p.add_argument("--keep-bundles", action="store_true")
@@ -177,9 +193,11 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG here")
     a = p.parse_args(argv)
     models = [m.strip() for m in a.models.split(",") if m.strip()]
-    unknown = [m for m in models if m != "smollm2" and m not in CONFIGS and not Path(m).is_dir()]
+    unknown = [m for m in models if m != "smollm2" and m.removesuffix(".gguf") not in CONFIGS
+               and not Path(m).is_dir() and not (m.endswith(".gguf") and Path(m).is_file())]
     if unknown:
-        p.error(f"unknown model {unknown[0]!r}; use smollm2, one of {', '.join(CONFIGS)} or a model folder")
+        p.error(f"unknown model {unknown[0]!r}; use smollm2, one of {', '.join(CONFIGS)} (NAME or NAME.gguf), "
+                f"a model folder or a .gguf file")
     Path(a.cache).mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
