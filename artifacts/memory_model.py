@@ -24,9 +24,9 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   two gradients, 3·H·T², or with chunked attention one group's, about 3·(H/G)·T² (its pieces run in turn
   and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations.
   Without recompute, dP and dS, 2·H·T².
-- weights: the frozen matrices as stored (float32, INT8 or INT4, with the pre-transposed output projection of a
-  tied embedding), plus, when quantized, the largest dequantized transient: the output projection [hidden, vocab]
-  at the loss, where the step peaks, whole up to DEQUANTIZED_SLICE_BYTES and one slice of it above (the
+- weights: the frozen matrices as stored (float32, INT8 or INT4; a tied embedding once, as the pre-transposed
+  output projection its lookups also read), plus, when quantized, the largest dequantized transient: the output
+  projection [hidden, vocab] at the loss, where the step peaks, whole up to DEQUANTIZED_SLICE_BYTES and one slice of it above (the
   dequantize_in_slices pass), or a layer's largest matrix (twice for INT4, whose unpacking holds two copies).
 - runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions, which grow with the
   nodes a pass adds (measured, below).
@@ -137,7 +137,8 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
     hd = arch.get("head_dim") or d // heads
     layer_mats = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, f), (d, f), (f, d)]
     vectors = L * (2 * d) + d  # norms (float32 always)
-    vocab_mats = 2  # the embedding table and the output projection (a tied one is stored pre-transposed too)
+    # the embedding table and the output projection; a tied table is stored once, pre-transposed, and read by both
+    vocab_mats = 1 if arch.get("tie_word_embeddings") else 2
     if scheme == "none":
         return F32 * (L * sum(k * n for k, n in layer_mats) + vocab_mats * v * d + vectors), 0.0
     if scheme == "int8":

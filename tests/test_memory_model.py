@@ -89,8 +89,9 @@ def test_predictions_hold_on_peaks_measured_after_the_fit():
 
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
-def test_weight_bytes_match_the_bundles(tiny_models, tmp_path, scheme):
-    bundle = load_bundle(export(ExportConfig(model=str(tiny_models["qwen2"]), out=str(tmp_path / "b"), lora_rank=4,
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # an untied output projection, a tied one (stored once)
+def test_weight_bytes_match_the_bundles(tiny_models, tmp_path, scheme, arch):
+    bundle = load_bundle(export(ExportConfig(model=str(tiny_models[arch]), out=str(tmp_path / "b"), lora_rank=4,
                                              lora_alpha=8, lars_basis="none", quantize_weights=scheme)))
     import onnx
     from onnx import numpy_helper

@@ -33,6 +33,9 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 0
     # The rows record what the memory model needs, and the validator reads them back.
     assert rows[0]["arch"]["hidden_size"] == 64 and rows[0]["targets"] == "q,k,v,o,gate,up,down"
+    # the tiny llama's tied table is stored once in every bundle (the memory model counts it once for these rows)
+    assert rows[0]["arch"]["tie_word_embeddings"]
+    assert {r["tied_table_once"] for r in rows if r["bundle"]} == {True}
     check = subprocess.run([sys.executable, str(REPO / "tools" / "validate_memory_model.py"), str(tmp_path / "m.json")],
                            capture_output=True, text=True, timeout=600)
     assert check.returncode == 0, check.stderr

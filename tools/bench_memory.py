@@ -116,6 +116,13 @@ def baseline_bundle(cache: Path, mode: str, a) -> Path:
     return bundle
 
 
+def tied_table_once(bundle: Path) -> bool:
+    """Whether the bundle stores a tied embedding table once (its lookups read the output projection's copy:
+    pretranspose_frozen's tied_lookups); bundles of earlier exporters stored it twice."""
+    passes = json.loads((bundle / "manifest.json").read_text()).get("passes", [])
+    return any(p["name"] == "pretranspose_frozen" and p["details"].get("tied_lookups") for p in passes)
+
+
 def split_backend(mode: str) -> str:
     return mode.partition(":")[2] or "ort"
 
@@ -279,7 +286,8 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
     row = {"mode": mode, "backend": backend, "seq_len": seq, "python": python, "batch_size": a.batch_size, "peak_rss_mb": None, "step_s": None,
            "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch,
            "loss_chunks": a.loss_chunks if base in BUNDLE_MODES else None,
-           "anon_peak_mb": None, "file_at_peak_mb": None, "bundle": str(bundle) if bundle else None}
+           "anon_peak_mb": None, "file_at_peak_mb": None, "bundle": str(bundle) if bundle else None,
+           "tied_table_once": tied_table_once(bundle) if bundle else None}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         child, start, high, sampled_total = psutil.Process(proc.pid), time.time(), 0.0, 0.0

@@ -41,7 +41,10 @@ def compare(rows: list[dict]) -> list[dict]:
             settings["loss_chunks"] = r["loss_chunks"]
         config = ExportConfig(**settings, lora_rank=r.get("rank", 8),
                               targets=tuple(r.get("targets", ALL_TARGETS).split(",")))
-        model = model_for(r.get("arch", SMOLLM2), config)
+        arch = r.get("arch", SMOLLM2)
+        if not r.get("tied_table_once"):  # measured on a bundle that stored a tied table twice (earlier exporters)
+            arch = {**arch, "tie_word_embeddings": False}
+        model = model_for(arch, config)
         predicted = model.peak_bytes(r.get("batch_size", 1), r["seq_len"]) / 2**20
         out.append({"mode": r["mode"], "seq_len": r["seq_len"], "measured_mb": r["peak_rss_mb"],
                     "predicted_mb": predicted, "ratio": predicted / r["peak_rss_mb"]})

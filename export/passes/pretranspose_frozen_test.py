@@ -35,7 +35,7 @@ def _run(model, feeds):
     return ReferenceEvaluator(model).run(None, feeds)
 
 
-def test_folds_frozen_transposes_keeps_trainable_and_tied_weights():
+def test_folds_frozen_transposes_keeps_trainable_and_stores_a_tied_table_once():
     model = _graph()
     feeds = {"x": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32), "ids": np.array([1, 7])}
     before = _run(model, feeds)
@@ -46,10 +46,12 @@ def test_folds_frozen_transposes_keeps_trainable_and_tied_weights():
         np.testing.assert_array_equal(b, a)
     assert report.changed == 2 and report.skipped == []
     transposes = [n.name for n in model.graph.node if n.op_type == "Transpose"]
-    assert transposes == ["/m/lora/Transpose"]
+    assert transposes == ["/m/lora/Transpose", "/emb/Gather/Rows"]  # the lookup's [hidden, ids] columns, as rows
+    (lookup,) = [n for n in model.graph.node if n.op_type == "Gather"]
+    assert list(lookup.input) == ["embT", "ids"] and lookup.attribute[0].i == 1
     names = {i.name for i in model.graph.initializer}
-    assert names == {"a", "emb", "wT", "embT"}  # w dropped (nothing reads it); emb kept for the Gather
-    assert report.details["dropped_initializers"] == 1
+    assert names == {"a", "wT", "embT"}  # w and the tied emb dropped: the head and the lookup read embT
+    assert report.details == {"tied_lookups": 1, "dropped_initializers": 2}
     onnx.checker.check_model(model)
 
 

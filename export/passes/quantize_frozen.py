@@ -1,12 +1,14 @@
 """Quantized frozen weights: INT8 per-channel or INT4 block-wise storage, dequantized inside the graph at each use.
 
-Once activations are cut, the frozen matrices are most of a step's resident memory (SmolLM2-135M: 651 MB of
-float32, with the tied embedding and its pre-transposed copy). The pass stores each one quantized (formats:
-lars_export.quantization) and puts a small dequantization in front of each reader:
+Once activations are cut, the frozen matrices are most of a step's resident memory (SmolLM2-135M: 538 MB of
+float32, its tied embedding stored once). The pass stores each one quantized (formats: lars_export.quantization)
+and puts a small dequantization in front of each reader:
 
     MatMul(x, Wᵀ)   ->  MatMul(x, Dequantize(Wq))        INT8: DequantizeLinear per output channel
                                                           INT4: unpack nibbles, ·scale + minimum per block
     Gather(E, ids)  ->  Cast(Gather(Eq, ids)) · Gather(scale, ids)   (rows are dequantized after the lookup)
+    Gather(W, ids, axis=1)  ->  Cast(Gather(Wq, ids, axis=1)) · Gather(scale, ids)   (a tied table's lookups of
+                                                          the output projection's columns; INT8 per column)
 
 so a float32 copy of a matrix exists only while its reader runs. Two things would undo that, and the passes
 guard against both:
@@ -59,19 +61,29 @@ def check(init, readers) -> str | None:
     size = int(np.prod(init.dims))
     if size < MIN_ELEMENTS:
         return f"{size} elements, below {MIN_ELEMENTS}"
-    kinds = {"MatMul" if (n.op_type == "MatMul" and k == 1) else
-             "Gather" if (n.op_type == "Gather" and k == 0 and attr(n, "axis", 0) == 0) else
-             f"{n.op_type} {n.name}" for n, k in readers}
-    if kinds - {"MatMul", "Gather"}:
-        return f"read by {sorted(kinds - {'MatMul', 'Gather'})[0]} (only MatMul weights and Gather tables)"
-    if len(kinds) > 1:
+    kinds = {reader_kind(n, k) or f"{n.op_type} {n.name}" for n, k in readers}
+    known = {"MatMul", "Gather", "GatherColumns"}
+    if kinds - known:
+        return f"read by {sorted(kinds - known)[0]} (only MatMul weights and Gather tables)"
+    if "Gather" in kinds and len(kinds) > 1:
         return "read both as a MatMul weight and as a Gather table"
     return None
 
 
+def reader_kind(node, k: int) -> str | None:
+    """How a reader uses the weight at its input k: "MatMul" (the weight [K, N]), "Gather" (rows of a table),
+    "GatherColumns" (columns of a MatMul weight: a tied table's lookups, see pretranspose_frozen); None otherwise."""
+    if node.op_type == "MatMul" and k == 1:
+        return "MatMul"
+    if node.op_type == "Gather" and k == 0:
+        return {0: "Gather", 1: "GatherColumns"}.get(attr(node, "axis", 0))
+    return None
+
+
 def scheme_for(init, readers, scheme: str, block: int, lm_head: str | None) -> str:
-    """The format a weight gets: int4 only for MatMul weights of whole blocks, other than the output projection."""
-    if scheme == "int4" and (readers[0][0].op_type != "MatMul" or init.name == lm_head
+    """The format a weight gets: int4 only for MatMul weights of whole blocks, other than the output projection
+    (a weight also looked up by column is INT8: its columns are dequantized per lookup)."""
+    if scheme == "int4" and (any(n.op_type != "MatMul" for n, _ in readers) or init.name == lm_head
                              or not quantization.int4_fits(tuple(init.dims), block)):
         return "int8"
     return scheme
@@ -147,6 +159,21 @@ def gather_dequantize(weight: str, ids: str, out: str, prefix: str) -> list:
     ]
 
 
+def gather_columns_dequantize(weight: str, ids: str, out: str, prefix: str) -> list:
+    """Nodes for Gather(W, ids, axis=1) -> out [K, *ids] from an INT8 per-column weight: the columns and their
+    scales looked up, then scaled (the scales [*ids] broadcast over K)."""
+    from onnx import TensorProto, helper
+
+    p = lambda s: f"{prefix}/{s}"  # noqa: E731
+    return [
+        helper.make_node("Gather", [f"{weight}{INT8}", ids], [p("columns")], name=p("Columns"), axis=1),
+        helper.make_node("Gather", [f"{weight}{INT8}.scale", ids], [p("column_scales")], name=p("ColumnScales"),
+                         axis=0),
+        helper.make_node("Cast", [p("columns")], [p("columns_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
+        helper.make_node("Mul", [p("columns_float"), p("column_scales")], [out], name=p("Scale")),
+    ]
+
+
 def apply(model, context: PassContext) -> PassReport:
     report = PassReport("quantize_frozen")
     if context.quantize == "none":
@@ -161,13 +188,14 @@ def apply(model, context: PassContext) -> PassReport:
             report.skipped.append(f"{init.name}: {why_not}")
             continue
         scheme = scheme_for(init, readers, context.quantize, context.quantize_block, lm_head)
-        table = readers[0][0].op_type == "Gather"
+        table = all(reader_kind(n, k) == "Gather" for n, k in readers)
         before += initializer_nbytes(init)
         after += store(model, init, scheme, table, context)
         for node, k in readers:
             prefix = f"{node.name or init.name}/Dequantize"  # the reader's scope: layer_recompute groups by name
-            if table:
-                new = gather_dequantize(init.name, node.input[1], node.output[0], prefix)
+            if node.op_type == "Gather":
+                make = gather_dequantize if table else gather_columns_dequantize
+                new = make(init.name, node.input[1], node.output[0], prefix)
                 at = list(model.graph.node).index(node)
                 model.graph.node.remove(node)
             else:

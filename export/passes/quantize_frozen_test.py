@@ -113,6 +113,37 @@ def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, 
     assert most_alive(stored) == 1
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_table_is_stored_once_and_looked_up_by_column(tmp_path, scheme):
+    """Tied embeddings: pretranspose_frozen points the lookups at the output projection's [hidden, vocab] copy, and
+    this pass stores that one matrix INT8 per vocabulary column for both readers (never INT4): loss and gradients
+    equal autograd's on the dequantized model, and the bundle holds one INT8 vocabulary matrix."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    model = two_block_lm(rng, D, F, R, VOCAB, VOCAB)
+    model.lm_head.weight = model.embed.weight
+    report, _ = _build(tmp_path / "bundle", model, scheme, ("layer_recompute", "chunked_loss"))
+    assert report.changed == 7 and report.skipped == []  # 2 × (up, gate, down) and the one vocabulary matrix
+    assert report.details["matrices"] == ({"int8": 7, "int4": 0} if scheme == "int8" else {"int8": 1, "int4": 6})
+    graph = onnx.load(str(tmp_path / "bundle" / "eval_model.onnx"))
+    vocab = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.INT8 and VOCAB in i.dims]
+    assert [list(i.dims) for i in vocab] == [[D, VOCAB]]
+    lookups = [n for n in graph.graph.node if n.op_type == "Gather" and n.input[0] == vocab[0].name]
+    assert len(lookups) == 1 and lookups[0].attribute[0].i == 1
+
+    ids = rng.integers(0, VOCAB, size=(2, 7)).astype(np.int64)
+    labels = rng.integers(0, VOCAB, size=14).astype(np.int64)
+    loss, grads = _step(tmp_path / "bundle", ids, labels)
+    ref = _dequantized_reference(model, scheme)
+    ref_loss = torch.nn.functional.cross_entropy(ref(torch.from_numpy(ids)), torch.from_numpy(labels))
+    ref_loss.backward()
+    params = dict(ref.named_parameters())
+    assert loss == pytest.approx(ref_loss.item(), rel=1e-5)
+    for name in TRAINABLE:
+        np.testing.assert_allclose(grads[name], params[name].grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def test_round_trip_error_is_bounded_and_int4_is_exact_on_its_own_grid():
     rng = np.random.default_rng(1)
     w = rng.normal(size=(64, 24)).astype(np.float32)
