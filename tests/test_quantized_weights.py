@@ -62,7 +62,7 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
     from lars_artifacts import load_bundle
     from lars_export.passes._base import consumers
     from lars_export.passes.dequantize_at_use import most_alive
-    from lars_export.passes.quantize_frozen import dequantized_weights
+    from lars_export.passes._dequantized import dequantized_weights
     from lars_ort.data import Batch
     from lars_ort.engine_ort import OrtEngine
 

@@ -33,7 +33,7 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_after, initializer_map, producers
-from .quantize_frozen import dequantized_weights
+from ._dequantized import dequantized_weights
 
 log = logging.getLogger(__name__)
 

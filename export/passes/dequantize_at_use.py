@@ -24,7 +24,7 @@ import logging
 
 from ._base import (VIEW_OPS, GraphPass, PassContext, PassReport, backward_nodes, clone_node, consumers,
                     producers, run_order)
-from .quantize_frozen import dequantized_weights
+from ._dequantized import dequantized_weights
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import numpy as np
 from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES, dequantized_slices
 
 from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map, shared_initializer
-from .quantize_frozen import INT8, dequantized_weights
+from ._dequantized import INT8, dequantized_weights
 
 log = logging.getLogger(__name__)
 

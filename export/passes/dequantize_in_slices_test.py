@@ -15,7 +15,8 @@ from lars_export.passes.chunked_loss import CHUNKED_LOSS
 from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
 from lars_export.passes.dequantize_in_slices import DEQUANTIZE_IN_SLICES
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
-from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights
+from lars_export.passes._dequantized import dequantized_weights
+from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN
 
 D, F, VOCAB, OUT, CHUNKS = 32, 64, 50, 200, 3
 

@@ -35,12 +35,12 @@ from lars_artifacts import LOGITS
 
 from .. import quantization
 from ._base import (GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map,
-                    initializer_nbytes, initializer_value, make_initializer, producers, saved_for_backward,
-                    shared_initializer, view_chain)
+                    initializer_nbytes, initializer_value, make_initializer, producers, shared_initializer,
+                    view_chain)
+from ._dequantized import INT4, INT8
 
 log = logging.getLogger(__name__)
 
-INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
 MIN_ELEMENTS = 1024  # smaller matrices are not worth a dequantization (norm weights are vectors anyway)
 _FOUR = "passes.quantize.four"  # uint8 4, the nibble shift (one shared initializer)
 
@@ -213,38 +213,3 @@ def apply(model, context: PassContext) -> PassReport:
 
 
 QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, switch="quantize_weights")
-
-
-def dequantized_weights(model) -> dict[str, tuple[list, str]]:
-    """Every tensor that is a dequantized frozen matrix (made by this pass, or a copy of such a computation made by
-    a later pass): name -> (the nodes computing it from the stored tensors, in stored order; the tensor its gate
-    waits for)."""
-    prod = producers(model)
-    order = {id(n): i for i, n in enumerate(model.graph.node)}
-    out = {}
-    for node in model.graph.node:
-        last = ((node.op_type == "DequantizeLinear" and node.input[0].endswith(INT8))
-                or (node.op_type == "Reshape" and node.input[1].endswith(f"{INT4}.shape")))
-        if not last:
-            continue
-        chain, gate_on, stack = {id(node): node}, None, list(node.input)
-        while stack:
-            up = prod.get(stack.pop())
-            if up is None or id(up) in chain:
-                continue
-            chain[id(up)] = up
-            if up.op_type == "Size":
-                gate_on = up.input[0]
-            else:
-                stack.extend(up.input)
-        if gate_on is not None:
-            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on)
-    return out
-
-
-def kept_for_backward(model) -> set[str]:
-    """Dequantized matrices the backward reads from the forward (each outlives the forward: what
-    dequantize_at_use removes). A matrix counts through its views (INT4's last step is a Reshape)."""
-    prod = producers(model)
-    saved = saved_for_backward(model)
-    return {t for t in dequantized_weights(model) if view_chain(t, prod)[-1] in saved}

@@ -13,7 +13,8 @@ from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.dequantize_at_use import most_alive
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
-from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN, dequantized_weights, kept_for_backward
+from lars_export.passes._dequantized import dequantized_weights, kept_for_backward
+from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN
 
 D, F, R, V, VOCAB, BLOCK = 32, 64, 2, 40, 50, 32
 

@@ -1,0 +1,47 @@
+"""The stored form of quantized frozen weights, and where a graph dequantizes them.
+
+quantize_frozen writes a matrix W as `<W>.int8` (+ `.scale`) or `<W>.int4` (+ `.scale`, `.min`, `.blocks`, `.shape`)
+and dequantizes it in front of each reader, gated on the reader's activation. The passes that come after it
+(chunked_loss, dequantize_in_slices, dequantize_at_use) and their tests find those dequantizations here.
+"""
+
+from __future__ import annotations
+
+from ._base import producers, saved_for_backward, view_chain
+
+INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
+
+
+def dequantized_weights(model) -> dict[str, tuple[list, str]]:
+    """Every tensor that is a dequantized frozen matrix (made by quantize_frozen, or a copy of such a computation
+    made by a later pass): name -> (the nodes computing it from the stored tensors, in stored order; the tensor its gate
+    waits for)."""
+    prod = producers(model)
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    out = {}
+    for node in model.graph.node:
+        last = ((node.op_type == "DequantizeLinear" and node.input[0].endswith(INT8))
+                or (node.op_type == "Reshape" and node.input[1].endswith(f"{INT4}.shape")))
+        if not last:
+            continue
+        chain, gate_on, stack = {id(node): node}, None, list(node.input)
+        while stack:
+            up = prod.get(stack.pop())
+            if up is None or id(up) in chain:
+                continue
+            chain[id(up)] = up
+            if up.op_type == "Size":
+                gate_on = up.input[0]
+            else:
+                stack.extend(up.input)
+        if gate_on is not None:
+            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on)
+    return out
+
+
+def kept_for_backward(model) -> set[str]:
+    """Dequantized matrices the backward reads from the forward (each outlives the forward: what
+    dequantize_at_use removes). A matrix counts through its views (INT4's last step is a Reshape)."""
+    prod = producers(model)
+    saved = saved_for_backward(model)
+    return {t for t in dequantized_weights(model) if view_chain(t, prod)[-1] in saved}
