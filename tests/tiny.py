@@ -126,7 +126,7 @@ def peft_step(model_dir, bundle, adapters, batch, dequantize=None):
     loss.backward()
     grads = {p["onnx_name"]: params[p["onnx_name"].removeprefix("model.")].grad.numpy()
              for p in manifest.adapter["parameters"]}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def compare_with_peft(model_dir, bundle_dir, dequantize=None):
