@@ -66,6 +66,8 @@ def read_tied_table_by_column(model, table: str, transposed: str) -> tuple[int, 
 
     rewritten, skipped = 0, []
     for node in list(consumers(model).get(table, [])):
+        if node.op_type == "Transpose":
+            continue  # another transpose of the table: folded by this pass too
         rank = _rank(model, node.input[1]) if node.op_type == "Gather" else None
         if node.op_type != "Gather" or node.input[0] != table or attr(node, "axis", 0) != 0 or rank is None:
             skipped.append(f"{node.name}: reads tied table {table} as {node.op_type} (or ids of unknown rank); "
