@@ -26,8 +26,9 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
   Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4; a tied embedding once, as the pre-transposed
   output projection its lookups also read), plus, when quantized, the largest dequantized transient: the output
-  projection [hidden, vocab] at the loss, where the step peaks, whole up to DEQUANTIZED_SLICE_BYTES and one slice of it above (the
-  dequantize_in_slices pass), or a layer's largest matrix (twice for INT4, whose unpacking holds two copies).
+  projection [hidden, vocab] at the loss, where the step peaks, whole up to DEQUANTIZED_SLICE_BYTES and one slice
+  of it above (the dequantize_in_slices pass), or a layer's largest matrix (twice for INT4, whose unpacking holds
+  two copies).
 - runtime: the process without tensors: Python, numpy, tokenizers and onnxruntime's sessions, which grow with the
   nodes a pass adds (measured, below).
 

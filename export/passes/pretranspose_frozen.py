@@ -87,6 +87,9 @@ def read_tied_table_by_column(model, table: str, transposed: str) -> tuple[int, 
 def apply(model, context: PassContext) -> PassReport:
     report = PassReport("pretranspose_frozen")
     tied = 0
+    # tensors something other than a Transpose reads (taken once: the loop only removes transposes and rewrites the
+    # lookups of the one table it is at), so only a weight with such a reader pays for a fresh look at its readers
+    read_otherwise = {i for n in model.graph.node if n.op_type != "Transpose" for i in n.input}
     for node, weight in list(find(model, context)):
         why_not = check(node, weight, context)
         if why_not:
@@ -98,7 +101,7 @@ def apply(model, context: PassContext) -> PassReport:
         report.changed += 1
         report.bytes_freed += initializer_nbytes(weight)  # the Transpose's output, made every step
         report.freed_per = "step"
-        if plain and weight.name in consumers(model):  # a tied table: its lookups read the transposed copy
+        if plain and weight.name in read_otherwise:  # a tied table: its lookups read the transposed copy
             rewritten, skipped = read_tied_table_by_column(model, weight.name, node.output[0])
             tied += rewritten
             report.skipped.extend(skipped)
