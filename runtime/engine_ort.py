@@ -143,9 +143,12 @@ class OrtEngine:
             properties={}))
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def train_step(self, batch: Batch, lr: float) -> float:
+    def train_step(self, batch: Batch, lr: float, proximal: tuple[float, np.ndarray] | None = None) -> float:
         """Forward + backward + AdamW update at learning rate `lr`; returns the batch's mean token loss. A NaN/inf
-        loss or gradient raises NonFiniteStep before anything is updated."""
+        loss or gradient raises NonFiniteStep before anything is updated.
+
+        `proximal` = (mu, anchor): FedProx's term mu/2 * ||params - anchor||^2 joins the loss' gradient (anchor is a
+        flat float32 array in the order of `params`; federated/local.py passes the round's global adapter)."""
         if batch.label_tokens == 0:
             raise LarsError("a training batch has no label tokens (all prompt or padding); check --mask-prompt")
         loss = self.forward_backward(batch)
@@ -153,6 +156,9 @@ class OrtEngine:
             raise NonFiniteStep(loss, "loss")
         if not np.isfinite(self.grads).all():
             raise NonFiniteStep(loss, "gradient")
+        if proximal is not None:
+            mu, anchor = proximal
+            self.grads += np.float32(mu) * (self.params - anchor)
         self.step_count += 1
         self.learning_rate = float(lr)
         self.optimizer.update(self.params, self.grads, self.m1, self.m2, lr, self.step_count)
@@ -186,6 +192,12 @@ class OrtEngine:
     def set_adapter_tensors(self, tensors: dict[str, np.ndarray]) -> None:
         for name, value in tensors.items():
             self._views["params"][name][...] = value
+
+    def reset_optimizer(self) -> None:
+        """Zero AdamW's moments and step count: the next update is a first one (a federated round starts so)."""
+        self.m1[...] = 0
+        self.m2[...] = 0
+        self.step_count = 0
 
 
 def _map_weights(bundle: Bundle) -> list[dict]:

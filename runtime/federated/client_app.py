@@ -1,0 +1,110 @@
+"""The Flower ClientApp: a device's federated rounds on `lars_ort` (no torch).
+
+A train message carries the global adapter (ArrayRecord "arrays") and the round's settings (ConfigRecord "config":
+local-steps, lr, proximal-mu); the reply carries the adapter after local training and a MetricRecord "metrics"
+with num-tokens (the FedAvg weight), num-examples, train_loss and the device's peak RSS. An evaluate message
+is answered with the loss on the device's held-out file.
+
+Where the device's files are: the SuperNode's `--node-config` (data, eval-data, state-dir) when given; otherwise,
+in Flower's simulation engine, the run config's comma-separated `data` / `eval-data` lists, entry `partition-id`.
+The bundle and the batch shape come from the run config (`flwr run --run-config`), the same on every device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lars_artifacts import LarsError
+
+from .local import LocalClient, LocalData
+
+# Run-config keys the ClientApp reads, with their defaults (server_app.RUN_CONFIG documents the whole set).
+CLIENT_DEFAULTS = {"bundle": "", "data": "", "eval-data": "", "state-dir": "", "batch-size": 1, "seq-len": 256,
+                   "seed": 0, "threads": 0, "local-steps": 10, "lr": 2e-4, "eval-batches": 0}
+
+_clients: dict[tuple, LocalClient] = {}  # one per device setting in this process (simulation workers reuse theirs)
+
+
+def arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def numpy_to_arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in tensors.items()})
+
+
+def _pick(value: str, partition, what: str) -> str:
+    """Entry `partition` of a comma-separated list (one entry: every device's)."""
+    entries = [v.strip() for v in str(value).split(",") if v.strip()]
+    if len(entries) <= 1 or partition is None:
+        return entries[0] if entries else ""
+    if not 0 <= int(partition) < len(entries):
+        raise LarsError(f"run config {what} lists {len(entries)} files but this device is partition {partition}; "
+                        f"give one file per partition")
+    return entries[int(partition)]
+
+
+def device_settings(context: Context, defaults: dict | None = None) -> dict:
+    """The settings of this device: CLIENT_DEFAULTS < `defaults` < run config < node config."""
+    settings = {**CLIENT_DEFAULTS, **(defaults or {}), **dict(context.run_config)}
+    node = dict(context.node_config)
+    partition = node.get("partition-id")
+    for key in ("data", "eval-data", "state-dir"):
+        settings[key] = str(node[key]) if key in node else _pick(settings[key], partition, key)
+    if not settings["bundle"]:
+        raise LarsError("the run config names no bundle; pass --run-config \"bundle='PATH'\" (a lars-export "
+                        "bundle present on every device)")
+    if not settings["data"]:
+        raise LarsError("this device has no training data; start its SuperNode with --node-config "
+                        "\"data='FILE'\" (or list one file per partition in the run config's data)")
+    return settings
+
+
+def local_client(settings: dict) -> LocalClient:
+    data = LocalData(train=settings["data"], eval=settings["eval-data"] or None,
+                     batch_size=int(settings["batch-size"]), seq_len=int(settings["seq-len"]),
+                     seed=int(settings["seed"]), eval_batches=int(settings["eval-batches"]))
+    state = Path(settings["state-dir"]) / "client_state.json" if settings["state-dir"] else None
+    key = (str(Path(settings["bundle"]).resolve()), repr(data), str(state), int(settings["threads"]))
+    if key not in _clients:
+        _clients.clear()  # one device per process: never two bundles' sessions at once
+        _clients[key] = LocalClient(settings["bundle"], data, state, threads=int(settings["threads"]))
+    return _clients[key]
+
+
+def train_reply(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+    settings = device_settings(context, defaults)
+    config = msg.content.get("config", {})
+    steps = int(config.get("local-steps", settings["local-steps"]))
+    lr = float(config.get("lr", settings["lr"]))
+    mu = float(config.get("proximal-mu", 0.0))
+    tensors, metrics = local_client(settings).fit(arrays_to_numpy(msg.content["arrays"]), steps, lr, mu)
+    return Message(RecordDict({"arrays": numpy_to_arrays(tensors), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+    result = local_client(device_settings(context, defaults)).evaluate(arrays_to_numpy(msg.content["arrays"]))
+    return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
+
+
+def client_app(defaults: dict | None = None) -> ClientApp:
+    """A ClientApp whose run-config defaults are `defaults` (tests and the simulation engine, which takes no run
+    config, pass the bundle and data here)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return train_reply(msg, context, defaults)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_reply(msg, context, defaults)
+
+    return app
+
+
+app = client_app()

@@ -1,0 +1,183 @@
+"""The Flower ServerApp: FedAvg over the devices' LoRA adapters, weighted by the tokens each trained on.
+
+Every reply is checked before it is averaged (aggregate.update_problem: tensor names, shapes, dtype, NaN/inf, the
+weight); a bad one is logged with its node id and left out, never averaged in. The global adapter of every round
+is written to the run directory `out` as a checkpoint of a `lars-ort train` run (atomically), so `lars-ort
+export-adapter OUT` and `lars-ort eval BUNDLE --run OUT` take it as they take a local run; `out/federation.jsonl`
+has one line per round (held-out loss of the global adapter, clients accepted / rejected / failed, tokens, bytes,
+seconds). FedProx is the option `proximal-mu` > 0 (the devices add mu * (w - w_global) to their gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from lars_artifacts import CHECKPOINT, Bundle, LarsError, load_bundle
+from lars_artifacts.ort_checkpoint import OrtCheckpoint, read_checkpoint, write_checkpoint
+
+from .. import checkpoint as ckpt
+from ..data import eval_batches, load_sequences
+from ..trainer import Trainer
+from .aggregate import update_problem, weighted_mean
+from .client_app import CLIENT_DEFAULTS, arrays_to_numpy, numpy_to_arrays
+
+# The run config (`[tool.flwr.app.config]` of the Flower App, `flwr run --run-config "key=value ..."`): the server's
+# keys below, the devices' in client_app.CLIENT_DEFAULTS (bundle, data, eval-data, batch-size, seq-len, ...).
+SERVER_DEFAULTS = {
+    "out": "",                  # run directory for the global adapters (new, or pass another)
+    "rounds": 3,
+    "min-clients": 2,           # a round starts when this many devices are connected and needs no more replies
+    "fraction-train": 1.0,      # of the connected devices, sampled each round
+    "fraction-evaluate": 0.0,   # > 0: devices also score the global adapter on their own eval-data
+    "round-timeout": 600.0,     # seconds to wait for replies; a device that does not answer is left out
+    "proximal-mu": 0.0,         # FedProx; 0 is FedAvg
+    "server-eval-data": "",     # the server's held-out file: the global adapter's loss after every round
+}
+ROUNDS_FILE = "federation.jsonl"
+
+
+def reply_problem(content: RecordDict, reference: dict[str, np.ndarray]) -> str | None:
+    """Why a device's train reply cannot be averaged (None when it can)."""
+    arrays, metrics = content.array_records, content.metric_records
+    if list(arrays) != ["arrays"] or list(metrics) != ["metrics"]:
+        return (f"the reply holds array records {sorted(arrays)} and metric records {sorted(metrics)}, not one "
+                f"'arrays' and one 'metrics'")
+    values = metrics["metrics"]
+    for key, value in values.items():
+        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            return f"its metric {key} is {value!r}"
+    return update_problem(reference, arrays_to_numpy(arrays["arrays"]), values.get("num-tokens"))
+
+
+class AdapterFedAvg(FedAvg):
+    """FedAvg over adapters that checks every reply first (and sends FedProx's mu when set)."""
+
+    def __init__(self, reference: dict[str, np.ndarray], proximal_mu: float = 0.0, **kwargs) -> None:
+        super().__init__(weighted_by_key="num-tokens", **kwargs)
+        self.reference, self.proximal_mu = reference, float(proximal_mu)
+        self.outcome: dict[int, dict] = {}  # round -> accepted / rejected / failed nodes, tokens
+
+    def configure_train(self, server_round, arrays, config, grid):
+        if self.proximal_mu:
+            config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        accepted, rejected, failed = [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed.append(node)
+                log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            problem = reply_problem(msg.content, self.reference)
+            if problem:
+                rejected.append(node)
+                log(WARNING, "round %d: rejected the update of node %d: %s", server_round, node, problem)
+                continue
+            accepted.append(msg.content)
+        tokens = [int(c["metrics"]["num-tokens"]) for c in accepted]
+        self.outcome[server_round] = {"accepted": len(accepted), "rejected": rejected, "failed": failed,
+                                      "train_tokens": sum(tokens)}
+        if not accepted:
+            log(WARNING, "round %d: no update accepted; the global adapter stays as it was", server_round)
+            return None, None
+        mean = weighted_mean([arrays_to_numpy(c["arrays"]) for c in accepted], tokens)
+        return numpy_to_arrays(mean), self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
+
+
+class GlobalAdapter:
+    """The global adapter as checkpoint.save takes an engine's: its tensors, written as an ORT checkpoint."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors = tensors
+
+    def adapter_tensors(self) -> dict[str, np.ndarray]:
+        return self.tensors
+
+    def save(self, path) -> None:
+        write_checkpoint(str(path), OrtCheckpoint(parameters=self.tensors,
+                                                  requires_grad={n: True for n in self.tensors}))
+
+
+def initial_adapter(bundle: Bundle) -> dict[str, np.ndarray]:
+    """The bundle's initial adapter tensors (its checkpoint, read without onnxruntime)."""
+    spec = bundle.manifest.models.get("ort") or {}
+    saved = read_checkpoint(bundle.file(spec.get("checkpoint", CHECKPOINT))).parameters
+    return {p["onnx_name"]: saved[p["onnx_name"]] for p in bundle.manifest.adapter["parameters"]}
+
+
+def run_federation(grid: Grid, settings: dict) -> dict:
+    """Run `rounds` rounds of FedAvg on `grid`; returns the last round's record."""
+    if not settings["bundle"]:
+        raise LarsError("the run config names no bundle; pass --run-config \"bundle='PATH'\"")
+    if not settings["out"]:
+        raise LarsError("the run config names no out directory for the global adapters; pass --run-config "
+                        "\"out='DIR'\"")
+    bundle = load_bundle(settings["bundle"])
+    reference = initial_adapter(bundle)
+    out = Path(settings["out"])
+    ckpt.create_run(out, bundle, {k: settings[k] for k in sorted(settings)}, "")
+    rounds, started = int(settings["rounds"]), time.monotonic()
+    held, evaluator = None, None
+    if settings["server-eval-data"]:
+        evaluator = Trainer(bundle, eval=True, training=False, threads=int(settings["threads"]))
+        held = load_sequences(settings["server-eval-data"], evaluator.tokenizer, int(settings["seq-len"]))
+    strategy = AdapterFedAvg(reference, settings["proximal-mu"], fraction_train=float(settings["fraction-train"]),
+                             fraction_evaluate=float(settings["fraction-evaluate"]),
+                             min_train_nodes=int(settings["min-clients"]),
+                             min_evaluate_nodes=int(settings["min-clients"]),
+                             min_available_nodes=int(settings["min-clients"]))
+    adapter_bytes = sum(t.nbytes for t in reference.values())
+    record: dict = {}
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal started, record
+        tensors = arrays_to_numpy(arrays)
+        record = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
+                  **strategy.outcome.get(server_round, {}), "adapter_bytes": adapter_bytes}
+        if server_round:
+            state = {"step": server_round, "position": {"epoch": 0, "index": 0, "seed": 0}, "federated": record}
+            record["checkpoint"] = str(ckpt.save(out, GlobalAdapter(tensors), state, keep=max(2, rounds)))
+        if evaluator is not None:
+            evaluator.engine.set_adapter_tensors(tensors)
+            score = evaluator.evaluate(eval_batches(held, int(settings["batch-size"]), evaluator.tokenizer.pad_id,
+                                                    int(settings["eval-batches"])))
+            record["eval_loss"] = score["eval_loss"]
+        with open(out / ROUNDS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(INFO, "lars round %d/%d: global held-out loss %s, %s clients accepted, %d rejected, %d failed, "
+            "%s train tokens, %.1f s", server_round, rounds,
+            f"{record['eval_loss']:.4f}" if "eval_loss" in record else "-", record.get("accepted", "-"),
+            len(record.get("rejected", [])), len(record.get("failed", [])), record.get("train_tokens", "-"),
+            record["seconds"])
+        started = time.monotonic()
+        return MetricRecord({"eval_loss": record["eval_loss"]}) if "eval_loss" in record else None
+
+    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(reference), num_rounds=rounds,
+                   timeout=float(settings["round-timeout"]), evaluate_fn=after_round)
+    return record
+
+
+def server_app(defaults: dict | None = None) -> ServerApp:
+    """A ServerApp whose run-config defaults are `defaults` (as client_app.client_app)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(grid, {**CLIENT_DEFAULTS, **SERVER_DEFAULTS, **(defaults or {}), **dict(context.run_config)})
+
+    return app
+
+
+app = server_app()
