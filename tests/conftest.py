@@ -48,6 +48,8 @@ SLOW = (
     "tests/test_cli_and_bad_input.py::test_export_errors_name_the_problem",
     "tests/test_cli_and_bad_input.py::test_train_eval_export_adapter_through_the_cli",
     "tests/test_export_weights.py",
+    "tests/test_federated.py::test_a_simulated_federation_averages_by_tokens_and_leaves_a_poisoned_update_out",
+    "tests/test_federated.py::test_the_demo_runs_a_tls_federation_on_loopback",
     "tests/test_fuzz_run_state.py",
     "tests/test_lars.py::test_full_rank_lars_reproduces_exact_lora_gradients",
     "tests/test_memory_model.py",

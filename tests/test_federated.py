@@ -1,0 +1,277 @@
+"""Federated fine-tuning on Flower (lars_ort.federated): the weighted mean, the checks that keep a bad update out,
+a device's round against the same steps taken by hand, and whole federations on the tiny bundle (Flower's
+simulation engine in this process; the deployment engine with TLS through tools/federated_demo.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lars_artifacts import LarsError, load_bundle
+from lars_artifacts.ort_checkpoint import read_checkpoint
+from lars_ort import Trainer
+from lars_ort.data import BatchStream, load_sequences
+from lars_ort.federated.aggregate import update_problem, weighted_mean
+from lars_ort.federated.local import LocalClient, LocalData
+from lars_ort.optimizer import AdamW
+from tiny import EVAL_TEXT, TRAIN_TEXT
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 32
+
+
+def _adapter(seed, shapes=(("a", (4, 3)), ("b", (2, 4)))):
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes}
+
+
+def test_weighted_mean_is_fedavg_in_float64():
+    updates = [_adapter(s) for s in range(3)]
+    weights = [100, 7, 1]
+    mean = weighted_mean(updates, weights)
+    for name in updates[0]:
+        expected = sum(np.float64(w) * u[name].astype(np.float64) for u, w in zip(updates, weights)) / sum(weights)
+        assert mean[name].dtype == np.float32
+        np.testing.assert_allclose(mean[name], expected.astype(np.float32), rtol=0, atol=0)
+    # one update: itself
+    assert all(np.array_equal(weighted_mean(updates[:1], [5])[n], updates[0][n]) for n in updates[0])
+    with pytest.raises(ValueError, match="one weight per update"):
+        weighted_mean(updates, [1, 2])
+
+
+@pytest.mark.parametrize("change, weight, message", [
+    (lambda u: u.pop("b"), 10, "lacks 1 tensor(s) (b)"),
+    (lambda u: u.update(c=np.zeros(1, np.float32)), 10, "has 1 unknown tensor(s) (c)"),
+    (lambda u: u.update(a=np.zeros((3, 4), np.float32)), 10, "a has shape [3, 4], the adapter's is [4, 3]"),
+    (lambda u: u.update(a=u["a"].astype(np.float64)), 10, "a is float64, the adapter's is float32"),
+    (lambda u: u["b"].__setitem__((1, 2), np.nan), 10, "b holds NaN or inf"),
+    (lambda u: u["a"].__setitem__((0, 0), np.inf), 10, "a holds NaN or inf"),
+    (lambda u: None, 0, "weight (token count) 0 is not a finite number > 0"),
+    (lambda u: None, float("nan"), "weight (token count) nan"),
+    (lambda u: None, True, "weight (token count) True"),
+    (lambda u: None, None, "weight (token count) None"),
+])
+def test_a_bad_update_is_named(change, weight, message):
+    reference, update = _adapter(0), _adapter(1)
+    assert update_problem(reference, update, 10) is None
+    change(update)
+    assert message in update_problem(reference, update, weight)
+
+
+def _local(bundle, state=None, data=TRAIN_TEXT, **kw):
+    return LocalClient(bundle, LocalData(train=str(data), eval=str(EVAL_TEXT), seq_len=SEQ, **kw), state)
+
+
+def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tiny_bundles, tmp_path):
+    bundle = load_bundle(tiny_bundles["llama"])
+    client = _local(bundle, tmp_path / "state.json")
+    start = client.trainer.adapter_tensors()
+    start = {n: v + np.float32(0.01) for n, v in start.items()}  # a global adapter with B != 0
+    tensors, metrics = client.fit(start, steps=3, lr=1e-2)
+
+    # by hand: a fresh trainer (fresh AdamW), the same adapter, the first three batches of the same stream
+    trainer = Trainer(bundle, eval=False, backend="ort")
+    trainer.engine.set_adapter_tensors(start)
+    seqs = load_sequences(TRAIN_TEXT, trainer.tokenizer, SEQ)
+    stream = BatchStream(seqs, 1, trainer.tokenizer.pad_id, 0)
+    batches = [stream.next() for _ in range(6)]
+    losses = [trainer.step(b, 1e-2) for b in batches[:3]]
+    for name, value in trainer.adapter_tensors().items():
+        np.testing.assert_array_equal(tensors[name], value)
+    assert metrics["train_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert metrics["num-tokens"] == sum(b.label_tokens for b in batches[:3]) and metrics["num-examples"] == 3
+
+    # the next round starts AdamW afresh and continues the data; so does a restarted device (the state file)
+    again = client.fit(start, steps=3, lr=1e-2)[0]
+    restarted = _local(bundle, tmp_path / "state.json")
+    restarted.stream.epoch, restarted.stream.index = 0, 0
+    restarted._restore()
+    assert restarted.position() == client.position()
+    fresh = Trainer(bundle, eval=False, backend="ort")
+    fresh.engine.set_adapter_tensors(start)
+    for b in batches[3:]:
+        fresh.step(b, 1e-2)
+    for name, value in fresh.adapter_tensors().items():
+        np.testing.assert_array_equal(again[name], value)
+    # another data file: the position means nothing there
+    other = _local(bundle, tmp_path / "state.json", data=EVAL_TEXT)
+    assert (other.stream.epoch, other.stream.index) == (0, 0)
+    # the held-out loss of an adapter is the trainer's evaluation of it
+    score = client.evaluate(start)
+    assert score["num-tokens"] > 0 and np.isfinite(score["eval_loss"])
+
+
+def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter(tiny_bundles):
+    bundle = load_bundle(tiny_bundles["llama"])
+    mu, lr = 0.5, 1e-2
+    client = _local(bundle)
+    start = client.trainer.adapter_tensors()
+    prox = client.fit(start, steps=2, lr=lr, proximal_mu=mu)[0]
+
+    # by hand: step 1 as FedAvg (the distance is 0), step 2's gradient + mu * (w1 - w0), AdamW (step 2)
+    trainer = Trainer(bundle, eval=False, backend="ort")
+    engine = trainer.engine
+    engine.set_adapter_tensors(start)
+    w0 = engine.params.copy()
+    stream = BatchStream(load_sequences(TRAIN_TEXT, trainer.tokenizer, SEQ), 1, trainer.tokenizer.pad_id, 0)
+    trainer.step(stream.next(), lr)
+    m1, m2 = engine.m1.copy(), engine.m2.copy()
+    w1 = engine.params.copy()
+    engine.forward_backward(stream.next())
+    grads = engine.grads + np.float32(mu) * (w1 - w0)
+    expected = w1.copy()
+    AdamW(engine.optimizer.config, expected.size).update(expected, grads, m1, m2, lr, 2)
+    engine.params[...] = expected
+    for name, value in trainer.adapter_tensors().items():
+        np.testing.assert_allclose(prox[name], value, rtol=0, atol=1e-7)
+    plain = _local(bundle).fit(start, steps=2, lr=lr)[0]
+    assert any(not np.allclose(plain[n], prox[n]) for n in plain)
+
+
+def test_a_global_adapter_of_another_bundle_is_refused(tiny_bundles):
+    client = _local(load_bundle(tiny_bundles["llama"]))
+    wrong = {n: v[..., :1] for n, v in client.trainer.adapter_tensors().items()}
+    with pytest.raises(LarsError, match="the global adapter does not fit bundle .*every device must train the bundle"):
+        client.fit(wrong, steps=1, lr=1e-3)
+    with pytest.raises(LarsError, match="local steps 0 must be an integer >= 1"):
+        client.fit(client.trainer.adapter_tensors(), steps=0, lr=1e-3)
+
+
+def _short_examples(directory: Path) -> str:
+    """A device whose batches hold few label tokens (prompt masked): weighting by tokens differs from by steps."""
+    path = directory / "short.jsonl"
+    lines = [json.dumps({"prompt": f"Q{i}: what follows {i}?", "completion": f" {i + 1}."}) for i in range(24)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _expected_rounds(bundle_dir, files, rounds, steps, lr, saved):
+    """The global adapter of each round recomputed outside Flower: every device's LocalClient from the saved global
+    of the round before, then the token-weighted mean (float64)."""
+    clients = [_local(load_bundle(bundle_dir), data=f) for f in files]
+    expected = {}
+    for r in range(1, rounds + 1):
+        start = saved[r - 1]
+        results = [c.fit(start, steps, lr) for c in clients]
+        tokens = [m["num-tokens"] for _, m in results]
+        assert len(set(tokens)) == len(tokens), tokens  # else a plain mean would pass too
+        expected[r] = {n: (sum(np.float64(w) * t[n].astype(np.float64) for (t, _), w in zip(results, tokens))
+                           / sum(tokens)).astype(np.float32) for n in start}
+    return expected
+
+
+def _saved_globals(out, bundle_dir, rounds):
+    from lars_ort.federated.server_app import initial_adapter
+
+    saved = {0: initial_adapter(load_bundle(bundle_dir))}
+    for r in range(1, rounds + 1):
+        saved[r] = read_checkpoint(out / "checkpoints" / f"step-{r:08d}" / "checkpoint").parameters
+    return saved
+
+
+def test_a_simulated_federation_averages_by_tokens_and_leaves_a_poisoned_update_out(tiny_bundles, tmp_path):
+    """Three virtual devices on Flower's simulation engine, two rounds; device 2 sends NaN. The server rejects it
+    with a log line, the global adapter of each round is the token-weighted mean of the two others (recomputed
+    here), saved as a run that `lars-ort export-adapter` takes."""
+    from flwr.app import ArrayRecord
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+
+    from lars_ort.federated.client_app import numpy_to_arrays, train_reply
+    from lars_ort.federated.server_app import ROUNDS_FILE, server_app
+
+    bundle = tiny_bundles["llama"]
+    files = [str(TRAIN_TEXT), _short_examples(tmp_path), str(TRAIN_TEXT)]
+    out = tmp_path / "federated"
+    config = {"bundle": str(bundle), "data": ",".join(files), "out": str(out), "rounds": 2, "local-steps": 2,
+              "lr": 1e-2, "seq-len": SEQ, "min-clients": 3, "server-eval-data": str(EVAL_TEXT), "eval-batches": 2}
+
+    def poisoned_client_app():
+        app = ClientApp()
+
+        @app.train()
+        def train(msg, context):
+            reply = train_reply(msg, context, config)
+            if context.node_config["partition-id"] == 2:
+                tensors = {n: a.numpy().copy() for n, a in reply.content["arrays"].items()}
+                next(iter(tensors.values()))[0] = np.nan
+                reply.content["arrays"] = numpy_to_arrays(tensors)
+            assert isinstance(reply.content["arrays"], ArrayRecord)
+            return reply
+
+        return app
+
+    run_simulation(server_app=server_app(config), client_app=poisoned_client_app(), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    records = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for r in records[1:]:
+        assert r["accepted"] == 2 and len(r["rejected"]) == 1 and r["failed"] == [], r
+        assert np.isfinite(r["eval_loss"])
+    saved = _saved_globals(out, bundle, 2)
+    expected = _expected_rounds(bundle, files[:2], 2, 2, 1e-2, saved)
+    for r in (1, 2):
+        for name, value in expected[r].items():
+            np.testing.assert_allclose(saved[r][name], value, rtol=0, atol=2e-7)
+        assert any(not np.array_equal(saved[r][n], saved[r - 1][n]) for n in saved[r])
+    # the global adapter as a PEFT adapter; the held-out loss the server logged is the bundle's eval of it
+    adapter = tmp_path / "adapter"
+    done = subprocess.run([sys.executable, "-m", "lars_ort.cli", "export-adapter", str(out), "--out", str(adapter)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from safetensors.numpy import load_file
+
+    exported = load_file(adapter / "adapter_model.safetensors")
+    assert len(exported) == len(saved[2])
+    assert sorted(np.abs(v).sum() for v in exported.values()) == pytest.approx(
+        sorted(float(np.abs(v).sum()) for v in saved[2].values()), rel=1e-6)
+
+
+def test_the_demo_runs_a_tls_federation_on_loopback(tiny_bundles, tmp_path):
+    """tools/federated_demo.py: a SuperLink and two SuperNodes as processes, TLS with the certificates it makes;
+    the global adapters equal the recomputed token-weighted means, and no Flower process outlives the demo."""
+    bundle = tiny_bundles["llama"]
+    files = [str(TRAIN_TEXT), _short_examples(tmp_path)]
+    out = tmp_path / "fed"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "federated_demo.py"), "--bundle", str(bundle),
+                           "--clients", "2", "--rounds", "2", "--local-steps", "2", "--lr", "1e-2", "--seq-len",
+                           str(SEQ), "--data", ",".join(files), "--eval-data", str(EVAL_TEXT), "--eval-batches", "2",
+                           "--out", str(out), "--json", str(tmp_path / "rounds.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "deployment engine, TLS" in done.stdout
+    lines = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(lines) == 3 and all("2 clients averaged, 0 rejected, 0 failed" in line for line in lines[1:]), lines
+    work = out.parent / f".{out.name}.flower"
+    assert "Uvicorn running on https://127.0.0.1:" in (work / "superlink.log").read_text()
+    assert (work / "certificates" / "ca.crt").is_file()
+    rounds = json.loads((tmp_path / "rounds.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    saved = _saved_globals(out, bundle, 2)
+    expected = _expected_rounds(bundle, files, 2, 2, 1e-2, saved)
+    for r in (1, 2):
+        for name, value in expected[r].items():
+            np.testing.assert_allclose(saved[r][name], value, rtol=0, atol=2e-7)
+    alive = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True)
+    assert alive.stdout == "", alive.stdout
+
+
+def test_a_device_round_imports_no_torch(tiny_bundles):
+    """Flower and lars' apps on a device: no torch, transformers, optimum or peft imported, though installed here."""
+    from base_install import FORBIDDEN
+
+    script = f"""
+import json, sys
+import lars_ort.federated.client_app, lars_ort.federated.server_app
+from lars_ort.federated.local import LocalClient, LocalData
+client = LocalClient({str(tiny_bundles["qwen2"])!r}, LocalData(train={str(TRAIN_TEXT)!r}, seq_len=16))
+tensors, metrics = client.fit(client.trainer.adapter_tensors(), steps=1, lr=1e-3)
+print(json.dumps({{"tokens": metrics["num-tokens"], "imported": sorted(m for m in {FORBIDDEN!r} if m in sys.modules)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"tokens": 16, "imported": []}
