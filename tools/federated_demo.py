@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,10 +129,11 @@ class Federation:
     """The processes of a loopback federation; stopped (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(self, work: Path, env: dict) -> None:
-        self.work, self.env, self.procs = work, env, {}
+        self.work, self.env, self.procs, self.argv = work, env, {}, {}
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.work / f"{name}.log", "w")
+        self.argv[name] = argv
+        log = open(self.work / f"{name}.log", "a")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             cwd=self.work, start_new_session=True)
         return self.procs[name]
@@ -190,6 +192,10 @@ def main(argv=None) -> int:
     p.add_argument("--insecure", action="store_true", help="plain HTTP between the nodes (default: TLS)")
     p.add_argument("--cache", default="out/federated-data", help="where the Shakespeare plays are kept")
     p.add_argument("--json", help="write the rounds' records here")
+    p.add_argument("--kill-client", type=int, help="fault drill: SIGKILL this client's SuperNode (0-based) as round "
+                   "--kill-round starts, restart it --restart-after seconds later (deployment engine)")
+    p.add_argument("--kill-round", type=int, default=2)
+    p.add_argument("--restart-after", type=float, default=5.0, help="seconds from the kill to the restart")
     a = p.parse_args(argv)
 
     out = Path(a.out).resolve()
@@ -244,7 +250,22 @@ def main(argv=None) -> int:
         started = time.monotonic()
         runner = fed.start("flwr-run", [f"{bin_dir}/flwr", "run", str(work / "app"), "lars", "--stream",
                                         "--run-config", overrides])
-        rounds = follow_rounds(out, runner, a.rounds, fed)
+        drill = None
+        if a.kill_client is not None and a.engine == "deployment":
+            name = f"supernode-{a.kill_client}"
+
+            def restart() -> None:
+                fed.start(name, fed.argv[name])
+                print(f"fault drill: restarted client {a.kill_client}'s SuperNode (a new node to the SuperLink: "
+                      f"it joins the next round and continues its data from its state file)", flush=True)
+
+            def drill(record: dict) -> None:
+                if record["round"] == a.kill_round - 1:
+                    fed.stop(name, signal.SIGKILL)
+                    print(f"fault drill: killed client {a.kill_client}'s SuperNode (SIGKILL) as round "
+                          f"{a.kill_round} starts", flush=True)
+                    threading.Timer(a.restart_after, restart).start()
+        rounds = follow_rounds(out, runner, a.rounds, fed, drill)
         if runner.returncode not in (0, None) or len(rounds) < a.rounds + 1:
             print(fed.tail("flwr-run", 30), file=sys.stderr)
             print(f"error: the federation stopped after {max(len(rounds) - 1, 0)} of {a.rounds} rounds; logs in "
@@ -259,7 +280,7 @@ def main(argv=None) -> int:
         fed.stop_all()
 
 
-def follow_rounds(out: Path, runner: subprocess.Popen, rounds: int, fed: Federation) -> list[dict]:
+def follow_rounds(out: Path, runner: subprocess.Popen, rounds: int, fed: Federation, on_round=None) -> list[dict]:
     """Print each round's record as the server appends it to federation.jsonl, until `flwr run` ends (or every
     SuperNode has exited: the server would wait for them forever)."""
     seen: list[dict] = []
@@ -280,9 +301,11 @@ def follow_rounds(out: Path, runner: subprocess.Popen, rounds: int, fed: Federat
                 print(f"round 0/{rounds}: global held-out loss {loss} (the bundle's initial adapter)", flush=True)
             else:
                 print(f"round {r['round']}/{rounds}: global held-out loss {loss}, {r['accepted']} clients "
-                      f"averaged, {len(r['rejected'])} rejected, {len(r['failed'])} failed, "
-                      f"{r['train_tokens']:,} train tokens, {r['adapter_bytes'] / 1e6:.2f} MB adapter each way, "
-                      f"{r['seconds']:.1f} s", flush=True)
+                      f"averaged, {len(r['rejected'])} rejected, {len(r['failed'])} failed, {r['no_reply']} no "
+                      f"reply, {r['train_tokens']:,} train tokens, {r['adapter_bytes'] / 1e6:.2f} MB adapter each "
+                      f"way, {r['seconds']:.1f} s", flush=True)
+            if on_round:
+                on_round(r)
         if done:
             return seen
         time.sleep(0.5)

@@ -65,12 +65,15 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, reference: dict[str, np.ndarray], proximal_mu: float = 0.0, **kwargs) -> None:
         super().__init__(weighted_by_key="num-tokens", **kwargs)
         self.reference, self.proximal_mu = reference, float(proximal_mu)
-        self.outcome: dict[int, dict] = {}  # round -> accepted / rejected / failed nodes, tokens
+        self.outcome: dict[int, dict] = {}  # round -> sampled, accepted / rejected / failed nodes, no reply, tokens
+        self.sampled: dict[int, int] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
         if self.proximal_mu:
             config["proximal-mu"] = self.proximal_mu
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.sampled[server_round] = len(messages)
+        return messages
 
     def aggregate_train(self, server_round, replies):
         accepted, rejected, failed = [], [], []
@@ -87,8 +90,13 @@ class AdapterFedAvg(FedAvg):
                 continue
             accepted.append(msg.content)
         tokens = [int(c["metrics"]["num-tokens"]) for c in accepted]
-        self.outcome[server_round] = {"accepted": len(accepted), "rejected": rejected, "failed": failed,
-                                      "train_tokens": sum(tokens)}
+        sampled = self.sampled.get(server_round, 0)
+        silent = max(sampled - len(accepted) - len(rejected) - len(failed), 0)  # no reply within round-timeout
+        if silent:
+            log(WARNING, "round %d: %d of %d sampled nodes did not reply within the round timeout", server_round,
+                silent, sampled)
+        self.outcome[server_round] = {"sampled": sampled, "accepted": len(accepted), "rejected": rejected,
+                                      "failed": failed, "no_reply": silent, "train_tokens": sum(tokens)}
         if not accepted:
             log(WARNING, "round %d: no update accepted; the global adapter stays as it was", server_round)
             return None, None
@@ -157,10 +165,10 @@ def run_federation(grid: Grid, settings: dict) -> dict:
         with open(out / ROUNDS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         log(INFO, "lars round %d/%d: global held-out loss %s, %s clients accepted, %d rejected, %d failed, "
-            "%s train tokens, %.1f s", server_round, rounds,
+            "%s no reply, %s train tokens, %.1f s", server_round, rounds,
             f"{record['eval_loss']:.4f}" if "eval_loss" in record else "-", record.get("accepted", "-"),
-            len(record.get("rejected", [])), len(record.get("failed", [])), record.get("train_tokens", "-"),
-            record["seconds"])
+            len(record.get("rejected", [])), len(record.get("failed", [])), record.get("no_reply", "-"),
+            record.get("train_tokens", "-"), record["seconds"])
         started = time.monotonic()
         return MetricRecord({"eval_loss": record["eval_loss"]}) if "eval_loss" in record else None
 
