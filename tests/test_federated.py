@@ -148,14 +148,24 @@ def _short_examples(directory: Path) -> str:
     return str(path)
 
 
-def _expected_rounds(bundle_dir, files, rounds, steps, lr, saved, absent=None):
+def _clipped(update, start, norm):
+    """Flower's fixed clipping: the update's distance to the global adapter scaled down to L2 norm <= `norm`."""
+    delta = {n: update[n].astype(np.float64) - start[n] for n in start}
+    scale = min(1.0, norm / np.sqrt(sum(float((d ** 2).sum()) for d in delta.values())))
+    return {n: (start[n] + delta[n] * scale).astype(np.float32) for n in start}
+
+
+def _expected_rounds(bundle_dir, files, rounds, steps, lr, saved, absent=None, clip=None):
     """The global adapter of each round recomputed outside Flower: every device's LocalClient from the saved global
-    of the round before, then the token-weighted mean (float64). absent: round -> devices that sat it out."""
+    of the round before, then the token-weighted mean (float64). absent: round -> devices that sat it out; clip:
+    each update clipped to that norm first (differential privacy's client side)."""
     clients = [_local(load_bundle(bundle_dir), data=f) for f in files]
     expected = {}
     for r in range(1, rounds + 1):
         start = saved[r - 1]
         results = [c.fit(start, steps, lr) for i, c in enumerate(clients) if i not in (absent or {}).get(r, ())]
+        if clip:
+            results = [(_clipped(t, start, clip), m) for t, m in results]
         tokens = [m["num-tokens"] for _, m in results]
         assert len(set(tokens)) > 1, tokens  # else a plain mean would pass too
         expected[r] = {n: (sum(np.float64(w) * t[n].astype(np.float64) for (t, _), w in zip(results, tokens))
@@ -228,6 +238,32 @@ def test_a_simulated_federation_averages_by_tokens_and_leaves_a_poisoned_update_
     assert len(exported) == len(saved[2])
     assert sorted(np.abs(v).sum() for v in exported.values()) == pytest.approx(
         sorted(float(np.abs(v).sum()) for v in saved[2].values()), rel=1e-6)
+
+
+def test_differential_privacy_clips_each_update_and_adds_noise_of_the_stated_scale(tiny_bundles, tmp_path):
+    """dp-clipping-norm C and dp-noise-multiplier z: the global adapter is the token-weighted mean of the updates
+    clipped to norm C (recomputed here) plus Gaussian noise of std z * C / min-clients (measured over the adapter)."""
+    from flwr.simulation import run_simulation
+
+    from lars_ort.federated.client_app import client_app
+    from lars_ort.federated.server_app import server_app
+
+    bundle = tiny_bundles["llama"]
+    files = [str(TRAIN_TEXT), _short_examples(tmp_path)]
+    out = tmp_path / "dp"
+    clip, z = 0.01, 0.5
+    config = {"bundle": str(bundle), "data": ",".join(files), "out": str(out), "rounds": 2, "local-steps": 2,
+              "lr": 1e-2, "seq-len": SEQ, "min-clients": 2, "dp-clipping-norm": clip, "dp-noise-multiplier": z}
+    run_simulation(server_app=server_app(config), client_app=client_app(config), num_supernodes=2,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    saved = _saved_globals(out, bundle, 2)
+    unclipped = _expected_rounds(bundle, files, 1, 2, 1e-2, saved)[1]
+    moved = np.sqrt(sum(float(((unclipped[n] - saved[0][n]).astype(np.float64) ** 2).sum()) for n in unclipped))
+    assert moved > 3 * clip  # the updates are clipped for real
+    expected = _expected_rounds(bundle, files, 2, 2, 1e-2, saved, clip=clip)
+    for r in (1, 2):
+        noise = np.concatenate([(saved[r][n].astype(np.float64) - expected[r][n]).ravel() for n in expected[r]])
+        assert abs(noise.mean()) < 1e-4 and noise.std() == pytest.approx(z * clip / 2, rel=0.05), noise.std()
 
 
 def test_the_demo_runs_a_tls_federation_on_loopback(tiny_bundles, tmp_path):

@@ -15,8 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lars_artifacts import LarsError
 
@@ -96,10 +98,19 @@ def evaluate_reply(msg: Message, context: Context, defaults: dict | None = None)
     return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
 
 
+def clipping_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Differential privacy's client side: Flower's fixed clipping of the update (adapter - global adapter) to the
+    norm the server's round config names (server_app: dp-clipping-norm > 0); a pass-through otherwise."""
+    if msg.metadata.message_type == MessageType.TRAIN and any(KEY_CLIPPING_NORM in c for c in
+                                                              msg.content.config_records.values()):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp whose run-config defaults are `defaults` (tests and the simulation engine, which takes no run
     config, pass the bundle and data here)."""
-    app = ClientApp()
+    app = ClientApp(mods=[clipping_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -5,7 +5,8 @@ weight); a bad one is logged with its node id and left out, never averaged in. T
 is written to the run directory `out` as a checkpoint of a `lars-ort train` run (atomically), so `lars-ort
 export-adapter OUT` and `lars-ort eval BUNDLE --run OUT` take it as they take a local run; `out/federation.jsonl`
 has one line per round (held-out loss of the global adapter, clients accepted / rejected / failed, tokens, bytes,
-seconds). FedProx is the option `proximal-mu` > 0 (the devices add mu * (w - w_global) to their gradients).
+seconds). FedProx is the option `proximal-mu` > 0 (the devices add mu * (w - w_global) to their gradients);
+differential privacy the options dp-clipping-norm / dp-noise-multiplier (Flower's client-side fixed clipping).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
 from lars_artifacts import CHECKPOINT, Bundle, LarsError, load_bundle
 from lars_artifacts.ort_checkpoint import OrtCheckpoint, read_checkpoint, write_checkpoint
@@ -42,6 +43,10 @@ SERVER_DEFAULTS = {
     "round-timeout": 600.0,     # seconds to wait for replies; a device that does not answer is left out
     "proximal-mu": 0.0,         # FedProx; 0 is FedAvg
     "server-eval-data": "",     # the server's held-out file: the global adapter's loss after every round
+    # Differential privacy (Flower's central DP with client-side clipping): each device clips its update to this
+    # L2 norm, the server adds Gaussian noise of std noise-multiplier * clipping-norm / min-clients to the mean
+    "dp-clipping-norm": 0.0,    # 0: off
+    "dp-noise-multiplier": 0.0,
 }
 ROUNDS_FILE = "federation.jsonl"
 
@@ -76,7 +81,7 @@ class AdapterFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round, replies):
-        accepted, rejected, failed = [], [], []
+        accepted, rejected, failed, clients = [], [], [], []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -89,6 +94,7 @@ class AdapterFedAvg(FedAvg):
                 log(WARNING, "round %d: rejected the update of node %d: %s", server_round, node, problem)
                 continue
             accepted.append(msg.content)
+            clients.append({"node": node, **dict(msg.content["metrics"])})  # the device's own figures
         tokens = [int(c["metrics"]["num-tokens"]) for c in accepted]
         sampled = self.sampled.get(server_round, 0)
         silent = max(sampled - len(accepted) - len(rejected) - len(failed), 0)  # no reply within round-timeout
@@ -96,7 +102,8 @@ class AdapterFedAvg(FedAvg):
             log(WARNING, "round %d: %d of %d sampled nodes did not reply within the round timeout", server_round,
                 silent, sampled)
         self.outcome[server_round] = {"sampled": sampled, "accepted": len(accepted), "rejected": rejected,
-                                      "failed": failed, "no_reply": silent, "train_tokens": sum(tokens)}
+                                      "failed": failed, "no_reply": silent, "train_tokens": sum(tokens),
+                                      "clients": clients}
         if not accepted:
             log(WARNING, "round %d: no update accepted; the global adapter stays as it was", server_round)
             return None, None
@@ -146,6 +153,13 @@ def run_federation(grid: Grid, settings: dict) -> dict:
                              min_train_nodes=int(settings["min-clients"]),
                              min_evaluate_nodes=int(settings["min-clients"]),
                              min_available_nodes=int(settings["min-clients"]))
+    runner = strategy
+    clip, noise = float(settings["dp-clipping-norm"]), float(settings["dp-noise-multiplier"])
+    if noise and not clip > 0:
+        raise LarsError(f"dp-noise-multiplier {noise} needs a dp-clipping-norm > 0 (the noise is scaled by it)")
+    if clip:
+        runner = DifferentialPrivacyClientSideFixedClipping(strategy, noise, clip,
+                                                            num_sampled_clients=int(settings["min-clients"]))
     adapter_bytes = sum(t.nbytes for t in reference.values())
     record: dict = {}
 
@@ -172,7 +186,7 @@ def run_federation(grid: Grid, settings: dict) -> dict:
         started = time.monotonic()
         return MetricRecord({"eval_loss": record["eval_loss"]}) if "eval_loss" in record else None
 
-    strategy.start(grid=grid, initial_arrays=numpy_to_arrays(reference), num_rounds=rounds,
+    runner.start(grid=grid, initial_arrays=numpy_to_arrays(reference), num_rounds=rounds,
                    timeout=float(settings["round-timeout"]), evaluate_fn=after_round)
     return record
 
