@@ -267,18 +267,21 @@ def test_differential_privacy_clips_each_update_and_adds_noise_of_the_stated_sca
 
 
 def test_the_demo_runs_a_tls_federation_on_loopback(tiny_bundles, tmp_path):
-    """tools/federated_demo.py: a SuperLink and two SuperNodes as processes, TLS with the certificates it makes;
-    the global adapters equal the recomputed token-weighted means, and no Flower process outlives the demo."""
+    """tools/federated_demo.py: a SuperLink and two SuperNodes as processes, TLS with the certificates it makes,
+    node authentication (a third SuperNode with an unregistered key is refused); the global adapters equal the
+    recomputed token-weighted means, and no Flower process outlives the demo."""
     bundle = tiny_bundles["llama"]
     files = [str(TRAIN_TEXT), _short_examples(tmp_path)]
     out = tmp_path / "fed"
     done = subprocess.run([sys.executable, str(REPO / "tools" / "federated_demo.py"), "--bundle", str(bundle),
                            "--clients", "2", "--rounds", "2", "--local-steps", "2", "--lr", "1e-2", "--seq-len",
                            str(SEQ), "--data", ",".join(files), "--eval-data", str(EVAL_TEXT), "--eval-batches", "2",
-                           "--out", str(out), "--json", str(tmp_path / "rounds.json")],
+                           "--out", str(out), "--json", str(tmp_path / "rounds.json"), "--intruder"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "deployment engine, TLS" in done.stdout
+    assert "deployment engine, TLS, node authentication" in done.stdout
+    # a SuperNode whose key was never registered is refused by node authentication and takes no part
+    assert json.loads((tmp_path / "rounds.json").read_text())["intruder_refused"] is True
     lines = [line for line in done.stdout.splitlines() if line.startswith("round ")]
     assert len(lines) == 3 and all("2 clients averaged, 0 rejected, 0 failed" in line for line in lines[1:]), lines
     work = out.parent / f".{out.name}.flower"

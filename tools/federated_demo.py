@@ -104,6 +104,25 @@ def make_certificates(directory: Path) -> dict[str, Path]:
     return paths
 
 
+def make_node_keys(directory: Path, count: int) -> list[tuple[Path, Path]]:
+    """One EC key pair per device (OpenSSH format, as Flower's node authentication reads them): (private, public)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(count):
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = directory / f"device-{i}", directory / f"device-{i}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        private.chmod(0o600)
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH))
+        pairs.append((private, public))
+    return pairs
+
+
 def device_files(a) -> tuple[list[str], str]:
     """(one training file per device, the server's held-out file)."""
     if a.data:
@@ -190,10 +209,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/federated", help="run directory for the global adapters (new)")
     p.add_argument("--engine", choices=("deployment", "simulation"), default="deployment")
     p.add_argument("--insecure", action="store_true", help="plain HTTP between the nodes (default: TLS)")
+    p.add_argument("--no-node-auth", action="store_true", help="let any SuperNode join (default with TLS: only "
+                   "those whose public key was registered with `flwr supernode register`)")
     p.add_argument("--cache", default="out/federated-data", help="where the Shakespeare plays are kept")
     p.add_argument("--json", help="write the rounds' records here")
     p.add_argument("--kill-client", type=int, help="fault drill: SIGKILL this client's SuperNode (0-based) as round "
                    "--kill-round starts, restart it --restart-after seconds later (deployment engine)")
+    p.add_argument("--intruder", action="store_true", help="security drill: start one more SuperNode whose key "
+                   "was never registered; node authentication must refuse it")
     p.add_argument("--kill-round", type=int, default=2)
     p.add_argument("--restart-after", type=float, default=5.0, help="seconds from the kill to the restart")
     a = p.parse_args(argv)
@@ -229,24 +252,42 @@ def main(argv=None) -> int:
                 f'[superlink.lars.options]\nnum-supernodes = {a.clients}\n')
         else:
             tls = None if a.insecure else make_certificates(work / "certificates")
+            keys = None if a.insecure or a.no_node_auth else make_node_keys(work / "node-keys", a.clients)
             security = ["--insecure"] if a.insecure else ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile",
                                                          str(tls["cert"]), "--ssl-keyfile", str(tls["key"])]
             link = fed.start("superlink", [f"{bin_dir}/flower-superlink", *security, "--host", "127.0.0.1",
-                                           "--port", str(port), "--disable-runtime-dependency-installation"])
+                                           "--port", str(port), "--disable-runtime-dependency-installation",
+                                           *(["--enable-supernode-auth"] if keys else [])])
+            (work / "home" / "config.toml").write_text(
+                f'[superlink]\ndefault = "lars"\n\n[superlink.lars]\naddress = "127.0.0.1:{port}"\n'
+                + ("insecure = true\n" if a.insecure else f'root-certificates = {toml_value(str(tls["ca"]))}\n'))
             wait_for_port(port, link, "flower-superlink")
+            for i, pair in enumerate(keys or []):  # the SuperLink admits these keys' nodes only
+                done = subprocess.run([f"{bin_dir}/flwr", "supernode", "register", str(pair[1]), "lars"], env=env,
+                                      capture_output=True, text=True, cwd=work)
+                if done.returncode:
+                    raise RuntimeError(f"flwr supernode register failed: {(done.stdout + done.stderr)[-400:]}")
             for i, data in enumerate(files):
                 node_config = f"data={toml_value(data)} state-dir={toml_value(str(work / f'device-{i}'))}"
                 fed.start(f"supernode-{i}", [f"{bin_dir}/flower-supernode",
                                              *(["--insecure"] if a.insecure else ["--root-certificates",
                                                                                   str(tls["ca"])]),
+                                             *(["--auth-supernode-private-key", str(keys[i][0])] if keys else []),
                                              "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
                                              "--node-config", node_config])
-            (work / "home" / "config.toml").write_text(
-                f'[superlink]\ndefault = "lars"\n\n[superlink.lars]\naddress = "127.0.0.1:{port}"\n'
-                + ("insecure = true\n" if a.insecure else f'root-certificates = {toml_value(str(tls["ca"]))}\n'))
+            if a.intruder:
+                stranger = make_node_keys(work / "intruder-key", 1)[0][0] if keys else None
+                fed.start("intruder", [f"{bin_dir}/flower-supernode",
+                                       *(["--insecure"] if a.insecure else ["--root-certificates", str(tls["ca"])]),
+                                       *(["--auth-supernode-private-key", str(stranger)] if stranger else []),
+                                       "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                                       "--max-retries", "3", "--max-wait-time", "30",
+                                       "--node-config", f"data={toml_value(files[0])}"])
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        secure = a.engine == "deployment" and not a.insecure
         print(f"federation: {a.clients} clients, {a.rounds} rounds, {a.engine} engine"
-              f"{'' if a.engine == 'simulation' or a.insecure else ', TLS'}; logs in {work}", flush=True)
+              f"{', TLS' if secure else ''}{', node authentication' if secure and not a.no_node_auth else ''}; "
+              f"logs in {work}", flush=True)
         started = time.monotonic()
         runner = fed.start("flwr-run", [f"{bin_dir}/flwr", "run", str(work / "app"), "lars", "--stream",
                                         "--run-config", overrides])
@@ -273,8 +314,19 @@ def main(argv=None) -> int:
             return 1
         print(f"done in {time.monotonic() - started:.1f} s; global adapters in {out} "
               f"(lars-ort export-adapter {out} --out DIR)", flush=True)
+        result = {"args": vars(a), "rounds": rounds}
+        if a.intruder:
+            intruder = fed.procs["intruder"]
+            try:  # refused, it gives up after its retries
+                intruder.wait(90)
+            except subprocess.TimeoutExpired:
+                pass
+            result["intruder_refused"] = intruder.poll() not in (None, 0) and all(
+                r.get("sampled", 0) <= a.clients for r in rounds)
+            print(f"security drill: the SuperNode with an unregistered key was "
+                  f"{'refused' if result['intruder_refused'] else 'ADMITTED'}", flush=True)
         if a.json:
-            Path(a.json).write_text(json.dumps({"args": vars(a), "rounds": rounds}, indent=2) + "\n")
+            Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     finally:
         fed.stop_all()
