@@ -266,6 +266,32 @@ def test_differential_privacy_clips_each_update_and_adds_noise_of_the_stated_sca
         assert abs(noise.mean()) < 1e-4 and noise.std() == pytest.approx(z * clip / 2, rel=0.05), noise.std()
 
 
+def test_secure_aggregation_gives_the_token_weighted_mean(tiny_bundles, tmp_path):
+    """secagg = true: Flower's SecAgg+ workflow (the server unmasks only the sum of the quantized, weighted updates);
+    the global adapter is the token-weighted mean recomputed here, to the protocol's quantization step."""
+    from flwr.simulation import run_simulation
+
+    from lars_ort.federated.client_app import client_app
+    from lars_ort.federated.server_app import ROUNDS_FILE, server_app
+
+    bundle = tiny_bundles["llama"]
+    files = [str(TRAIN_TEXT), _short_examples(tmp_path), str(EVAL_TEXT)]
+    out = tmp_path / "secagg"
+    config = {"bundle": str(bundle), "data": ",".join(files), "out": str(out), "rounds": 2, "local-steps": 2,
+              "lr": 1e-2, "seq-len": SEQ, "min-clients": 3, "secagg": True}
+    run_simulation(server_app=server_app(config), client_app=client_app(config), num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1}})
+    records = [json.loads(line) for line in (out / ROUNDS_FILE).read_text().splitlines()]
+    assert [(r["round"], r.get("secagg"), r.get("accepted")) for r in records] == [(0, None, None), (1, True, 3),
+                                                                                   (2, True, 3)]
+    saved = _saved_globals(out, bundle, 2)
+    expected = _expected_rounds(bundle, files, 2, 2, 1e-2, saved)
+    for r in (1, 2):
+        error = max(float(np.abs(saved[r][n] - expected[r][n]).max()) for n in expected[r])
+        moved = max(float(np.abs(saved[r][n] - saved[r - 1][n]).max()) for n in expected[r])
+        assert error < 2e-5 and moved > 100 * error, (error, moved)  # +-8 in 2^22 steps: 3.8e-6 a value
+
+
 def test_the_demo_runs_a_tls_federation_on_loopback(tiny_bundles, tmp_path):
     """tools/federated_demo.py: a SuperLink and two SuperNodes as processes, TLS with the certificates it makes,
     node authentication (a third SuperNode with an unregistered key is refused); the global adapters equal the

@@ -140,6 +140,7 @@ def main(argv=None) -> int:
         for play in plays:
             ax.plot(xs, [r[f"local:{play}"] for r in table], "--", label=f"local only: {play}")
         ax.plot(xs, [r["centralized"] for r in table], "k:", label="centralized (union)")
+        ax.set_xticks(xs)
         ax.set_xlabel(f"round ({a.local_steps} local steps per client)")
         ax.set_ylabel("held-out loss (The Tempest)")
         ax.legend(fontsize=8)

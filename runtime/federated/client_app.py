@@ -15,9 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from lars_artifacts import LarsError
@@ -28,6 +32,7 @@ from .local import LocalClient, LocalData
 CLIENT_DEFAULTS = {"bundle": "", "data": "", "eval-data": "", "state-dir": "", "batch-size": 1, "seq-len": 256,
                    "seed": 0, "threads": 0, "local-steps": 10, "lr": 2e-4, "eval-batches": 0}
 
+LEGACY_FIT = "fitins.parameters"  # the array record of Flower's FitIns, as the SecAgg+ workflow sends it
 POSITION = "lars-data-position"  # the node context's record of where its data stream stands
 _clients: dict[tuple, LocalClient] = {}  # one per device setting in this process (simulation workers reuse theirs)
 
@@ -79,17 +84,34 @@ def local_client(settings: dict) -> LocalClient:
     return _clients[key]
 
 
-def train_reply(msg: Message, context: Context, defaults: dict | None = None) -> Message:
-    settings = device_settings(context, defaults)
-    config = msg.content.get("config", {})
+def _fit(context: Context, settings: dict, tensors, config) -> tuple[dict, dict, LocalClient]:
     steps = int(config.get("local-steps", settings["local-steps"]))
     lr = float(config.get("lr", settings["lr"]))
     mu = float(config.get("proximal-mu", 0.0))
     client = local_client(settings)
     if POSITION in context.state:  # this node's last round, also when another device ran in this process since
         client.set_position(dict(context.state[POSITION]))
-    tensors, metrics = client.fit(arrays_to_numpy(msg.content["arrays"]), steps, lr, mu)
+    if not isinstance(tensors, dict):  # SecAgg+'s list, in the bundle's adapter order (the server's too)
+        names = client.trainer.engine.adapter_names
+        if len(tensors) != len(names):
+            raise LarsError(f"the global adapter has {len(tensors)} tensors, bundle {client.bundle.path} "
+                            f"{len(names)}; every device must train the bundle the server started from")
+        tensors = dict(zip(names, tensors))
+    trained, metrics = client.fit(tensors, steps, lr, mu)
     context.state[POSITION] = ConfigRecord(client.position())
+    return trained, metrics, client
+
+
+def train_reply(msg: Message, context: Context, defaults: dict | None = None) -> Message:
+    settings = device_settings(context, defaults)
+    if LEGACY_FIT in msg.content.array_records:  # the SecAgg+ workflow speaks Flower's FitIns / FitRes records
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        tensors, metrics, client = _fit(context, settings, parameters_to_ndarrays(fitins.parameters), fitins.config)
+        weights = ndarrays_to_parameters([tensors[n] for n in client.trainer.engine.adapter_names])
+        fitres = FitRes(Status(Code.OK, "trained"), weights, metrics["num-tokens"], metrics)
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+    tensors, metrics, _ = _fit(context, settings, arrays_to_numpy(msg.content["arrays"]),
+                               msg.content.get("config", {}))
     return Message(RecordDict({"arrays": numpy_to_arrays(tensors), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -107,10 +129,19 @@ def clipping_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Secure aggregation's device side: Flower's SecAgg+ mod (key shares with the other devices, the weighted update
+    quantized and masked so that the server learns only the sum) when the server runs the SecAgg+ workflow
+    (server_app: secagg = true); a pass-through otherwise."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def client_app(defaults: dict | None = None) -> ClientApp:
     """A ClientApp whose run-config defaults are `defaults` (tests and the simulation engine, which takes no run
     config, pass the bundle and data here)."""
-    app = ClientApp(mods=[clipping_when_asked])
+    app = ClientApp(mods=[secagg_when_asked, clipping_when_asked])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

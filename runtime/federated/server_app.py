@@ -20,6 +20,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
@@ -47,6 +51,9 @@ SERVER_DEFAULTS = {
     # L2 norm, the server adds Gaussian noise of std noise-multiplier * clipping-norm / min-clients to the mean
     "dp-clipping-norm": 0.0,    # 0: off
     "dp-noise-multiplier": 0.0,
+    # Secure aggregation (Flower's SecAgg+ workflow): the server learns only the weighted sum of the updates, so
+    # it cannot check them one by one; each value is clipped to +-8 and quantized (steps of ~4e-6) on the device
+    "secagg": False,
 }
 ROUNDS_FILE = "federation.jsonl"
 
@@ -111,6 +118,35 @@ class AdapterFedAvg(FedAvg):
         return numpy_to_arrays(mean), self.train_metrics_aggr_fn(accepted, self.weighted_by_key)
 
 
+class SecAggFedAvg(LegacyFedAvg):
+    """FedAvg under SecAgg+: the workflow hands it the unmasked weighted mean (in every result's place); it checks
+    that mean (shapes, NaN/inf) since the single updates are never seen, and keeps the round's figures."""
+
+    def __init__(self, reference: dict[str, np.ndarray], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.reference = reference
+        self.outcome: dict[int, dict] = {}
+
+    def aggregate_fit(self, server_round, results, failures):
+        parameters, metrics = super().aggregate_fit(server_round, results, failures)
+        self.outcome[server_round] = {"sampled": len(results) + len(failures), "accepted": len(results),
+                                      "rejected": [], "failed": [str(f) for f in failures], "no_reply": 0,
+                                      "train_tokens": sum(int(res.num_examples) for _, res in results),
+                                      "clients": [dict(res.metrics) for _, res in results], "secagg": True}
+        if parameters is None:
+            return None, metrics
+        # dequantized in float64; the adapter is float32 (the shape check still sees a wrong shape)
+        mean = {name: value.astype(self.reference[name].dtype) for name, value
+                in zip(self.reference, parameters_to_ndarrays(parameters))}
+        problem = update_problem(self.reference, mean, 1)
+        if problem:
+            log(WARNING, "round %d: the securely aggregated adapter is unusable (%s); the global adapter stays",
+                server_round, problem)
+            self.outcome[server_round]["rejected"] = ["the aggregate"]
+            return None, metrics
+        return ndarrays_to_parameters(list(mean.values())), metrics
+
+
 class GlobalAdapter:
     """The global adapter as checkpoint.save takes an engine's: its tensors, written as an ORT checkpoint."""
 
@@ -132,7 +168,7 @@ def initial_adapter(bundle: Bundle) -> dict[str, np.ndarray]:
     return {p["onnx_name"]: saved[p["onnx_name"]] for p in bundle.manifest.adapter["parameters"]}
 
 
-def run_federation(grid: Grid, settings: dict) -> dict:
+def run_federation(grid: Grid, settings: dict, context: Context | None = None) -> dict:
     """Run `rounds` rounds of FedAvg on `grid`; returns the last round's record."""
     if not settings["bundle"]:
         raise LarsError("the run config names no bundle; pass --run-config \"bundle='PATH'\"")
@@ -153,7 +189,17 @@ def run_federation(grid: Grid, settings: dict) -> dict:
                              min_train_nodes=int(settings["min-clients"]),
                              min_evaluate_nodes=int(settings["min-clients"]),
                              min_available_nodes=int(settings["min-clients"]))
-    runner = strategy
+    runner, secagg = strategy, None
+    if settings["secagg"]:
+        if float(settings["dp-clipping-norm"]) or float(settings["proximal-mu"]):
+            raise LarsError("secagg runs Flower's SecAgg+ workflow, which takes neither dp-clipping-norm nor "
+                            "proximal-mu; set those to 0 or secagg to false")
+        if context is None:
+            raise LarsError("secagg needs the ServerApp's Context (run_federation(grid, settings, context))")
+        secagg = SecAggFedAvg(reference, fraction_fit=float(settings["fraction-train"]), fraction_evaluate=0.0,
+                              min_fit_clients=int(settings["min-clients"]),
+                              min_available_clients=int(settings["min-clients"]),
+                              initial_parameters=ndarrays_to_parameters(list(reference.values())))
     clip, noise = float(settings["dp-clipping-norm"]), float(settings["dp-noise-multiplier"])
     if noise and not clip > 0:
         raise LarsError(f"dp-noise-multiplier {noise} needs a dp-clipping-norm > 0 (the noise is scaled by it)")
@@ -163,11 +209,11 @@ def run_federation(grid: Grid, settings: dict) -> dict:
     adapter_bytes = sum(t.nbytes for t in reference.values())
     record: dict = {}
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def after_round(server_round: int, tensors: dict[str, np.ndarray]) -> dict:
         nonlocal started, record
-        tensors = arrays_to_numpy(arrays)
+        outcome = (secagg or strategy).outcome
         record = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
-                  **strategy.outcome.get(server_round, {}), "adapter_bytes": adapter_bytes}
+                  **outcome.get(server_round, {}), "adapter_bytes": adapter_bytes}
         if server_round:
             state = {"step": server_round, "position": {"epoch": 0, "index": 0, "seed": 0}, "federated": record}
             record["checkpoint"] = str(ckpt.save(out, GlobalAdapter(tensors), state, keep=max(2, rounds)))
@@ -184,11 +230,31 @@ def run_federation(grid: Grid, settings: dict) -> dict:
             len(record.get("rejected", [])), len(record.get("failed", [])), record.get("no_reply", "-"),
             record.get("train_tokens", "-"), record["seconds"])
         started = time.monotonic()
-        return MetricRecord({"eval_loss": record["eval_loss"]}) if "eval_loss" in record else None
+        return record
 
+    if secagg:
+        secagg.evaluate_fn = lambda r, arrays, config: _loss_of(after_round(r, dict(zip(reference, arrays))))
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds,
+                                                                    round_timeout=float(settings["round-timeout"])),
+                               strategy=secagg)
+        # Every sampled device holds a share of every other's key; any 2/3 of them can unmask a dropped device
+        max_tokens = int(settings["local-steps"]) * int(settings["batch-size"]) * int(settings["seq-len"])
+        DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=2 / 3,
+                                                        max_weight=max_tokens,
+                                                        timeout=float(settings["round-timeout"])))(grid, legacy)
+        return record
     runner.start(grid=grid, initial_arrays=numpy_to_arrays(reference), num_rounds=rounds,
-                   timeout=float(settings["round-timeout"]), evaluate_fn=after_round)
+                 timeout=float(settings["round-timeout"]),
+                 evaluate_fn=lambda r, arrays: _metrics_of(after_round(r, arrays_to_numpy(arrays))))
     return record
+
+
+def _metrics_of(record: dict) -> MetricRecord | None:
+    return MetricRecord({"eval_loss": record["eval_loss"]}) if "eval_loss" in record else None
+
+
+def _loss_of(record: dict) -> tuple[float, dict] | None:
+    return (record["eval_loss"], {}) if "eval_loss" in record else None
 
 
 def server_app(defaults: dict | None = None) -> ServerApp:
@@ -197,7 +263,8 @@ def server_app(defaults: dict | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, {**CLIENT_DEFAULTS, **SERVER_DEFAULTS, **(defaults or {}), **dict(context.run_config)})
+        run_federation(grid, {**CLIENT_DEFAULTS, **SERVER_DEFAULTS, **(defaults or {}), **dict(context.run_config)},
+                       context)
 
     return app
 
