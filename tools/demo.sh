@@ -11,6 +11,7 @@ if ! python -c "import json, sys, lars_artifacts as a; sys.exit(json.load(open('
                 ['format_version'] != a.FORMAT_VERSION)" 2>/dev/null; then
   lars-export --out "$BUNDLE" --force
 fi
+if [ -n "${EXPORT_ONLY:-}" ]; then exit 0; fi  # make federated-demo: the bundle only
 rm -rf "$RUN"
 echo "== held-out loss before fine-tuning"
 lars-ort eval "$BUNDLE" --data tests/data/macbeth_act1_eval.txt --seq-len 256
