@@ -18,9 +18,9 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
-from flwr.common.logger import log
+from flwr.app import Context, MetricRecord, RecordDict
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
