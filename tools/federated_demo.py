@@ -60,6 +60,9 @@ min-clients = 2
 round-timeout = 600.0
 proximal-mu = 0.0
 eval-batches = 0
+secagg = false
+dp-clipping-norm = 0.0
+dp-noise-multiplier = 0.0
 """
 
 
@@ -141,7 +144,7 @@ def device_files(a) -> tuple[list[str], str]:
 
 
 def toml_value(value) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value)
+    return json.dumps(value) if isinstance(value, (str, bool)) else repr(value)  # JSON's true/false are TOML's
 
 
 class Federation:
@@ -202,6 +205,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches scored per round (0: all)")
     p.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx's mu (0: FedAvg)")
+    p.add_argument("--secagg", action="store_true", help="secure aggregation (Flower's SecAgg+): the server sees "
+                   "only the sum of the updates")
+    p.add_argument("--dp-clipping-norm", type=float, default=0.0, help="differential privacy: clip each update to "
+                   "this L2 norm on the device (0: off)")
+    p.add_argument("--dp-noise-multiplier", type=float, default=0.0, help="differential privacy: Gaussian noise of "
+                   "std multiplier * clipping norm / clients on the average")
     p.add_argument("--min-clients", type=int, help="replies a round needs (default: --clients)")
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--data", help="comma-separated training files, one per client (default: one play each)")
@@ -235,7 +244,9 @@ def main(argv=None) -> int:
     run_config = {"bundle": str(Path(a.bundle).resolve()), "out": str(out), "server-eval-data": held,
                   "rounds": a.rounds, "local-steps": a.local_steps, "lr": a.lr, "seq-len": a.seq_len,
                   "batch-size": a.batch_size, "min-clients": a.min_clients or a.clients,
-                  "round-timeout": a.round_timeout, "proximal-mu": a.proximal_mu, "eval-batches": a.eval_batches}
+                  "round-timeout": a.round_timeout, "proximal-mu": a.proximal_mu, "eval-batches": a.eval_batches,
+                  "secagg": a.secagg, "dp-clipping-norm": a.dp_clipping_norm,
+                  "dp-noise-multiplier": a.dp_noise_multiplier}
     fed = Federation(work, env)
     (work / "home").mkdir()
     port = free_port()
