@@ -11,8 +11,16 @@ __all__ = ["LarsError", "Trainer", "TrainingArgs", "train", "evaluate_file", "ex
 
 
 def __getattr__(name):  # onnxruntime loads on first use, so `import lars_ort` stays cheap
-    if name in ("Trainer", "train", "evaluate_file", "export_run_adapter"):
-        from . import trainer
+    if name == "Trainer":
+        from .trainer import Trainer
 
-        return getattr(trainer, name)
+        return Trainer
+    if name == "train":
+        from .loop import train
+
+        return train
+    if name in ("evaluate_file", "export_run_adapter"):
+        from . import commands
+
+        return getattr(commands, name)
     raise AttributeError(name)

@@ -91,11 +91,11 @@ def os_error_line(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        from . import trainer
+        from . import commands, loop
 
         if ns.command == "train":
             args = training_args(ns)
-            summary = trainer.train(ns.bundle, args)
+            summary = loop.train(ns.bundle, args)
             losses = summary["losses"]
             if losses:
                 print(f"trained steps {summary['start_step']}..{summary['step']}: loss {losses[0]:.4f} -> "
@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
         elif ns.command == "eval":
             check_flags(ns, ("batch_size", "seq_len", "threads"))
-            result = trainer.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len,
-                                            threads=ns.threads, backend=ns.backend)
+            result = commands.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len,
+                                             threads=ns.threads, backend=ns.backend)
             print(json.dumps(result))
         elif ns.command == "export-adapter":
             check_output_directory(ns.out, "--out")  # before the bundle's files are hashed
-            out = trainer.export_run_adapter(ns.run, ns.out, ns.bundle)
+            out = commands.export_run_adapter(ns.run, ns.out, ns.bundle)
             print(f"PEFT adapter written to {out}", file=sys.stderr)
     except LarsError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -254,7 +254,7 @@ def test_training_args_widen_an_int_to_a_float():
 def test_trainer_level_users_get_the_same_checks(tiny_bundles, tmp_path):
     from lars_artifacts import LarsError
     from lars_ort.config import TrainingArgs
-    from lars_ort.trainer import train
+    from lars_ort.loop import train
 
     for values, needle in (({"lr": float("nan")}, "--lr"), ({"seed": -5}, "--seed"), ({"steps": "10"}, "--steps")):
         with pytest.raises(LarsError, match=needle):
@@ -396,13 +396,13 @@ def test_out_in_a_read_only_directory(tiny_bundles, capsys, tmp_path, monkeypatc
 ])
 def test_os_errors_are_one_line(error, needles, capsys, monkeypatch, tmp_path):
     """The safety net for what no check foresaw: a full disk or a permission changed mid-run."""
-    from lars_ort import trainer
+    from lars_ort import commands, loop
 
     def failing(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(trainer, "train", failing)
-    monkeypatch.setattr(trainer, "export_run_adapter", failing)
+    monkeypatch.setattr(loop, "train", failing)
+    monkeypatch.setattr(commands, "export_run_adapter", failing)
     one_line_error(*run_ort(capsys, "train", tmp_path / "b", "--data", TRAIN_TEXT, "--out", tmp_path / "r"), *needles)
     one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "r", "--out", tmp_path / "a"), *needles)
 

@@ -331,7 +331,7 @@ def test_a_batch_the_machine_cannot_hold_is_refused_or_warned_before_training(ti
     assert code == 2 and "for the token arrays alone" in err and "lower --batch-size" in err, err
     assert not (tmp_path / "r" / "run.json").exists()
     from lars_artifacts import load_bundle
-    from lars_ort import trainer as trainer_module
+    from lars_ort import loop as trainer_module
 
     bundle = load_bundle(tiny_bundles["llama"])
     assert bundle.manifest.memory.get("model")
