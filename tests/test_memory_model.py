@@ -18,7 +18,6 @@ from lars_export import ExportConfig, budget, export
 from lars_export.stacks import PER_HEAD
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
 
 # Runs with the runtime's current default settings (memory_reuse_smollm2.json predates the mmap threshold).
 MEASURED = [REPO / "docs" / "bench" / f for f in (
@@ -57,19 +56,30 @@ def _current_rows() -> list[dict]:
     return rows
 
 
-def test_predictions_bound_every_measured_peak():
+def _tool(name: str, *args) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, str(REPO / "tools" / name), *map(str, args)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def compare(rows: list[dict], tmp_path: Path) -> list[dict]:
+    """tools/validate_memory_model.py's predicted / measured for these bench_memory rows."""
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    _tool("validate_memory_model.py", tmp_path / "rows.json", "--out", tmp_path / "compared.json")
+    return json.loads((tmp_path / "compared.json").read_text())
+
+
+def test_predictions_bound_every_measured_peak(tmp_path):
     """No measured peak is more than the budget's margin above its prediction, and none is more than 20% below
     it (a looser budget than needed)."""
-    from validate_memory_model import SMOLLM2, compare
-
-    rows = compare(_current_rows())
+    rows = compare(_current_rows(), tmp_path)
     modes = {r["mode"] for r in rows}
     assert {"ort-lora", "lars", "recompute", "chunked-loss", "default-whole", "stack", "int8", "int4",
             "stack-chunks", "full", "full-int8", "stack-rows", "full-int8-rows"} <= modes
     assert len(rows) >= 40
     off = [r for r in rows if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
     assert off == [], off
-    assert SMOLLM2["vocab_size"] == 49152
 
 
 # Measured after the model's constants were last set and never fitted to (the third step-time round: the causal
@@ -79,10 +89,8 @@ HELD_OUT = [REPO / "docs" / "bench" / f for f in ("speed_ab_causal_rows_smollm2.
                                                   "default_rerun_512_1024_smollm2.json")]
 
 
-def test_predictions_hold_on_peaks_measured_after_the_fit():
-    from validate_memory_model import compare
-
-    rows = compare([r for path in HELD_OUT for r in json.loads(path.read_text())])
+def test_predictions_hold_on_peaks_measured_after_the_fit(tmp_path):
+    rows = compare([r for path in HELD_OUT for r in json.loads(path.read_text())], tmp_path)
     assert {r["mode"] for r in rows} == {"default", "full-int8", "full-int8-causal"} and len(rows) == 11
     off = [r for r in rows if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
     assert off == [], off
@@ -124,7 +132,8 @@ def test_a_large_output_projection_counts_one_slice():
 
 def test_saved_terms_match_what_the_graph_keeps(tiny_models, tmp_path):
     """The model's saved-for-backward bytes against memory_breakdown's, measured from the graph (tiny Llama)."""
-    from memory_breakdown import TRANSIENTS, breakdown
+    transients = "loss transients at the turn (not saved)"  # memory_breakdown's row of what is not saved
+    assert f'TRANSIENTS = "{transients}"' in (REPO / "tools" / "memory_breakdown.py").read_text()
 
     configs = {"exact": dict(lars_basis="none", recompute_attention=False, loss_chunks=0),
                "lars": dict(lars_basis="random", lars_rank=8, recompute_attention=False, loss_chunks=0),
@@ -134,8 +143,9 @@ def test_saved_terms_match_what_the_graph_keeps(tiny_models, tmp_path):
         config = ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / name), lora_rank=4, lora_alpha=8, **kw)
         bundle = export(config)
         model = MemoryModel.from_dict(load_bundle(bundle).manifest.memory["model"])
-        measured = breakdown(bundle, [128, 256])["rows"]
-        graph = {seq: sum(v[str(seq)] for kind, v in measured.items() if kind != TRANSIENTS) * 2**20
+        _tool("memory_breakdown.py", bundle, "--seq-lens", "128,256", "--json", tmp_path / f"{name}.json")
+        measured = json.loads((tmp_path / f"{name}.json").read_text())[0]["rows"]
+        graph = {seq: sum(v[str(seq)] for kind, v in measured.items() if kind != transients) * 2**20
                  for seq in (128, 256)}
         predicted = {seq: seq * model.saved_per_token + seq * seq * model.saved_per_token_sq for seq in (128, 256)}
         # What grows with the length (tables such as the rotary cache are constant and sit in the runtime term).
@@ -242,9 +252,9 @@ def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_pat
 
 
 def test_the_budget_and_the_benchmarks_share_one_table_of_pass_combinations():
-    from bench_memory import BUNDLE_MODES
-
     from lars_export.stacks import PASS_OPTIONS, STACKS
+
+    BUNDLE_MODES = json.loads(_tool("bench_memory.py", "--print-bundle-modes").stdout)
 
     assert set(PASS_OPTIONS) <= {f.name for f in fields(ExportConfig)}
     for name, settings in STACKS.items():

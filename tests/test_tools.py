@@ -109,20 +109,24 @@ def test_memory_breakdown_counts_what_each_pass_frees(tiny_models, tmp_path):
 
 
 def test_alloc_trace_finds_the_peak_and_what_is_alive_there(tiny_models, tmp_path):
-    sys.path.insert(0, str(REPO / "tools"))
-    from alloc_trace import MARK, analyse
-
     mb = 2**20
+    mark = "lars-alloc-trace-step-start"  # the marker file alloc_trace's traced step opens when the step begins
+    assert f'MARK = "{mark}"' in (REPO / "tools" / "alloc_trace.py").read_text()
     lines = [f'1 mmap(NULL, {5 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xa',  # before
-             f'1 openat(AT_FDCWD, "/tmp/x/{MARK}", O_RDONLY|O_CLOEXEC) = 3',
+             f'1 openat(AT_FDCWD, "/tmp/x/{mark}", O_RDONLY|O_CLOEXEC) = 3',
              f'1 mmap(NULL, {2 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xb',
              f'2 mmap(NULL, {3 * mb}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xc',
              f'1 munmap(0xb, {2 * mb}) = 0',
              f'1 mmap(NULL, {mb // 2}, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0) = 0xd',  # small
              f'1 munmap(0xc, {3 * mb}) = 0']
-    result = analyse(lines)
+    (tmp_path / "trace.txt").write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "alloc_trace.py"), "--trace",
+                           str(tmp_path / "trace.txt"), "--json", str(tmp_path / "trace.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "trace.json").read_text())
     assert result["start_mb"] == 5 and result["peak_mb"] == 10
-    assert result["alive_by_size"] == {2 * mb: 1, 3 * mb: 1}
+    assert result["alive_by_size"] == {str(2 * mb): 1, str(3 * mb): 1}
     assert result["before_peak"] == ["+2", "+3"]
 
     from lars_export import ExportConfig, export
@@ -253,3 +257,19 @@ def test_write_gguf_round_trips_through_the_exporters_gguf_loader(tiny_models, t
     out = subprocess.run([sys.executable, str(REPO / "tools" / "write_gguf.py"), str(tiny_models["llama3"]),
                           str(tmp_path / "l3.gguf")], capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "rope scaling" in out.stderr and not (tmp_path / "l3.gguf").exists()
+
+
+def test_tests_and_the_library_run_tools_as_programs_never_import_them():
+    """tools/ imports the library; nothing imports tools/ (tests run each tool as its users do: a process)."""
+    import ast
+
+    tools = {p.stem for p in (REPO / "tools").glob("*.py")}
+    offenders = []
+    for folder in ("tests", "export", "runtime", "artifacts"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in tools]
+    assert offenders == []
+    assert "bench_memory" in tools and "federated_demo" in tools  # the check sees the tools

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import shutil
 import subprocess
@@ -68,19 +69,29 @@ def analyse(lines: list[str], large: int = 1 << 20, window: int = 400) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle")
+    p.add_argument("bundle", nargs="?", help="the bundle whose step is traced (not with --trace)")
     p.add_argument("--seq-len", type=int, default=2048)
     default_rt = REPO / ".venv-runtime" / "bin" / "python"
     p.add_argument("--runtime-python", default=str(default_rt) if default_rt.exists() else sys.executable)
+    p.add_argument("--trace", help="analyse this saved `strace -f -e trace=mmap,munmap,openat` log instead")
+    p.add_argument("--json", help="write the analysis here")
     a = p.parse_args(argv)
-    if not shutil.which("strace"):
-        p.error("strace is not installed; install it (apt-get install strace) or run on a machine that has it")
-    with tempfile.TemporaryDirectory() as tmp:
-        marker, trace = Path(tmp) / MARK, Path(tmp) / "trace.txt"
-        marker.touch()
-        subprocess.run(["strace", "-f", "-e", "trace=mmap,munmap,openat", "-o", str(trace), a.runtime_python, "-c",
-                        _STEP, a.bundle, str(a.seq_len), str(marker)], check=True)
-        result = analyse(trace.read_text().splitlines())
+    if a.trace:
+        result = analyse(Path(a.trace).read_text().splitlines())
+    else:
+        if not a.bundle:
+            p.error("pass a bundle to trace, or --trace LOG")
+        if not shutil.which("strace"):
+            p.error("strace is not installed; install it (apt-get install strace) or run on a machine that has it")
+        with tempfile.TemporaryDirectory() as tmp:
+            marker, trace = Path(tmp) / MARK, Path(tmp) / "trace.txt"
+            marker.touch()
+            subprocess.run(["strace", "-f", "-e", "trace=mmap,munmap,openat", "-o", str(trace), a.runtime_python,
+                            "-c", _STEP, a.bundle, str(a.seq_len), str(marker)], check=True)
+            result = analyse(trace.read_text().splitlines())
+    if a.json:
+        Path(a.json).write_text(json.dumps({**result, "alive_by_size": {str(k): v for k, v in
+                                                                         result["alive_by_size"].items()}}) + "\n")
     print(f"mapped at the step's start {result['start_mb']:,.0f} MB, at its peak {result['peak_mb']:,.0f} MB "
           f"(allocations of 1 MB and more)\nallocated during the step and alive at the peak:")
     for size, n in sorted(result["alive_by_size"].items(), key=lambda x: -x[0] * x[1])[:20]:

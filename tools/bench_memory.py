@@ -411,6 +411,8 @@ def main(argv=None) -> int:
                    help="python of the torch-free runtime environment for the ORT modes (default: .venv-runtime)")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write a PNG here")
+    p.add_argument("--print-bundle-modes", action="store_true", help="print each bundle mode's export settings as "
+                   "JSON and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--setting", default="", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="ort", help=argparse.SUPPRESS)
@@ -420,6 +422,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.worker:
         run_worker(a)
+        return 0
+    if a.print_bundle_modes:
+        print(json.dumps(BUNDLE_MODES, indent=2))
         return 0
 
     modes = [m for m in a.modes.split(",") if m]

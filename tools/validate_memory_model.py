@@ -53,10 +53,13 @@ def compare(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", nargs="+")
+    p.add_argument("json", nargs="+", help="bench_memory JSON files")
+    p.add_argument("--out", help="write the compared rows (mode, seq_len, measured, predicted, ratio) as JSON here")
     a = p.parse_args(argv)
     rows = [r for path in a.json for r in json.loads(Path(path).read_text())]
     result = compare(rows)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print("| mode | seq | measured MB | predicted MB | predicted / measured |\n|---|---|---|---|---|")
     for r in result:
         print(f"| {r['mode']} | {r['seq_len']} | {r['measured_mb']:,.0f} | {r['predicted_mb']:,.0f} | "
