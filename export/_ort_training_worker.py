@@ -23,7 +23,7 @@ def generate(forward_path: str, trainable: list[str], out_dir: str) -> None:
 
     import onnx
 
-    from lars_export.ort_artifacts import generate_here
+    from lars_export.training_graphs import generate_here
 
     model = onnx.load(forward_path, load_external_data=False)
     out_dir, cwd = str(Path(out_dir).resolve()), os.getcwd()

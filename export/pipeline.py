@@ -22,7 +22,7 @@ from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX
                             TRAINING_MODEL, TRAINING_STEP, LarsError, Manifest, write_manifest)
 from lars_artifacts.measure import Stopwatch, peak_rss_mb
 
-from . import adapters, architectures, basis, budget, load, onnx_export, ort_artifacts, passes, preflight, zo_step
+from . import adapters, architectures, basis, budget, load, onnx_export, training_graphs, passes, preflight, zo_step
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
@@ -151,27 +151,27 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
             reports = passes.run_passes(graph, context, stage="forward", enabled=enabled)
 
         with phases("generating ORT training artifacts"):
-            ort_artifacts.generate(graph, sorted(names), staging, weights_dir=exported)
+            training_graphs.generate(graph, sorted(names), staging, weights_dir=exported)
             del graph
             shutil.rmtree(exported)
             training = dataclasses.replace(context, weights_dir=None)  # the training graph's weights are in staging
-            reports += ort_artifacts.rewrite_training_model(
+            reports += training_graphs.rewrite_training_model(
                 staging, lambda model: passes.run_passes(model, training, stage="training", enabled=enabled))
-            weight_bytes = ort_artifacts.share_weights(staging)
-            trainable = set(ort_artifacts.trainable_names(staging / CHECKPOINT))
+            weight_bytes = training_graphs.share_weights(staging)
+            trainable = set(training_graphs.trainable_names(staging / CHECKPOINT))
             if trainable != names:
                 raise LarsError(f"the ORT checkpoint holds {len(trainable)} trainable tensors, expected {len(names)}; "
                                 f"please report this model")
 
         with phases("lowering the training step to standard ONNX (plain onnxruntime)"):
-            step = ort_artifacts.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
+            step = training_graphs.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
             # forward-only (zeroth-order) training's graphs (zo_step.py)
             step["zo"] = zo_step.write_zo_step(staging, [p.onnx_name for p in params], TRAINING_STEP, step["loss"])
             models = {ORT_BACKEND: step,
                       ORT_TRAINING_BACKEND: {"training": TRAINING_MODEL, "eval": EVAL_MODEL,
                                              "optimizer": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT}}
             zo_files = [f for f in (step["zo"]["forward"], step["zo"]["file"]) if f]
-            weights = ort_artifacts.weights_index(staging, [TRAINING_STEP, EVAL_MODEL, *zo_files])
+            weights = training_graphs.weights_index(staging, [TRAINING_STEP, EVAL_MODEL, *zo_files])
 
         applied = {r.name for r in reports if r.changed}
         with phases("writing tokenizer and manifest"):

@@ -10,7 +10,7 @@ from lars_artifacts import LarsError, load_bundle
 from lars_artifacts.ort_checkpoint import read_checkpoint
 
 from . import checkpoint as ckpt
-from .adapters import write_peft_adapter
+from .peft_adapter import write_peft_adapter
 from .data import eval_batches, load_sequences
 from .trainer import Trainer
 

@@ -16,7 +16,7 @@ import numpy as np
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle
 from lars_artifacts.memory_model import budget_warning
 
-from .adapters import write_peft_adapter
+from .peft_adapter import write_peft_adapter
 from .config import ZoConfig
 from .data import Batch, TokenSequence, Tokenizer, collate
 from .engine import open_engine

@@ -358,7 +358,7 @@ def test_out_that_is_a_file(tiny_bundles, capsys, tmp_path):
 def test_export_adapter_out_that_is_a_file_after_training(tiny_bundles, capsys, tmp_path):
     """The library path (write_peft_adapter) refuses it too, not only the CLI."""
     from lars_artifacts import LarsError, load_bundle
-    from lars_ort.adapters import write_peft_adapter
+    from lars_ort.peft_adapter import write_peft_adapter
 
     existing = tmp_path / "adapter"
     existing.write_text("")

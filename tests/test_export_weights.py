@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lars_artifacts import CHECKPOINT, EVAL_MODEL, TRAINING_MODEL, WEIGHTS
 from lars_artifacts.ort_checkpoint import read_checkpoint
-from lars_export import ort_artifacts
+from lars_export import training_graphs
 from lars_export.preflight import weightless
 
 RNG = np.random.default_rng(0)
@@ -64,8 +64,8 @@ def test_weightless_copy_infers_what_the_whole_model_infers():
 
 def test_generate_moves_the_frozen_weights_once_and_both_graphs_read_the_same_bytes(tmp_path):
     model = _forward()
-    ort_artifacts.generate(model, sorted(ADAPTER), tmp_path)
-    assert not (tmp_path / ort_artifacts.FORWARD_MODEL).exists()
+    training_graphs.generate(model, sorted(ADAPTER), tmp_path)
+    assert not (tmp_path / training_graphs.FORWARD_MODEL).exists()
     # moved out of the caller's proto, not copied
     assert all(not i.HasField("raw_data") for i in model.graph.initializer if i.name in FROZEN)
     data = (tmp_path / WEIGHTS).read_bytes()
@@ -92,8 +92,8 @@ def test_generate_moves_the_frozen_weights_once_and_both_graphs_read_the_same_by
         m.graph.node.append(helper.make_node("Identity", ["lars_basis"], ["unused"]))
         return [SimpleNamespace(changed=1)]
 
-    ort_artifacts.rewrite_training_model(tmp_path, add_basis)
-    size = ort_artifacts.share_weights(tmp_path)
+    training_graphs.rewrite_training_model(tmp_path, add_basis)
+    size = training_graphs.share_weights(tmp_path)
     assert size == (tmp_path / WEIGHTS).stat().st_size == len(data) + (-len(data) % 64) + basis.nbytes
     train = onnx.load(str(tmp_path / TRAINING_MODEL), load_external_data=False)
     assert {n: w for n, w in _external(train).items() if n != "lars_basis"} == where
@@ -115,7 +115,7 @@ def test_generate_copies_weights_stored_in_another_file(tmp_path):
             if init.name in FROZEN:
                 writer.move_inline(init)
     (tmp_path / "bundle").mkdir()
-    ort_artifacts.generate(model, sorted(ADAPTER), tmp_path / "bundle", weights_dir=tmp_path / "export")
+    training_graphs.generate(model, sorted(ADAPTER), tmp_path / "bundle", weights_dir=tmp_path / "export")
     loaded = {i.name: numpy_helper.to_array(i)
               for i in onnx.load(str(tmp_path / "bundle" / TRAINING_MODEL)).graph.initializer}
     for name, value in FROZEN.items():

@@ -43,13 +43,13 @@ def test_reports_every_unsupported_op_with_its_module():
 def test_ort_itself_rejects_what_preflight_reports(tmp_path):
     """Cross-check the op list against the installed onnxruntime-training: it really has no CumSum gradient."""
     from lars_artifacts import LarsError
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     model = _graph()
     model.graph.output.pop()  # keep only the float output for the loss
     model.graph.node.pop()
     with pytest.raises(LarsError, match="onnxruntime-training could not build the training graph.*(CumSum|ReduceMax)"):
-        ort_artifacts.generate(model, ["lora_A"], tmp_path)  # ORT's training build, in its child process
+        training_graphs.generate(model, ["lora_A"], tmp_path)  # ORT's training build, in its child process
 
 
 def test_module_names_read_like_hf_paths():

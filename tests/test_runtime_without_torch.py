@@ -90,7 +90,7 @@ print(json.dumps({{"loss": loss, "moved": moved, "training_session": t.engine.ba
     assert result["moved"] and all(".lora_B." in n for n in result["moved"])
 
 
-def test_data_flows_one_way_export_artifacts_runtime():
+def test_data_flows_one_way_exptraining_graphs_runtime():
     """The exporter imports the bundle contract, never the runtime; the contract imports neither half (read from the
     source: an import inside a function counts too)."""
     import ast

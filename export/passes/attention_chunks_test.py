@@ -24,14 +24,14 @@ def _model(rng):
 def exact(tmp_path_factory):
     import torch
 
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     root = tmp_path_factory.mktemp("attention_chunks")
     model = _model(np.random.default_rng(0))
     torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(root / "fwd.onnx"), input_names=["ids"],
                       output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
                       do_constant_folding=False, dynamo=False)
-    ort_artifacts.generate(onnx.load(str(root / "fwd.onnx")), sorted(TRAINABLE), root)
+    training_graphs.generate(onnx.load(str(root / "fwd.onnx")), sorted(TRAINABLE), root)
     return model, root
 
 

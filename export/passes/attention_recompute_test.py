@@ -22,12 +22,12 @@ def _model(rng, squash: bool = False):
 def _artifacts(tmp_path, model):
     import torch
 
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
                       output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
                       do_constant_folding=False, dynamo=False)
-    ort_artifacts.generate(onnx.load(str(tmp_path / "fwd.onnx")), [A_NAME, B_NAME], tmp_path)
+    training_graphs.generate(onnx.load(str(tmp_path / "fwd.onnx")), [A_NAME, B_NAME], tmp_path)
 
 
 

@@ -42,7 +42,7 @@ def _model(rng):
 def bundles(tmp_path_factory):
     import torch
 
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     model = _model(np.random.default_rng(0))
     root = tmp_path_factory.mktemp("chunked")
@@ -53,7 +53,7 @@ def bundles(tmp_path_factory):
     PRETRANSPOSE_FROZEN.apply(forward, PassContext(trainable={A_NAME, B_NAME}))  # as the exporter does
     for name in ("exact", "chunked"):
         (root / name).mkdir()
-        ort_artifacts.generate(copy.deepcopy(forward), [A_NAME, B_NAME], root / name)  # it takes the weights
+        training_graphs.generate(copy.deepcopy(forward), [A_NAME, B_NAME], root / name)  # it takes the weights
     training = onnx.load(str(root / "chunked" / "training_model.onnx"))
     report = CHUNKED_LOSS.apply(training, PassContext(trainable={A_NAME, B_NAME}, loss_chunks=CHUNKS))
     onnx.save(training, str(root / "chunked" / "training_model.onnx"))

@@ -23,14 +23,14 @@ def _step(root, ids, labels):
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_backward_readers_get_their_own_copies(tmp_path, scheme):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     rng = np.random.default_rng(0)
     forward = export_lm(two_block_lm(rng, 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize=scheme, quantize_block=32)
     PRETRANSPOSE_FROZEN.apply(forward, context)
     QUANTIZE_FROZEN.apply(forward, context)
-    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     ids = rng.integers(0, 50, size=(2, 6)).astype(np.int64)
     labels = rng.integers(0, 40, size=12).astype(np.int64)
     loss_before, grads_before = _step(tmp_path, ids, labels)
@@ -60,11 +60,11 @@ def test_backward_readers_get_their_own_copies(tmp_path, scheme):
 
 
 def test_does_nothing_without_quantized_weights(tmp_path):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     forward = export_lm(two_block_lm(np.random.default_rng(0), 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
     PRETRANSPOSE_FROZEN.apply(forward, PassContext(trainable=TRAINABLE))
-    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     nodes = len(training.graph.node)
     assert DEQUANTIZE_AT_USE.apply(training, PassContext(trainable=TRAINABLE)).changed == 0

@@ -23,14 +23,14 @@ D, F, VOCAB, OUT, CHUNKS = 32, 64, 50, 200, 3
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypatch, scheme):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     rng = np.random.default_rng(0)
     forward = export_lm(two_block_lm(rng, D, F, 2, VOCAB, OUT), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize=scheme, quantize_block=32, loss_chunks=CHUNKS)
     PRETRANSPOSE_FROZEN.apply(forward, context)
     QUANTIZE_FROZEN.apply(forward, context)  # int4 mode keeps the output projection INT8
-    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert CHUNKED_LOSS.apply(training, context).changed == 1
     onnx.save(training, str(tmp_path / "training_model.onnx"))
@@ -72,13 +72,13 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
 
 
 def test_small_matrices_stay_whole(tmp_path):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     forward = export_lm(two_block_lm(np.random.default_rng(0), D, F, 2, VOCAB, OUT), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize="int8", loss_chunks=CHUNKS)
     PRETRANSPOSE_FROZEN.apply(forward, context)
     QUANTIZE_FROZEN.apply(forward, context)
-    ort_artifacts.generate(forward, sorted(TRAINABLE), tmp_path)
+    training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     nodes = len(training.graph.node)
     assert DEQUANTIZE_IN_SLICES.apply(training, context).changed == 0  # 26 KB at most, far below SLICE_BYTES

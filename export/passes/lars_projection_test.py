@@ -44,10 +44,10 @@ def _grads(directory, ids, labels):
 
 
 def _artifacts(tmp_path, rng):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     model, values = _export(tmp_path, rng)
-    ort_artifacts.generate(model, [A_NAME, B_NAME], tmp_path)
+    training_graphs.generate(model, [A_NAME, B_NAME], tmp_path)
     return values
 
 

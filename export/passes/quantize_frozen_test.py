@@ -44,15 +44,15 @@ def _dequantized_reference(model, scheme: str):
 
 
 def _build(root, model, scheme: str, passes: tuple[str, ...]):
-    from lars_export import ort_artifacts
+    from lars_export import training_graphs
 
     root.mkdir()
     forward = export_lm(model, root / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, loss_chunks=3, quantize=scheme, quantize_block=BLOCK)
     PRETRANSPOSE_FROZEN.apply(forward, context)
     report = QUANTIZE_FROZEN.apply(forward, context)
-    ort_artifacts.generate(forward, sorted(TRAINABLE), root)
-    reports = ort_artifacts.rewrite_training_model(
+    training_graphs.generate(forward, sorted(TRAINABLE), root)
+    reports = training_graphs.rewrite_training_model(
         root, lambda m: run_passes(m, context, "training", enabled={*passes, "dequantize_at_use"}))
     return report, {r.name: r for r in reports}
 
