@@ -25,7 +25,7 @@ def evaluate_file(bundle_path: str | os.PathLike, data: str, run: str | None = N
         saved = ckpt.latest(Path(run))
         ckpt.warn_skipped(saved)
         checkpoint = saved.ort_checkpoint
-    trainer = Trainer(bundle, checkpoint=checkpoint, eval=True, threads=threads, backend=backend)
+    trainer = Trainer(bundle, checkpoint=checkpoint, load_eval=True, threads=threads, backend=backend)
     seqs = load_sequences(data, trainer.tokenizer, seq_len, mask_prompt)
     return trainer.evaluate(eval_batches(seqs, batch_size, trainer.tokenizer.pad_id))
 

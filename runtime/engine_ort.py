@@ -32,7 +32,7 @@ from .session import first_line, run_options, session_options
 class OrtEngine:
     backend = ORT_BACKEND
 
-    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
+    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  training: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True,
                  profile_prefix: str | None = None) -> None:
@@ -76,11 +76,11 @@ class OrtEngine:
         try:
             # Forward-only training (zo.py) loads no gradient graph: its memory is the eval session's.
             self.session = self._session(session_options(ort, *settings), spec["training"]) if training else None
-            self.eval_session = self._session(session_options(ort, *settings), self.eval_file) if eval else None
+            self.eval_session = self._session(session_options(ort, *settings), self.eval_file) if load_eval else None
         except Exception as e:
             raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
                               f"({first_line(e)[:300]}); re-export it with this lars") from None
-        self.has_eval = eval
+        self.has_eval = load_eval
         self.run_options = run_options(ort, memory_arena)
         self.loss_name = spec["loss"]
         self._loss = np.zeros((), np.float32)
@@ -176,7 +176,7 @@ class OrtEngine:
 
     def eval_step(self, batch: Batch) -> float:
         if self.eval_session is None:
-            raise RuntimeError("Engine was created with eval=False")
+            raise RuntimeError("Engine was created with load_eval=False")
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
         feeds = dict(zip(self.spec["inputs"], (ids, mask, labels)))
         feeds.update(self._views["params"])

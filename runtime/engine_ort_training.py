@@ -30,11 +30,11 @@ def _capi():
 
 
 class OrtTrainingEngine:
-    """Module + Optimizer over one bundle. `eval=False` skips loading the eval graph (and its weight copy)."""
+    """Module + Optimizer over one bundle. `load_eval=False` skips loading the eval graph (and its weight copy)."""
 
     backend = ORT_TRAINING_BACKEND
 
-    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
+    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
         C = _capi()
@@ -56,12 +56,12 @@ class OrtTrainingEngine:
         device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
         try:
             self.module = C.Module(bundle.file(TRAINING_MODEL), self.state,
-                                   bundle.file(EVAL_MODEL) if eval else None, device, options)
+                                   bundle.file(EVAL_MODEL) if load_eval else None, device, options)
             self.optimizer = C.Optimizer(bundle.file(OPTIMIZER_MODEL), self.state, device, options)
         except Exception as e:
             raise BundleError(f"onnxruntime cannot load bundle {bundle.path} ({_first_line(e)[:300]}); "
                               f"re-export it with this lars") from None
-        self.has_eval = eval
+        self.has_eval = load_eval
         self.adapter_names = [p["onnx_name"] for p in manifest.adapter["parameters"]]
         missing = [n for n in self.adapter_names if not self.state.has_parameter(n)]
         if missing:
@@ -96,7 +96,7 @@ class OrtTrainingEngine:
 
     def eval_step(self, batch: Batch) -> float:
         if not self.has_eval:
-            raise RuntimeError("Engine was created with eval=False")
+            raise RuntimeError("Engine was created with load_eval=False")
         out = self.C.OrtValueVector()
         self.module.eval_step(self._feeds(batch), out)
         return float(out[0].numpy())

@@ -111,7 +111,7 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
         _report_cut_examples(name, loaded, args.seq_len)
     data_id = _file_id(args.data)
 
-    session = dict(eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
+    session = dict(load_eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
                    backend=args.backend, warn_budget=False,  # checked once above for --batch-size x --seq-len
                    method=args.method, zo=ZoConfig.from_args(args) if args.method == "zo" else None)

@@ -41,7 +41,7 @@ class ZoEngine:
 
     method = "zo"
 
-    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, eval: bool = True,
+    def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True, profile_prefix: str | None = None,
                  zo: ZoConfig | None = None) -> None:
@@ -52,7 +52,7 @@ class ZoEngine:
         # The adapters, checkpoint I/O, mapped weights and (one setting per run) eval session of the backprop
         # engine, without its training session. Its eval runs the training step's forward (zo_forward.onnx).
         batched = self.config.parallel > 1
-        self.base = OrtEngine(bundle, checkpoint=checkpoint, eval=not batched, training=False, threads=threads,
+        self.base = OrtEngine(bundle, checkpoint=checkpoint, load_eval=not batched, training=False, threads=threads,
                               memory_arena=memory_arena, memory_reuse=memory_reuse,
                               mmap_threshold_mb=mmap_threshold_mb, priority_order=priority_order,
                               profile_prefix=profile_prefix)

@@ -70,7 +70,7 @@ GRADIENT_EARLY, GRADIENT_LATE, ADAPTER = 3e-6, 1e-4, 1e-5
 @pytest.mark.parametrize("combination", list(COMBINATIONS))
 def test_plain_onnxruntime_trains_like_onnxruntime_training(bundles, tmp_path, arch, combination):
     bundle = load_bundle(bundles[(arch, combination)])
-    trainer = Trainer(bundle, eval=False)
+    trainer = Trainer(bundle, load_eval=False)
     assert trainer.engine.backend == "ort"
     adapters = _random_b(trainer)
     trainer.engine.set_adapter_tensors(adapters)
@@ -110,7 +110,7 @@ def test_a_run_continues_across_backends(bundles, tmp_path):
     """ORT's checkpoint after 3 of its steps, continued 3 steps by plain onnxruntime, equals ORT continuing itself;
     and plain onnxruntime's checkpoint continued by ORT equals plain onnxruntime continuing."""
     bundle = load_bundle(bundles[("llama", "default")])
-    trainer = Trainer(bundle, eval=False)
+    trainer = Trainer(bundle, load_eval=False)
     adapters = _random_b(trainer)
     batch = _feeds(trainer, tmp_path / "feeds.npz", adapters)
     ort_ckpt = tmp_path / "ort-step3"
@@ -121,7 +121,7 @@ def test_a_run_continues_across_backends(bundles, tmp_path):
     ort_training.call("train_steps", bundle.path, ort_ckpt, tmp_path / "batch.npz", 3, LR, tmp_path / "b.npz")
     ort_continued = np.load(tmp_path / "b.npz")
 
-    resumed = Trainer(bundle, eval=False, checkpoint=ort_ckpt)
+    resumed = Trainer(bundle, load_eval=False, checkpoint=ort_ckpt)
     assert resumed.engine.step_count == 3
     losses = [resumed.step(batch, LR) for _ in range(3)]
     np.testing.assert_allclose(losses, ort_continued["loss"], rtol=1e-6)
@@ -143,4 +143,4 @@ def test_the_ort_training_backend_says_what_it_needs_on_plain_onnxruntime(bundle
     from lars_artifacts import LarsError
 
     with pytest.raises(LarsError, match="--backend ort-training needs onnxruntime-training 1.19.2"):
-        Trainer(bundles[("llama", "exact")], eval=False, backend="ort-training")
+        Trainer(bundles[("llama", "exact")], load_eval=False, backend="ort-training")

@@ -501,3 +501,12 @@ def test_manifest_without_its_sha256_still_loads(bundle_copy):
     load_bundle(bundle_copy)
     _edit_manifest(bundle_copy, lambda m: m.pop("manifest_sha256"))
     assert load_bundle(bundle_copy).manifest.manifest_sha256 == ""
+
+
+def test_the_old_eval_keyword_still_works_with_a_deprecation_warning(tiny_bundles):
+    from lars_ort import Trainer
+
+    with pytest.warns(DeprecationWarning, match=r"Trainer\(eval=\.\.\.\) is deprecated; pass load_eval="):
+        trainer = Trainer(tiny_bundles["llama"], eval=False)
+    assert trainer.engine.eval_session is None and not trainer.engine.has_eval
+    assert Trainer(tiny_bundles["llama"]).engine.has_eval

@@ -73,7 +73,7 @@ def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tin
     tensors, metrics = client.fit(start, steps=3, lr=1e-2)
 
     # by hand: a fresh trainer (fresh AdamW), the same adapter, the first three batches of the same stream
-    trainer = Trainer(bundle, eval=False, backend="ort")
+    trainer = Trainer(bundle, load_eval=False, backend="ort")
     trainer.engine.set_adapter_tensors(start)
     seqs = load_sequences(TRAIN_TEXT, trainer.tokenizer, SEQ)
     stream = BatchStream(seqs, 1, trainer.tokenizer.pad_id, 0)
@@ -90,7 +90,7 @@ def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tin
     restarted.stream.epoch, restarted.stream.index = 0, 0
     restarted._restore()
     assert restarted.position() == client.position()
-    fresh = Trainer(bundle, eval=False, backend="ort")
+    fresh = Trainer(bundle, load_eval=False, backend="ort")
     fresh.engine.set_adapter_tensors(start)
     for b in batches[3:]:
         fresh.step(b, 1e-2)
@@ -112,7 +112,7 @@ def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter(tiny_bundles):
     prox = client.fit(start, steps=2, lr=lr, proximal_mu=mu)[0]
 
     # by hand: step 1 as FedAvg (the distance is 0), step 2's gradient + mu * (w1 - w0), AdamW (step 2)
-    trainer = Trainer(bundle, eval=False, backend="ort")
+    trainer = Trainer(bundle, load_eval=False, backend="ort")
     engine = trainer.engine
     engine.set_adapter_tensors(start)
     w0 = engine.params.copy()

@@ -220,7 +220,7 @@ def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_mode
     message = budget_warning(manifest.memory, 8, 512)  # the runtime's ~170 MB dominate a tiny model's peak
     assert message and "above this bundle's memory budget" in message and "fits up to" in message
 
-    trainer = Trainer(out, eval=False)
+    trainer = Trainer(out, load_eval=False)
     ids = np.random.default_rng(0).integers(0, 300, size=(8, 512))
     with pytest.warns(ResourceWarning, match="batch 8 x 512 tokens is predicted to peak"):
         trainer.step(trainer.batch(ids), lr=1e-4)

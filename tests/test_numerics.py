@@ -96,7 +96,7 @@ def test_graph_takes_other_batch_sizes_and_lengths(tiny_models, tiny_bundles):
     import torch
     from transformers import AutoModelForCausalLM
 
-    trainer = Trainer(tiny_bundles["llama"], eval=True)
+    trainer = Trainer(tiny_bundles["llama"], load_eval=True)
     reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32,
                                                      attn_implementation="eager").eval()
     for b, t in [(1, 5), (2, 33), (4, 64)]:

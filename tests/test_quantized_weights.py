@@ -69,7 +69,7 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
     out = export(ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
                               lars_basis="none", quantize_weights="int8", recompute_layers=True, loss_chunks=2))
     bundle = load_bundle(out)
-    engine = OrtEngine(bundle, eval=False, threads=1, profile_prefix=str(tmp_path / "step"))
+    engine = OrtEngine(bundle, load_eval=False, threads=1, profile_prefix=str(tmp_path / "step"))
     ids = np.random.default_rng(0).integers(1, bundle.manifest.vocab_size, size=(1, 24))
     engine.forward_backward(Batch(ids, np.ones_like(ids), np.roll(ids, -1, axis=1)))
     trace = json.loads(Path(engine.session.end_profiling()).read_text())

@@ -257,7 +257,7 @@ def test_a_short_disk_prunes_before_writing(tiny_bundles, tmp_path, monkeypatch)
 
 
 def test_non_finite_step_is_skipped_and_never_saved(tiny_bundles, tmp_path):
-    trainer = Trainer(tiny_bundles["llama"], eval=False, threads=1)
+    trainer = Trainer(tiny_bundles["llama"], load_eval=False, threads=1)
     batch = trainer.text_batch(["To be, or not to be, that is the question"])
     before = trainer.adapter_tensors()
     poisoned = {k: np.full_like(v, np.inf) if ".lora_A." in k else v for k, v in before.items()}
@@ -312,7 +312,7 @@ def test_divergence_is_judged_from_ln_vocab():
 
 
 def test_batch_values_are_checked(tiny_bundles):
-    trainer = Trainer(tiny_bundles["llama"], eval=False, threads=1)
+    trainer = Trainer(tiny_bundles["llama"], load_eval=False, threads=1)
     for kwargs, needle in ((dict(input_ids=[[1.5, 2.0]]), "must hold integers"),
                            (dict(input_ids=[[True, False]]), "must hold integers"),
                            (dict(input_ids=[[1, 2], [3]]), "rectangular"),

@@ -53,7 +53,7 @@ def test_lars_ort_trains_evaluates_and_exports_without_torch(runtime_python, tin
     script = f"""
 import sys, json
 from lars_ort import Trainer
-t = Trainer({str(tiny_bundles["qwen2"])!r}, eval=False)
+t = Trainer({str(tiny_bundles["qwen2"])!r}, load_eval=False)
 loss = t.step_text(["To be, or not to be, that is the question"], lr=1e-3)
 print(json.dumps({{"loss": loss, "imported": sorted(m for m in {FORBIDDEN!r} if m in sys.modules)}}))
 """
@@ -63,7 +63,7 @@ print(json.dumps({{"loss": loss, "imported": sorted(m for m in {FORBIDDEN!r} if 
     # the same step in this (torch-present) environment gives the same loss
     from lars_ort import Trainer
 
-    expected = Trainer(tiny_bundles["qwen2"], eval=False).step_text(["To be, or not to be, that is the question"],
+    expected = Trainer(tiny_bundles["qwen2"], load_eval=False).step_text(["To be, or not to be, that is the question"],
                                                                      lr=1e-3)
     assert result["imported"] == [] and result["loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -76,7 +76,7 @@ import sys, json
 import numpy as np
 from lars_ort import Trainer
 from lars_ort.zo import ZoConfig
-t = Trainer({str(tiny_bundles["llama"])!r}, eval=False, method="zo", zo=ZoConfig(perturbations=2, parallel=4))
+t = Trainer({str(tiny_bundles["llama"])!r}, load_eval=False, method="zo", zo=ZoConfig(perturbations=2, parallel=4))
 before = t.adapter_tensors()
 loss = t.step_text(["To be, or not to be, that is the question"], lr=1e-2)
 moved = sorted(n for n, v in t.adapter_tensors().items() if not np.array_equal(v, before[n]))

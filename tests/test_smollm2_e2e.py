@@ -102,7 +102,7 @@ def test_forward_only_training_lowers_the_held_out_loss_on_smollm2(smol_bundle, 
         seq_len=64, lr=1e-2, warmup_steps=0, save_every=0, progress=False, method="zo", zo_perturbations=8))
     before, after = summary["initial_eval"]["eval_loss"], summary["final_eval"]["eval_loss"]
     assert after < before - 0.01, (before, after)
-    adapters = Trainer(load_bundle(smol_bundle), checkpoint=latest(run).ort_checkpoint, eval=False).adapter_tensors()
+    adapters = Trainer(load_bundle(smol_bundle), checkpoint=latest(run).ort_checkpoint, load_eval=False).adapter_tensors()
     moved = [n for n, v in adapters.items() if v.any() and ".lora_B." in n]
     assert len(moved) == 30 * 7  # every B trained, from zero
     assert (export_run_adapter(run, tmp_path / "adapter") / "adapter_model.safetensors").is_file()

@@ -21,7 +21,7 @@ from tiny import TRAIN_TEXT, random_lora_b
 def setup(tiny_bundles):
     """The exact tiny llama bundle, random B (so every gradient is non-zero) and a batch with padding and prompt."""
     bundle = tiny_bundles["llama"]
-    exact = Trainer(bundle, eval=False, threads=1)
+    exact = Trainer(bundle, load_eval=False, threads=1)
     rng = np.random.default_rng(3)
     adapters = random_lora_b(exact, rng)
     mask = np.ones((2, 24), np.int64)
@@ -33,7 +33,7 @@ def setup(tiny_bundles):
 
 
 def _zo(bundle, adapters, **config):
-    trainer = Trainer(bundle, eval=False, threads=1, method="zo", zo=ZoConfig(**config))
+    trainer = Trainer(bundle, load_eval=False, threads=1, method="zo", zo=ZoConfig(**config))
     trainer.engine.set_adapter_tensors(adapters)
     return trainer.engine
 

@@ -139,7 +139,7 @@ def compare_with_peft(model_dir, bundle_dir, dequantize=None):
     from lars_ort import Trainer
 
     bundle = load_bundle(bundle_dir)
-    trainer = Trainer(bundle, eval=False)
+    trainer = Trainer(bundle, load_eval=False)
     adapters = random_lora_b(trainer, 1)  # B = 0 (PEFT's init) makes every dA zero
     batch = reference_batch(trainer, bundle.manifest.vocab_size)
 

@@ -29,7 +29,7 @@ _MUNMAP = re.compile(r"munmap\((0x[0-9a-f]+), (\d+)\)")
 _STEP = """
 import sys, numpy as np
 from lars_ort import Trainer
-t = Trainer(sys.argv[1], eval=False, threads=2, verify=False, memory_arena=False)  # a mapping per tensor
+t = Trainer(sys.argv[1], load_eval=False, threads=2, verify=False, memory_arena=False)  # a mapping per tensor
 batch = t.batch(np.random.default_rng(0).integers(1, t.bundle.manifest.vocab_size, size=(1, int(sys.argv[2]))))
 open(sys.argv[3]).close()  # the marker: an openat of this path in the trace
 t.step(batch, lr=1e-4)

@@ -75,7 +75,7 @@ def worker(a) -> dict:
         return o
 
     engine_ort.session_options = options
-    engine = engine_ort.OrtEngine(load_bundle(a.bundle, verify=False), eval=False, threads=a.threads,
+    engine = engine_ort.OrtEngine(load_bundle(a.bundle, verify=False), load_eval=False, threads=a.threads,
                                   memory_arena=s["arena"])
     if s.get("shrink") is False:
         engine.run_options = ort.RunOptions()

@@ -35,7 +35,7 @@ def alone(bundle, train_file, held_file, steps, score_every, a) -> list[float]:
     from lars_ort import Trainer
     from lars_ort.data import BatchStream, load_sequences
 
-    trainer = Trainer(bundle, eval=True, backend="ort")
+    trainer = Trainer(bundle, load_eval=True, backend="ort")
     tok = trainer.tokenizer
     held = load_sequences(held_file, tok, a.seq_len)
     stream = BatchStream(load_sequences(train_file, tok, a.seq_len), a.batch_size, tok.pad_id, 0)

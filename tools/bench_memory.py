@@ -197,7 +197,7 @@ def worker_ort(a) -> list[float]:
         settings = {"method": "zo", "zo": {}}
     if "zo" in settings:
         settings["zo"] = ZoConfig(**settings["zo"])
-    trainer = Trainer(bundle, eval=False, threads=a.threads, backend=a.backend, **settings)
+    trainer = Trainer(bundle, load_eval=False, threads=a.threads, backend=a.backend, **settings)
     if a.setting in ("forward", "eval"):
         run = trainer.engine.eval_step
     else:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(a.bundle, verify=False)
     with tempfile.TemporaryDirectory(prefix="lars-profile-") as tmp:
         loading = rss_split_mb()
-        engine = OrtEngine(bundle, eval=False, threads=a.threads, profile_prefix=str(Path(tmp) / "step"))
+        engine = OrtEngine(bundle, load_eval=False, threads=a.threads, profile_prefix=str(Path(tmp) / "step"))
         loaded = rss_split_mb()
         rng = np.random.default_rng(0)
         ids = rng.integers(0, bundle.manifest.vocab_size, size=(a.batch_size, a.seq_len))

@@ -44,7 +44,7 @@ class LocalClient:
     def __init__(self, bundle: str | os.PathLike | Bundle, data: LocalData, state_file: str | os.PathLike | None = None,
                  threads: int = 0) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        self.trainer = Trainer(self.bundle, eval=data.eval is not None, threads=threads, backend="ort")
+        self.trainer = Trainer(self.bundle, load_eval=data.eval is not None, threads=threads, backend="ort")
         self.data = data
         tok = self.trainer.tokenizer
         self.seqs = load_sequences(data.train, tok, data.seq_len)

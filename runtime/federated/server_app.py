@@ -182,7 +182,7 @@ def run_federation(grid: Grid, settings: dict, context: Context | None = None) -
     rounds, started = int(settings["rounds"]), time.monotonic()
     held, evaluator = None, None
     if settings["server-eval-data"]:
-        evaluator = Trainer(bundle, eval=True, training=False, threads=int(settings["threads"]))
+        evaluator = Trainer(bundle, load_eval=True, training=False, threads=int(settings["threads"]))
         held = load_sequences(settings["server-eval-data"], evaluator.tokenizer, int(settings["seq-len"]))
     strategy = AdapterFedAvg(reference, settings["proximal-mu"], fraction_train=float(settings["fraction-train"]),
                              fraction_evaluate=float(settings["fraction-evaluate"]),
