@@ -18,8 +18,9 @@ def base_install_python(venv: Path, interpreter: str | os.PathLike) -> Path:
     expected = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
     if not (python.exists() and stamp.exists() and stamp.read_text() == expected):
         subprocess.run([str(interpreter), "-m", "venv", "--clear", str(venv)], check=True)
+        # env_of: no PYTHONPATH, or pip would count what it finds there as installed and skip it
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(REPO)],
-                       check=True)
+                       check=True, env=env_of(python))
         stamp.write_text(expected)
     return python
 

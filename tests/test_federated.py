@@ -3,6 +3,7 @@ a device's round against the same steps taken by hand, and whole federations on 
 simulation engine in this process; the deployment engine with TLS through tools/federated_demo.py)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,16 @@ from tiny import EVAL_TEXT, TRAIN_TEXT
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Flower's simulation engine sets PYTHONPATH in this process for its Ray workers; later tests (and their child
+    processes: the torch-free environment's pip) must not inherit it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def _adapter(seed, shapes=(("a", (4, 3)), ("b", (2, 4)))):
