@@ -17,7 +17,8 @@ def base_install_python(venv: Path, interpreter: str | os.PathLike) -> Path:
     python, stamp = venv / "bin" / "python", venv / ".lars-stamp"
     expected = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
     if not (python.exists() and stamp.exists() and stamp.read_text() == expected):
-        subprocess.run([str(interpreter), "-m", "venv", "--clear", str(venv)], check=True)
+        clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # another Python's modules break venv
+        subprocess.run([str(interpreter), "-m", "venv", "--clear", str(venv)], check=True, env=clean)
         # env_of: no PYTHONPATH, or pip would count what it finds there as installed and skip it
         subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(REPO)],
                        check=True, env=env_of(python))

@@ -308,8 +308,10 @@ def main(argv=None) -> int:
 
             def restart() -> None:
                 fed.start(name, fed.argv[name])
-                print(f"fault drill: restarted client {a.kill_client}'s SuperNode (a new node to the SuperLink: "
-                      f"it joins the next round and continues its data from its state file)", flush=True)
+                print(f"fault drill: restarted client {a.kill_client}'s SuperNode; it continues its data from its "
+                      f"state file in the first round after the SuperLink admits it again ("
+                      + ("with node authentication its key is admitted again once the old session has expired, "
+                         "~1 min of Flower's heartbeat" if keys else "a new node: the next round") + ")", flush=True)
 
             def drill(record: dict) -> None:
                 if record["round"] == a.kill_round - 1:
