@@ -115,6 +115,24 @@ def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tin
     assert score["num-tokens"] > 0 and np.isfinite(score["eval_loss"])
 
 
+def test_two_devices_with_the_same_files_in_one_process_keep_their_own_data_positions(tiny_bundles):
+    """Simulation workers serve several virtual devices with one cached LocalClient when their files are the same:
+    each device's first round starts at its own (zero) position, later rounds continue its own."""
+    from flwr.app import Context, RecordDict
+
+    from lars_ort.federated.client_app import _fit, device_settings
+
+    config = {"bundle": str(tiny_bundles["llama"]), "data": str(TRAIN_TEXT), "seq-len": SEQ, "local-steps": 2}
+    a, b = (Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config=config) for n in (1, 2))
+    start = _local(load_bundle(tiny_bundles["llama"])).trainer.adapter_tensors()
+    first_a = _fit(a, device_settings(a), start, {"lr": 1e-2})[0]
+    first_b = _fit(b, device_settings(b), start, {"lr": 1e-2})[0]  # not where device a stopped
+    second_a = _fit(a, device_settings(a), start, {"lr": 1e-2})[0]
+    for name in start:
+        np.testing.assert_array_equal(first_a[name], first_b[name])
+    assert any(not np.array_equal(first_a[n], second_a[n]) for n in start)  # a continued its own data
+
+
 def test_fedprox_adds_mu_times_the_distance_to_the_global_adapter(tiny_bundles):
     bundle = load_bundle(tiny_bundles["llama"])
     mu, lr = 0.5, 1e-2

@@ -91,6 +91,8 @@ def _fit(context: Context, settings: dict, tensors, config) -> tuple[dict, dict,
     client = local_client(settings)
     if POSITION in context.state:  # this node's last round, also when another device ran in this process since
         client.set_position(dict(context.state[POSITION]))
+    else:  # this node's first round here: its state file's position, never another node's (same files, same key)
+        client.restore_position()
     if not isinstance(tensors, dict):  # SecAgg+'s list, in the bundle's adapter order (the server's too)
         names = client.trainer.engine.adapter_names
         if len(tensors) != len(names):

@@ -67,6 +67,12 @@ class LocalClient:
             self.stream.epoch, self.stream.index = int(state["epoch"]), int(state["index"])
             self.rounds = int(state.get("rounds", 0))
 
+    def restore_position(self) -> None:
+        """Back to the position of this device's state file (the start of its data without one): a process that
+        served another device with the same files must not hand that device's position on."""
+        self.stream.epoch, self.stream.index, self.rounds = 0, 0, 0
+        self._restore()
+
     def _restore(self) -> None:
         if not (self.state_file and self.state_file.is_file()):
             return
