@@ -50,6 +50,7 @@ SLOW = (
     "tests/test_export_weights.py",
     "tests/test_federated.py::test_a_simulated_federation_averages_by_tokens_and_leaves_a_poisoned_update_out",
     "tests/test_federated.py::test_the_demo_runs_a_tls_federation_on_loopback",
+    "tests/test_federated.py::test_a_federation_where_every_device_fails_is_an_error_that_names_the_cause",
     "tests/test_federated.py::test_secure_aggregation_gives_the_token_weighted_mean",
     "tests/test_federated.py::test_differential_privacy_clips_each_update_and_adds_noise_of_the_stated_scale",
     "tests/test_federated.py::test_a_killed_client_is_left_out_and_rejoins_where_its_data_stopped",

@@ -383,6 +383,17 @@ def test_a_killed_client_is_left_out_and_rejoins_where_its_data_stopped(tiny_bun
             np.testing.assert_allclose(saved[r][name], value, rtol=0, atol=2e-7)
 
 
+def test_a_federation_where_every_device_fails_is_an_error_that_names_the_cause(tiny_bundles, tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "federated_demo.py"), "--bundle",
+                           str(tiny_bundles["llama"]), "--clients", "2", "--rounds", "1", "--seq-len", str(SEQ),
+                           "--data", f"{missing},{missing}", "--eval-data", str(EVAL_TEXT), "--eval-batches", "1",
+                           "--out", str(tmp_path / "fed"), "--insecure"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error: no round averaged a single device's update; the first failure: node " in done.stderr
+    assert f"data file {missing} does not exist" in done.stderr
+
+
 def test_a_device_round_imports_no_torch(tiny_bundles):
     """Flower and lars' apps on a device: no torch, transformers, optimum or peft imported, though installed here."""
     from base_install import FORBIDDEN

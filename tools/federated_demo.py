@@ -138,7 +138,7 @@ def device_files(a) -> tuple[list[str], str]:
         texts = shakespeare_texts(Path(a.cache))
         if a.clients > len(PLAYS):
             sys.exit(f"error: the demo has {len(PLAYS)} plays; pass --data with one file per client")
-        files = [str(texts / f"{play}_gut.txt") for play in PLAYS[:a.clients]]
+        files = [str((texts / f"{play}_gut.txt").resolve()) for play in PLAYS[:a.clients]]  # the nodes' cwd differs
     held = a.eval_data or (None if a.data else str(shakespeare_texts(Path(a.cache)) / "tempest_gut.txt"))
     return files, str(Path(held).resolve()) if held else ""
 
@@ -320,6 +320,11 @@ def main(argv=None) -> int:
                           f"{a.kill_round} starts", flush=True)
                     threading.Timer(a.restart_after, restart).start()
         rounds = follow_rounds(out, runner, a.rounds, fed, drill)
+        if len(rounds) == a.rounds + 1 and not any(r["accepted"] for r in rounds[1:]):
+            print(f"error: no round averaged a single device's update; the first failure: "
+                  f"{next((f for r in rounds for f in r.get('failed', [])), 'none reported')}; logs in {work}",
+                  file=sys.stderr)
+            return 1
         if runner.returncode not in (0, None) or len(rounds) < a.rounds + 1:
             print(fed.tail("flwr-run", 30), file=sys.stderr)
             print(f"error: the federation stopped after {max(len(rounds) - 1, 0)} of {a.rounds} rounds; logs in "

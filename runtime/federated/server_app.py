@@ -92,7 +92,7 @@ class AdapterFedAvg(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed.append(node)
+                failed.append(f"node {node}: {msg.error.reason}"[:500])
                 log(WARNING, "round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
             problem = reply_problem(msg.content, self.reference)
