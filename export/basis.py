@@ -11,7 +11,8 @@ The pca basis is built one decoder layer at a time (as GPTQ-style calibration do
 states are carried from layer to layer, so only one layer's inputs and second moments exist at a time (a 1.5B model's
 d×d moments for all its layers would take ~10 GB), and the LM head is never run. Only the top k eigenvectors of each
 moment are computed (block Krylov with Rayleigh–Ritz), once per distinct input: a full eigendecomposition of a
-4864-wide moment takes ~30 s here, 24 of them per Qwen2.5-0.5B.
+4864-wide moment takes ~30 s here, 24 of them per Qwen2.5-0.5B. Inputs wider than ~32 block widths (an MLP's
+down_proj) never form the moment: the Krylov blocks are products with the activations themselves.
 """
 
 from __future__ import annotations
@@ -162,22 +163,67 @@ def top_eigenvectors(moment: np.ndarray, k: int, tol: float = 1e-6, seed: int = 
                      ) -> np.ndarray:
     """The k leading eigenvectors (d×k, by descending eigenvalue) of a symmetric positive semi-definite matrix.
 
-    Block Krylov with Rayleigh–Ritz and full re-orthogonalisation (thick restart at 8 blocks): converged when every
-    one of the k Ritz pairs has a residual ‖M·v − θ·v‖ ≤ tol·θ. ~6–10 blocks for real activation moments, ~20
-    for a flat spectrum; each costs one d×d by d×b product. Small problems (d ≤ 8b) take LAPACK's full eigh.
+    Block Krylov with Rayleigh–Ritz (`_block_krylov`); small problems (d ≤ 8b) take LAPACK's full eigh.
     """
     d = moment.shape[0]
-    b = min(d, k + max(8, k // 2))  # block width: k plus oversampling, so the k-th pair converges at a good rate
-    if 8 * b >= d:  # LAPACK's full eigh is as quick at this size
+    if 8 * _block_width(d, k) >= d:  # LAPACK's full eigh is as quick at this size
         return np.ascontiguousarray(np.linalg.eigh(moment)[1][:, ::-1][:, :k])
+    vectors, converged = _block_krylov(moment.__matmul__, d, k, tol, seed, max_blocks)
+    if not converged.all():
+        log.warning("top_eigenvectors: %d of %d Ritz pairs converged after %d blocks (d=%d); using them as they are",
+                    int(converged.sum()), k, max_blocks, d)
+    return vectors
+
+
+def top_principal_directions(x: np.ndarray, k: int, tol: float = 1e-6, seed: int = 0, max_blocks: int = 100
+                             ) -> np.ndarray:
+    """The k leading eigenvectors of xᵀx (d×k, by descending eigenvalue) for rows x [tokens, d] float32, without
+    forming xᵀx: the Krylov blocks are xᵀ(x·q), two float32 products of tokens×d×b.
+
+    Forming the moment is one syrk of tokens·d²/2 multiply-adds; ~8 blocks cost 16·tokens·d·b, so this is the
+    cheaper path once d > 32·b (a 4864-wide down_proj input: ~0.6 s against ~2 s here) and it never holds a d×d
+    float64 matrix (642 MB at d = 8960). Its products round in float32 every block: a moment whose leading
+    eigenvalues are ~10⁴× its k-th or more (outlier dimensions) can leave the tail pairs short of `tol`: once the
+    residuals stall, such inputs take the moment path instead (the answer the exporter gave before this path).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[1]
+    if 8 * _block_width(d, k) >= d:
+        return top_eigenvectors(_moment(x), k, tol, seed)
+
+    def apply(q: np.ndarray) -> np.ndarray:
+        return (x.T @ (x @ q.astype(np.float32))).astype(np.float64)
+
+    vectors, converged = _block_krylov(apply, d, k, tol, seed, max_blocks, stall=8)
+    if converged.all():
+        return vectors
+    log.debug("top_principal_directions: %d of %d Ritz pairs converged with float32 products (d=%d); "
+              "solving the float64 moment", int(converged.sum()), k, d)
+    return top_eigenvectors(_moment(x), k, tol, seed)
+
+
+def _block_width(d: int, k: int) -> int:
+    return min(d, k + max(8, k // 2))  # k plus oversampling, so the k-th pair converges at a good rate
+
+
+def _block_krylov(apply, d: int, k: int, tol: float, seed: int, max_blocks: int, stall: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The k leading Ritz vectors of the symmetric operator `apply` (d×b float64 -> d×b float64), and which of them
+    converged: residual ‖M·v − θ·v‖ ≤ tol·θ. Block Krylov with Rayleigh–Ritz and full re-orthogonalisation (thick
+    restart at 8 blocks); ~6–10 blocks for real activation moments, ~20–40 for a flat spectrum. With `stall`, it
+    stops early once the worst unconverged residual has not halved in that many blocks (rounding in the operator
+    has become the floor: more blocks cannot reach tol).
+    """
+    b = _block_width(d, k)
     max_dim = min(d, 8 * b)
     V = np.empty((d, max_dim))  # orthonormal Krylov basis
     W = np.empty((d, max_dim))  # moment @ V
     H = np.empty((max_dim, max_dim))  # Vᵀ·moment·V
     q = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, b)))[0]
     n = 0
+    worst: list[float] = []  # per block: the largest residual / (tol·θ) among the k pairs
     for _ in range(max_blocks):
-        V[:, n:n + b], W[:, n:n + b] = q, moment @ q
+        V[:, n:n + b], W[:, n:n + b] = q, apply(q)
         H[:n + b, n:n + b] = V[:, :n + b].T @ W[:, n:n + b]
         H[n:n + b, :n] = H[:n, n:n + b].T
         n += b
@@ -187,9 +233,13 @@ def top_eigenvectors(moment: np.ndarray, k: int, tol: float = 1e-6, seed: int = 
         residual = np.linalg.norm(W[:, :n] @ u[:, :k] - vectors * theta[:k], axis=0)
         # relative to each pair's own eigenvalue: a moment with outlier dimensions has θ₁ ~10⁶·θ_k, and a tolerance
         # on θ₁ would accept a k-th vector that is not an eigenvector at all (floored for rank-deficient moments)
-        converged = residual <= tol * np.maximum(theta[:k], 1e-9 * theta[0])
+        target = tol * np.maximum(theta[:k], 1e-9 * theta[0])
+        converged = residual <= target
         if converged.all():
-            return vectors
+            break
+        worst.append(float((residual / target).max()))
+        if stall and len(worst) > stall and worst[-1] > 0.5 * min(worst[:-stall]):
+            break
         if n + b > max_dim:  # restart from the b leading Ritz pairs
             V[:, :b], W[:, :b] = V[:, :n] @ u[:, :b], W[:, :n] @ u[:, :b]
             H[:b, :b] = np.diag(theta[:b])
@@ -200,13 +250,13 @@ def top_eigenvectors(moment: np.ndarray, k: int, tol: float = 1e-6, seed: int = 
         q = W[:, n - b:n]
         for _ in range(2):
             q = np.linalg.qr(q - V[:, :n] @ (V[:, :n].T @ q))[0]
-    log.warning("top_eigenvectors: %d of %d Ritz pairs converged after %d blocks (d=%d); using them as they are",
-                int(converged.sum()), k, max_blocks, d)
-    return vectors
+    return vectors, converged
 
 
 def pca_basis(x: np.ndarray, k: int) -> np.ndarray:
     """The top-k principal directions (uncentred) of the rows of x [tokens, d]."""
+    if x.shape[1] > 32 * _block_width(x.shape[1], k):  # see top_principal_directions: wide inputs skip the moment
+        return np.ascontiguousarray(top_principal_directions(x, k), dtype=np.float32)
     return np.ascontiguousarray(top_eigenvectors(_moment(x), k), dtype=np.float32)
 
 

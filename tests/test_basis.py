@@ -47,6 +47,52 @@ def test_top_eigenvectors_of_a_small_matrix_take_full_eigh():
     assert _subspace_cosines(top, vectors).min() > 1 - 1e-12
 
 
+def _activations(tokens: int, d: int, spectrum: str, seed: int = 0) -> np.ndarray:
+    """float32 rows [tokens, d] with the spectrum's shape (see _moment), as the calibration forward gathers them."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((tokens, d))
+    if spectrum == "decaying":
+        x *= 1.0 / np.sqrt(1 + np.arange(d))
+    elif spectrum == "outliers":
+        x *= 1.0 / np.sqrt(1 + np.arange(d))
+        x[:, :2] *= 1000.0
+    return np.ascontiguousarray((x @ np.linalg.qr(rng.standard_normal((d, d)))[0]).astype(np.float32))
+
+
+@pytest.mark.parametrize("spectrum", ["decaying", "flat"])
+def test_principal_directions_from_the_activations_equal_full_eigh_of_the_float64_moment(spectrum, monkeypatch):
+    """The wide-input path (Krylov blocks xᵀ(x·q) in float32, no d×d moment) against LAPACK on the exact moment."""
+    x = _activations(3000, 1800, spectrum)
+    x64 = x.astype(np.float64)
+    m = x64.T @ x64
+    values, vectors = np.linalg.eigh(m)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    k = 32
+    assert x.shape[1] > 32 * (k + max(8, k // 2))  # pca_basis takes this path at this width
+    monkeypatch.setattr(basis, "_moment", lambda x: pytest.fail("the wide-input path formed the d×d moment"))
+    top = basis.pca_basis(x, k)
+    assert top.shape == (1800, k) and top.dtype == np.float32
+    np.testing.assert_allclose(top.T @ top, np.eye(k), atol=1e-6)
+    exact = basis.top_principal_directions(x, k)  # float64, before pca_basis's float32 cast
+    assert _subspace_cosines(exact, vectors[:, :k]).min() > 1 - 1e-8
+    np.testing.assert_allclose(np.einsum("dk,de,ek->k", exact, m, exact), values[:k], rtol=1e-7)
+
+
+def test_principal_directions_of_outlier_activations_fall_back_to_the_moment(caplog):
+    """Two dimensions ~1000× the rest (θ₁/θ₃₂ ~ 10⁷): float32 products cannot bring the tail pairs to tol, so the
+    residuals stall and the moment is solved instead — the exporter's answer before the wide-input path existed."""
+    x = _activations(3000, 1800, "outliers")
+    with caplog.at_level("DEBUG", logger="lars_export.basis"):
+        top = basis.top_principal_directions(x, 32)
+    assert "solving the float64 moment" in caplog.text
+    np.testing.assert_array_equal(top, basis.top_eigenvectors(basis._moment(x), 32))
+    # the float32 moment limits either path here: the tail directions are near, not exact; the energy is kept
+    x64 = x.astype(np.float64)
+    m = x64.T @ x64
+    values = np.linalg.eigvalsh(m)[::-1][:32]
+    assert np.einsum("dk,de,ek->", top, m, top) > (1 - 1e-6) * values.sum()
+
+
 def _reference_moments(peft_model, batches) -> dict[str, np.ndarray]:
     """Σ xᵀx per adapter from ordinary forwards of the whole model (float64, no shared-input shortcut)."""
     import torch
