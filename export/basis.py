@@ -253,9 +253,15 @@ def _block_krylov(apply, d: int, k: int, tol: float, seed: int, max_blocks: int,
     return vectors, converged
 
 
+def solves_on_activations(d: int, k: int) -> bool:
+    """Whether pca_basis takes the top k of a d-wide input from the activations (no d×d moment): see
+    top_principal_directions."""
+    return d > 32 * _block_width(d, k)
+
+
 def pca_basis(x: np.ndarray, k: int) -> np.ndarray:
     """The top-k principal directions (uncentred) of the rows of x [tokens, d]."""
-    if x.shape[1] > 32 * _block_width(x.shape[1], k):  # see top_principal_directions: wide inputs skip the moment
+    if solves_on_activations(x.shape[1], k):
         return np.ascontiguousarray(top_principal_directions(x, k), dtype=np.float32)
     return np.ascontiguousarray(top_eigenvectors(_moment(x), k), dtype=np.float32)
 

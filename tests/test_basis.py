@@ -68,7 +68,8 @@ def test_principal_directions_from_the_activations_equal_full_eigh_of_the_float6
     values, vectors = np.linalg.eigh(m)
     values, vectors = values[::-1], vectors[:, ::-1]
     k = 32
-    assert x.shape[1] > 32 * (k + max(8, k // 2))  # pca_basis takes this path at this width
+    assert basis.solves_on_activations(1800, k)  # pca_basis takes this path at this width
+    assert not basis.solves_on_activations(1536, k)  # SmolLM2's widest input (the default bundle) does not
     monkeypatch.setattr(basis, "_moment", lambda x: pytest.fail("the wide-input path formed the d×d moment"))
     top = basis.pca_basis(x, k)
     assert top.shape == (1800, k) and top.dtype == np.float32

@@ -273,3 +273,21 @@ def test_tests_and_the_library_run_tools_as_programs_never_import_them():
                 offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in tools]
     assert offenders == []
     assert "bench_memory" in tools and "federated_demo" in tools  # the check sees the tools
+
+
+def test_bench_basis_times_both_solvers_on_the_same_activations(tiny_models, tmp_path):
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "bench_basis.py"), str(tiny_models["qwen2"]),
+                          "--json", str(tmp_path / "b.json"), "--plot", str(tmp_path / "b.png")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads((tmp_path / "b.json").read_text())
+    config = json.loads((tiny_models["qwen2"] / "config.json").read_text())
+    widths = {config["hidden_size"], config["intermediate_size"]}
+    assert {r["width"] for r in got["rows"]} == widths
+    layers = config["num_hidden_layers"]
+    # per layer: q/k/v's input, o's, gate/up's (hidden_size wide) and down's (intermediate_size wide)
+    assert {r["width"]: r["inputs"] for r in got["rows"]} == {config["hidden_size"]: 3 * layers,
+                                                              config["intermediate_size"]: layers}
+    assert all(r["worst_1_minus_cos"] < 1e-6 and r["energy_ratio_min"] > 1 - 1e-6 for r in got["rows"])
+    assert got["moment_everywhere_s"] == pytest.approx(got["forward_s"] + sum(r["moment_s"] for r in got["rows"]))
+    assert "calibration forward" in out.stdout and (tmp_path / "b.png").stat().st_size > 0
