@@ -4,6 +4,7 @@ the adapter). The `lars-ort train` loop on top of it is loop.py; eval and export
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -42,6 +43,12 @@ def _int_array(value, name: str) -> np.ndarray:
     if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
         raise LarsError(f"{name} holds {array.max()}, beyond int64")
     return array.astype(np.int64, copy=False)
+
+
+def check_lr(lr) -> None:
+    """A learning rate must be a finite number >= 0 (checked before a step touches the data or the adapters)."""
+    if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
+        raise LarsError(f"learning rate {lr!r} must be a finite number >= 0")
 
 
 class Trainer:
@@ -93,18 +100,24 @@ class Trainer:
             seqs.append(TokenSequence(tokens, np.ones(len(tokens), dtype=bool)))
         return collate(seqs, self.tokenizer.pad_id)
 
-    def step(self, batch: Batch, lr: float) -> float:
+    def step(self, batch: Batch, lr: float, proximal: tuple[float, np.ndarray] | None = None) -> float:
         """One AdamW step (a P-RGE step with method="zo"); returns the loss before the update. Warns (once per
         batch shape) when the step is predicted to exceed the bundle's memory budget. A NaN/inf loss or gradient
-        raises NonFiniteStep (a LarsError) and leaves the adapters and optimizer state as they were."""
-        if not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
-            raise LarsError(f"learning rate {lr!r} must be a finite number >= 0")
+        raises NonFiniteStep (a LarsError) and leaves the adapters and optimizer state as they were.
+        `proximal` = (mu, anchor parameters): FedProx's mu·(w − anchor) joins the gradient (the plain-onnxruntime
+        backprop engine only)."""
+        check_lr(lr)
+        if proximal is not None and "proximal" not in inspect.signature(self.engine.train_step).parameters:
+            raise LarsError(f"a proximal term (FedProx) needs backprop steps on the onnxruntime backend; this trainer "
+                            f"runs {type(self.engine).__name__}: use method='backprop', backend='ort'")
         shape = tuple(batch.input_ids.shape)
         if self.warn_budget and shape not in self._warned_shapes:
             self._warned_shapes.add(shape)
             message = self.budget_warning(*shape)
             if message:
                 warnings.warn(message, ResourceWarning, stacklevel=2)
+        if proximal is not None:
+            return self.engine.train_step(batch, lr, proximal=proximal)
         return self.engine.train_step(batch, lr)
 
     def budget_warning(self, batch_size: int, seq_len: int) -> str | None:

@@ -167,6 +167,21 @@ def test_a_global_adapter_of_another_bundle_is_refused(tiny_bundles):
         client.fit(wrong, steps=1, lr=1e-3)
     with pytest.raises(LarsError, match="local steps 0 must be an integer >= 1"):
         client.fit(client.trainer.adapter_tensors(), steps=0, lr=1e-3)
+    # a round's steps are the Trainer's: its learning-rate check holds, and nothing is trained or saved
+    before = client.trainer.adapter_tensors()
+    with pytest.raises(LarsError, match="learning rate nan must be a finite number >= 0"):
+        client.fit(before, steps=1, lr=float("nan"))
+    assert client.rounds == 0 and client.stream.index == 0
+
+
+def test_a_proximal_term_on_zeroth_order_steps_is_refused(tiny_bundles):
+    from lars_ort import Trainer
+    from lars_ort.zo import ZoConfig
+
+    trainer = Trainer(tiny_bundles["llama"], load_eval=False, method="zo", zo=ZoConfig(perturbations=2))
+    batch = trainer.text_batch(["To be, or not to be"])
+    with pytest.raises(LarsError, match="a proximal term .FedProx. needs backprop steps on the onnxruntime backend"):
+        trainer.step(batch, 1e-3, proximal=(0.1, np.zeros(4, np.float32)))
 
 
 def _short_examples(directory: Path) -> str:

@@ -23,7 +23,7 @@ from lars_artifacts.measure import Stopwatch, peak_rss_mb
 
 from ..data import BatchStream, eval_batches, load_sequences
 from ..engine import NonFiniteStep
-from ..trainer import Trainer
+from ..trainer import Trainer, check_lr
 from .aggregate import update_problem
 
 
@@ -101,6 +101,7 @@ class LocalClient:
         proximal_mu > 0 each step's gradient gets FedProx's mu * (w - w_global)."""
         if not (isinstance(steps, int) and steps >= 1):
             raise LarsError(f"local steps {steps!r} must be an integer >= 1")
+        check_lr(lr)
         if not (math.isfinite(proximal_mu) and proximal_mu >= 0):
             raise LarsError(f"proximal-mu {proximal_mu!r} must be a finite number >= 0")
         self._set_global(tensors)
@@ -112,7 +113,7 @@ class LocalClient:
         for _ in range(steps):
             batch = self.stream.next()
             try:
-                losses.append(engine.train_step(batch, lr, proximal=anchor))
+                losses.append(self.trainer.step(batch, lr, proximal=anchor))
             except NonFiniteStep:
                 skipped += 1
                 continue

@@ -71,6 +71,15 @@ def reply_problem(content: RecordDict, reference: dict[str, np.ndarray]) -> str 
     return update_problem(reference, arrays_to_numpy(arrays["arrays"]), values.get("num-tokens"))
 
 
+def round_outcome(sampled: int, accepted: int, rejected: list, failed: list[str], no_reply: int, train_tokens: int,
+                  clients: list[dict], **extra) -> dict:
+    """A round's line in federation.jsonl (before the server adds its time, loss and checkpoint): how many devices
+    were sampled, whose updates were averaged, rejected (node ids) or failed (with the reason), how many said
+    nothing within the round timeout, the tokens trained and each device's own figures."""
+    return {"sampled": sampled, "accepted": accepted, "rejected": rejected, "failed": failed, "no_reply": no_reply,
+            "train_tokens": train_tokens, "clients": clients, **extra}
+
+
 class AdapterFedAvg(FedAvg):
     """FedAvg over adapters that checks every reply first (and sends FedProx's mu when set)."""
 
@@ -108,9 +117,8 @@ class AdapterFedAvg(FedAvg):
         if silent:
             log(WARNING, "round %d: %d of %d sampled nodes did not reply within the round timeout", server_round,
                 silent, sampled)
-        self.outcome[server_round] = {"sampled": sampled, "accepted": len(accepted), "rejected": rejected,
-                                      "failed": failed, "no_reply": silent, "train_tokens": sum(tokens),
-                                      "clients": clients}
+        self.outcome[server_round] = round_outcome(sampled, len(accepted), rejected, failed, silent, sum(tokens),
+                                                   clients)
         if not accepted:
             log(WARNING, "round %d: no update accepted; the global adapter stays as it was", server_round)
             return None, None
@@ -129,10 +137,9 @@ class SecAggFedAvg(LegacyFedAvg):
 
     def aggregate_fit(self, server_round, results, failures):
         parameters, metrics = super().aggregate_fit(server_round, results, failures)
-        self.outcome[server_round] = {"sampled": len(results) + len(failures), "accepted": len(results),
-                                      "rejected": [], "failed": [str(f) for f in failures], "no_reply": 0,
-                                      "train_tokens": sum(int(res.num_examples) for _, res in results),
-                                      "clients": [dict(res.metrics) for _, res in results], "secagg": True}
+        self.outcome[server_round] = round_outcome(
+            len(results) + len(failures), len(results), [], [str(f) for f in failures], 0,
+            sum(int(res.num_examples) for _, res in results), [dict(res.metrics) for _, res in results], secagg=True)
         if parameters is None:
             return None, metrics
         # dequantized in float64; the adapter is float32 (the shape check still sees a wrong shape)
