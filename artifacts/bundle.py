@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .schema import AdapterParameter, OrtStep
 
 FORMAT = "lars-bundle"
 FORMAT_VERSION = 2  # 2: training_step.onnx (standard ONNX), "models" and "weights" in the manifest
@@ -162,6 +163,17 @@ class Manifest:
         return int(self.architecture["max_position_embeddings"])
 
     @property
+    def adapter_parameters(self) -> list[AdapterParameter]:
+        return [AdapterParameter.from_dict(p, f"adapter.parameters[{i}]")
+                for i, p in enumerate(self.adapter["parameters"])]
+
+    @property
+    def ort_step(self) -> OrtStep | None:
+        """The plain-onnxruntime backend's models (None in a bundle exported before that backend)."""
+        spec = self.models.get(ORT_BACKEND)
+        return OrtStep.from_dict(spec, f"models.{ORT_BACKEND}") if spec else None
+
+    @property
     def bundle_id(self) -> str:
         """Identifies the bundle a run belongs to: the hash of its initial checkpoint and training graph."""
         return hashlib.sha256((self.files[CHECKPOINT]["sha256"] + self.files[TRAINING_MODEL]["sha256"]).encode()
@@ -209,13 +221,9 @@ def _check_runtime_fields(data: dict[str, Any], where: str) -> None:
     _check_json_type(adapter.get("peft_config"), dict, f"{where}: adapter.peft_config")
     _check_json_type(adapter.get("parameters"), list, f"{where}: adapter.parameters")
     for n, parameter in enumerate(adapter["parameters"]):
-        what = f"{where}: adapter.parameters[{n}]"
-        _check_json_type(parameter, dict, what)
-        for key in ("onnx_name", "peft_key"):
-            _check_json_type(parameter.get(key), str, f"{what}.{key}")
-        shape = parameter.get("shape")
-        if not (isinstance(shape, list) and all(_is_count(d, minimum=1) for d in shape)):
-            raise _damaged(f"{what}.shape must be a list of positive integers, got {shape!r}")
+        AdapterParameter.from_dict(parameter, f"{where}: adapter.parameters[{n}]")
+    if data.get("models", {}).get(ORT_BACKEND):
+        OrtStep.from_dict(data["models"][ORT_BACKEND], f"{where}: models.{ORT_BACKEND}")
 
 
 def manifest_digest(data: dict[str, Any]) -> str:

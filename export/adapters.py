@@ -10,18 +10,13 @@ merged (every adapter tensor must be an initializer of its own).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
-from lars_artifacts import LarsError
+from lars_artifacts import AdapterParameter, LarsError
 
 from .config import ExportConfig
 
 
-@dataclass
-class AdapterParam:
-    onnx_name: str   # initializer name in the exported graph
-    peft_key: str    # key in a PEFT adapter_model.safetensors
-    shape: list[int]
+AdapterParam = AdapterParameter  # one trainable tensor: its graph name, PEFT key and shape (lars_artifacts.schema)
 
 
 # The exporter wraps the PEFT model in a module whose attribute is `model`: graph names start with this prefix.

@@ -166,11 +166,12 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
         with phases("lowering the training step to standard ONNX (plain onnxruntime)"):
             step = training_graphs.write_training_step(staging, [p.onnx_name for p in params], config.strict_onnx)
             # forward-only (zeroth-order) training's graphs (zo_step.py)
-            step["zo"] = zo_step.write_zo_step(staging, [p.onnx_name for p in params], TRAINING_STEP, step["loss"])
-            models = {ORT_BACKEND: step,
+            zo = zo_step.write_zo_step(staging, [p.onnx_name for p in params], TRAINING_STEP, step.loss)
+            step = dataclasses.replace(step, zo=zo)
+            models = {ORT_BACKEND: step.to_dict(),
                       ORT_TRAINING_BACKEND: {"training": TRAINING_MODEL, "eval": EVAL_MODEL,
                                              "optimizer": OPTIMIZER_MODEL, "checkpoint": CHECKPOINT}}
-            zo_files = [f for f in (step["zo"]["forward"], step["zo"]["file"]) if f]
+            zo_files = [f for f in (zo.forward, zo.file) if f]
             weights = training_graphs.weights_index(staging, [TRAINING_STEP, EVAL_MODEL, *zo_files])
 
         applied = {r.name for r in reports if r.changed}
@@ -188,7 +189,7 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                                   "calibration": (str(config.calibration_data or basis.DEFAULT_CALIBRATION)
                                                   if config.lars_basis == "pca" else None)},
                          "peft_config": adapters.peft_config_dict(lora, _base_model_name(source, model_config)),
-                         "parameters": [asdict(p) for p in params],
+                         "parameters": [p.to_dict() for p in params],
                          "trainable_parameters": sum(_numel(p.shape) for p in params),
                          "frozen_parameters": n_base, "frozen_weight_bytes": weight_bytes},
                 io={"inputs": [INPUT_IDS, ATTENTION_MASK, LABELS],

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
-                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, AdamWConfig, LarsError)
+                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, AdamWConfig, LarsError, OrtStep)
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def trainable_names(model_path: Path) -> list[str]:
     return [name for name, grad in read_checkpoint(model_path).requires_grad.items() if grad]
 
 
-def write_training_step(out_dir: Path, trainable: list[str], strict: bool = False) -> dict:
+def write_training_step(out_dir: Path, trainable: list[str], strict: bool = False) -> OrtStep:
     """training_step.onnx: ORT's training graph lowered to standard ONNX (lars_export.lowering), reading the same
     external weights file; returns the manifest's "ort" model entry (file names, input/output names, AdamW)."""
     import onnx
@@ -179,11 +179,11 @@ def write_training_step(out_dir: Path, trainable: list[str], strict: bool = Fals
         raise LarsError(f"the lowered training step lacks gradient output {missing[0]}; please report this model")
     onnx.save_model(training, str(out_dir / TRAINING_STEP))
     evalm = onnx.load(str(out_dir / EVAL_MODEL), load_external_data=False)
-    return {"training": TRAINING_STEP, "eval": EVAL_MODEL, "checkpoint": CHECKPOINT, "inputs": user_inputs,
-            "loss": outputs[0], "eval_loss": evalm.graph.output[0].name, "gradients": gradients,
-            # the AdamW generate_artifacts writes into optimizer_model.onnx (its defaults are AdamWConfig's)
-            "optimizer": {"name": "adamw", **AdamWConfig().to_dict()}, "strict_onnx": strict,
-            "lowering": report.to_dict()}
+    return OrtStep(training=TRAINING_STEP, eval=EVAL_MODEL, checkpoint=CHECKPOINT, inputs=user_inputs,
+                   loss=outputs[0], eval_loss=evalm.graph.output[0].name, gradients=gradients,
+                   # the AdamW generate_artifacts writes into optimizer_model.onnx (its defaults are AdamWConfig's)
+                   optimizer={"name": "adamw", **AdamWConfig().to_dict()}, strict_onnx=strict,
+                   lowering=report.to_dict())
 
 
 def weights_index(out_dir: Path, models: list[str]) -> dict:

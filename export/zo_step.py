@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError
+from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError, ZoModels
 
 from .passes._base import attr, consumers, gate_all, gate_of, gate_waits_for, producers
 
@@ -199,7 +199,7 @@ def _nearest(producer: dict, tensors: set[str], available: set[str]) -> set[str]
     return found
 
 
-def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, loss: str) -> dict:
+def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, loss: str) -> ZoModels:
     """The forward-only models beside the others (same external weights); returns the manifest's "zo" entry:
       forward   ZO_FORWARD: the training step (`training_step`, its loss output `loss`) pruned to its loss, so one
                 adapter setting per run has the backprop step's forward memory (row-chunked attention, chunked
@@ -210,14 +210,13 @@ def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, l
 
     forward = forward_of(onnx.load(str(out_dir / training_step), load_external_data=False), loss)
     onnx.save_model(forward, str(out_dir / ZO_FORWARD))
-    entry = {"forward": ZO_FORWARD, "loss": loss}
     model = onnx.load(str(out_dir / EVAL_MODEL), load_external_data=False)
     try:
         build_zo_step(model, adapter_names)
     except ZoStepUnsupported as e:
-        return {**entry, "file": None, "reason": str(e)}
+        return ZoModels(forward=ZO_FORWARD, loss=loss, file=None, reason=str(e))
     onnx.save_model(model, str(out_dir / ZO_STEP))
-    return {**entry, "file": ZO_STEP, "losses": LOSSES, "settings_axis": SETTINGS}
+    return ZoModels(forward=ZO_FORWARD, loss=loss, file=ZO_STEP, losses=LOSSES, settings_axis=SETTINGS)
 
 
 def _set_attr(node, name: str, value) -> None:

@@ -41,14 +41,15 @@ class OrtEngine:
         ort.set_default_logger_severity(3)  # warnings and up; ORT logs every graph transformer at INFO
         self.ort, self.bundle = ort, bundle
         manifest = bundle.manifest
-        spec = manifest.models.get(ORT_BACKEND)
-        if not spec:
+        spec = manifest.ort_step
+        if spec is None:
             raise BundleError(f"bundle {bundle.path} has no standard-ONNX training step; re-export it with this "
                               f"lars (`lars-export`)")
         self.spec = spec
         self.vocab_size, self.max_seq_len = manifest.vocab_size, manifest.max_seq_len
-        self.adapter_names = [p["onnx_name"] for p in manifest.adapter["parameters"]]
-        shapes = [tuple(p["shape"]) for p in manifest.adapter["parameters"]]
+        parameters = manifest.adapter_parameters
+        self.adapter_names = [p.onnx_name for p in parameters]
+        shapes = [tuple(p.shape) for p in parameters]
 
         # Adapters, gradients and moments: one flat buffer each, a view per tensor.
         sizes = [int(np.prod(s)) for s in shapes]
@@ -59,30 +60,29 @@ class OrtEngine:
                                                                             bounds[1:], shapes)}
                        for kind, buf in (("params", self.params), ("grads", self.grads), ("m1", self.m1),
                                          ("m2", self.m2))}
-        self.optimizer = AdamW(AdamWConfig(**{k: v for k, v in spec["optimizer"].items() if k != "name"}), total)
+        self.optimizer = AdamW(AdamWConfig(**{k: v for k, v in spec.optimizer.items() if k != "name"}), total)
         self.step_count = 0
         self.learning_rate = 0.0
-        self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.get("checkpoint", CHECKPOINT)))
+        self._load_checkpoint(str(checkpoint) if checkpoint else bundle.file(spec.checkpoint))
 
         # Evaluation runs the training step's forward where the bundle has it (zo_forward.onnx: the step's memory
         # passes, no gradient), else the eval graph, whose whole [heads, T, T] scores and [tokens, vocab] logits
         # cost more: SmolLM2 at 2048 tokens, 966 MB and 4.6 s against 2,768 MB and 8.4 s (docs/BENCHMARKS.md).
-        forward = (spec.get("zo") or {}).get("forward")
-        self.eval_file, self.eval_loss = (forward, spec["zo"]["loss"]) if forward else (spec["eval"],
-                                                                                          spec["eval_loss"])
+        forward = spec.zo.forward if spec.zo else None
+        self.eval_file, self.eval_loss = (forward, spec.zo.loss) if forward else (spec.eval, spec.eval_loss)
         settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix)
         self.settings = settings  # session_options(ort, *settings): a further session of this bundle (zo.py)
         self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
         try:
             # Forward-only training (zo.py) loads no gradient graph: its memory is the eval session's.
-            self.session = self._session(session_options(ort, *settings), spec["training"]) if training else None
+            self.session = self._session(session_options(ort, *settings), spec.training) if training else None
             self.eval_session = self._session(session_options(ort, *settings), self.eval_file) if load_eval else None
         except Exception as e:
             raise BundleError(f"onnxruntime {ort.__version__} cannot load bundle {bundle.path} "
                               f"({first_line(e)[:300]}); re-export it with this lars") from None
         self.has_eval = load_eval
         self.run_options = run_options(ort, memory_arena)
-        self.loss_name = spec["loss"]
+        self.loss_name = spec.loss
         self._loss = np.zeros((), np.float32)
         self.binding = self.session.io_binding() if training else None
         if training:
@@ -93,7 +93,7 @@ class OrtEngine:
         for name in self.adapter_names:
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(self._views["params"][name]))
         outputs = [o.name for o in self.session.get_outputs()]
-        param_of_output = {out: param for param, out in spec["gradients"].items()}
+        param_of_output = {out: param for param, out in spec.gradients.items()}
         # The loss lands in a buffer of ours too: a tensor ORT allocated outlives the run, and one in an arena region
         # keeps that whole region from being shrunk back (measured: ~1 GB held between steps at 2048 tokens).
         for name in outputs:
@@ -169,7 +169,7 @@ class OrtEngine:
         if self.session is None:
             raise RuntimeError("Engine was created with training=False (no training session)")
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
-        for name, value in zip(self.spec["inputs"], (ids, mask, labels)):
+        for name, value in zip(self.spec.inputs, (ids, mask, labels)):
             self.binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(self.binding, self.run_options)
         return float(self._loss)
@@ -178,7 +178,7 @@ class OrtEngine:
         if self.eval_session is None:
             raise RuntimeError("Engine was created with load_eval=False")
         ids, mask, labels = batch_feeds(batch, self.vocab_size, self.max_seq_len)
-        feeds = dict(zip(self.spec["inputs"], (ids, mask, labels)))
+        feeds = dict(zip(self.spec.inputs, (ids, mask, labels)))
         feeds.update(self._views["params"])
         return float(self.eval_session.run([self.eval_loss], feeds, self.run_options)[0])
 

@@ -62,7 +62,7 @@ class OrtTrainingEngine:
             raise BundleError(f"onnxruntime cannot load bundle {bundle.path} ({_first_line(e)[:300]}); "
                               f"re-export it with this lars") from None
         self.has_eval = load_eval
-        self.adapter_names = [p["onnx_name"] for p in manifest.adapter["parameters"]]
+        self.adapter_names = [p.onnx_name for p in manifest.adapter_parameters]
         missing = [n for n in self.adapter_names if not self.state.has_parameter(n)]
         if missing:
             raise BundleError(f"checkpoint {ckpt} lacks adapter tensor {missing[0]}: it belongs to another bundle")

@@ -26,15 +26,15 @@ def write_peft_adapter(bundle: Bundle, tensors: dict[str, np.ndarray], out: str 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {}
-    for p in bundle.manifest.adapter["parameters"]:
-        if p["onnx_name"] not in tensors:
-            raise LarsError(f"adapter tensor {p['onnx_name']} is missing from the run's checkpoint; "
+    for p in bundle.manifest.adapter_parameters:
+        if p.onnx_name not in tensors:
+            raise LarsError(f"adapter tensor {p.onnx_name} is missing from the run's checkpoint; "
                             f"the run belongs to another bundle")
-        value = np.ascontiguousarray(tensors[p["onnx_name"]], dtype=np.float32)
-        if list(value.shape) != list(p["shape"]):
-            raise LarsError(f"adapter tensor {p['onnx_name']} has shape {list(value.shape)}, the bundle says "
-                            f"{p['shape']}: the run belongs to another bundle")
-        state[p["peft_key"]] = value
+        value = np.ascontiguousarray(tensors[p.onnx_name], dtype=np.float32)
+        if list(value.shape) != p.shape:
+            raise LarsError(f"adapter tensor {p.onnx_name} has shape {list(value.shape)}, the bundle says "
+                            f"{p.shape}: the run belongs to another bundle")
+        state[p.peft_key] = value
     tmp = out / f".{ADAPTER_WEIGHTS}.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / ADAPTER_WEIGHTS)

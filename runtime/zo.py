@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from lars_artifacts import Bundle, BundleError, LarsError
+from lars_artifacts import Bundle, BundleError, LarsError, ZoModels
 
 from .config import ZoConfig
 from .data import Batch
@@ -63,21 +63,21 @@ class ZoEngine:
         spec = self.base.spec
         self.batched = batched
         if batched:
-            zo_spec = spec.get("zo") or {"reason": "it was exported before forward-only training existed"}
-            if not zo_spec.get("file"):
+            zo_spec = spec.zo or ZoModels(reason="it was exported before forward-only training existed")
+            if not zo_spec.file:
                 raise BundleError(f"--zo-parallel {self.config.parallel} needs the bundle's zo_step.onnx, which "
-                                  f"bundle {bundle.path} lacks ({zo_spec.get('reason')}); use --zo-parallel 1, or "
+                                  f"bundle {bundle.path} lacks ({zo_spec.reason}); use --zo-parallel 1, or "
                                   f"re-export the bundle with this lars")
             try:
                 self.session = self.base._session(session_options(self.base.ort, *self.base.settings),
-                                                  zo_spec["file"])
+                                                  zo_spec.file)
             except Exception as e:
-                raise BundleError(f"onnxruntime {self.base.ort.__version__} cannot load {zo_spec['file']} of bundle "
+                raise BundleError(f"onnxruntime {self.base.ort.__version__} cannot load {zo_spec.file} of bundle "
                                   f"{bundle.path} ({first_line(e)[:300]}); re-export it with this lars") from None
-            self.loss_output = zo_spec["losses"]
+            self.loss_output = zo_spec.losses
         else:
             self.session, self.loss_output = self.base.eval_session, self.base.eval_loss
-        self.input_names = spec["inputs"]
+        self.input_names = spec.inputs
 
         names = self.adapter_names
         self.perturbed = [n for n in names if ".lora_B." in n] if self.config.lora_fa else list(names)

@@ -474,6 +474,11 @@ def _edit_manifest(bundle, edit):
     (lambda m: m["architecture"].pop("vocab_size"), ["architecture.vocab_size must be a positive integer"]),
     (lambda m: m["adapter"]["parameters"][0].pop("peft_key"), ["adapter.parameters[0].peft_key must be a string"]),
     (lambda m: m["adapter"]["parameters"][1].update(shape=[4, "64"]), ["adapter.parameters[1].shape must be a list"]),
+    # the plain-onnxruntime backend's models (lars_artifacts.schema.OrtStep), checked at load, not mid-run
+    (lambda m: m["models"]["ort"].pop("loss"), ["models.ort.loss must be a string, got nothing", "re-export"]),
+    (lambda m: m["models"]["ort"].update(gradients=[]), ["models.ort.gradients must be an object, got list"]),
+    (lambda m: m["models"]["ort"]["optimizer"].update(name="sgd"), ["models.ort.optimizer is 'sgd'", "adamw"]),
+    (lambda m: m["models"]["ort"]["zo"].pop("losses"), ["models.ort.zo names zo_step.onnx but not its losses"]),
 ])
 def test_malformed_manifest(edit, needles, bundle_copy, capsys, tmp_path):
     _edit_manifest(bundle_copy, edit)
@@ -510,3 +515,17 @@ def test_the_old_eval_keyword_still_works_with_a_deprecation_warning(tiny_bundle
         trainer = Trainer(tiny_bundles["llama"], eval=False)
     assert trainer.engine.eval_session is None and not trainer.engine.has_eval
     assert Trainer(tiny_bundles["llama"]).engine.has_eval
+
+
+def test_the_exporter_writes_exactly_the_typed_manifest_schema(bundle_copy):
+    """lars_artifacts.schema is the one definition of the models.ort entry and the adapter parameters: what the
+    exporter wrote reads back into those types and writes out unchanged (no key the types do not know)."""
+    from lars_artifacts import AdapterParameter, OrtStep, ZoModels, load_bundle
+
+    manifest = load_bundle(bundle_copy).manifest
+    step = manifest.ort_step
+    assert isinstance(step, OrtStep) and isinstance(step.zo, ZoModels) and step.zo.forward == "zo_forward.onnx"
+    assert step.to_dict() == manifest.models["ort"]
+    assert set(step.gradients) == {p.onnx_name for p in manifest.adapter_parameters}
+    assert all(isinstance(p, AdapterParameter) for p in manifest.adapter_parameters)
+    assert [p.to_dict() for p in manifest.adapter_parameters] == manifest.adapter["parameters"]

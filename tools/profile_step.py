@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - clock
         after = resource.getrusage(resource.RUSAGE_SELF)
         trace = json.loads(Path(engine.session.end_profiling()).read_text())
-    forward, known, node_count = forward_nodes(bundle.file(engine.spec["training"]), engine.spec["loss"])
+    forward, known, node_count = forward_nodes(bundle.file(engine.spec.training), engine.spec.loss)
     # what loading the session took (ORT keeps a few KB per graph node: node count is memory)
     session_mb = loaded[1] - loading[1] if loading and loaded else None
     events = kernel_times(trace, a.steps)

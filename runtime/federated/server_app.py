@@ -170,9 +170,9 @@ class GlobalAdapter:
 
 def initial_adapter(bundle: Bundle) -> dict[str, np.ndarray]:
     """The bundle's initial adapter tensors (its checkpoint, read without onnxruntime)."""
-    spec = bundle.manifest.models.get("ort") or {}
-    saved = read_checkpoint(bundle.file(spec.get("checkpoint", CHECKPOINT))).parameters
-    return {p["onnx_name"]: saved[p["onnx_name"]] for p in bundle.manifest.adapter["parameters"]}
+    step = bundle.manifest.ort_step
+    saved = read_checkpoint(bundle.file(step.checkpoint if step else CHECKPOINT)).parameters
+    return {p.onnx_name: saved[p.onnx_name] for p in bundle.manifest.adapter_parameters}
 
 
 def run_federation(grid: Grid, settings: dict, context: Context | None = None) -> dict:

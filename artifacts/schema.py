@@ -1,0 +1,123 @@
+"""The typed parts of manifest.json that both halves exchange: the exporter builds these objects and writes their
+`to_dict()`; the runtime reads them back with `from_dict()`, which checks every field it will use and names the one
+that is wrong (a damaged or hand-edited manifest is a one-line BundleError at load, not a KeyError mid-run).
+
+- AdapterParameter: one trainable LoRA tensor (manifest adapter.parameters[i]).
+- OrtStep: the plain-onnxruntime backend's models (manifest models.ort): the training step, the eval graph, the
+  checkpoint, the step's input/output names, the AdamW it applies; its `zo` entry, ZoModels, the forward-only ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import BundleError
+
+_JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+
+
+def _damaged(what: str) -> BundleError:
+    return BundleError(f"{what}; the manifest is damaged, re-export the bundle with `lars-export`")
+
+
+def _field(data: Any, key: str, kind: type, where: str, optional: bool = False):
+    if not isinstance(data, dict):
+        raise _damaged(f"{where} must be an object, got {type(data).__name__}")
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+        got = "nothing" if key not in data else type(value).__name__
+        raise _damaged(f"{where}.{key} must be {_JSON_TYPES[kind]}, got {got}")
+    return value
+
+
+def _strings(data: dict, key: str, where: str) -> list[str]:
+    values = _field(data, key, list, where)
+    if not all(isinstance(v, str) for v in values):
+        raise _damaged(f"{where}.{key} must be a list of strings")
+    return values
+
+
+@dataclass(frozen=True)
+class AdapterParameter:
+    onnx_name: str     # the initializer's name in the exported graphs (and an input of the training step)
+    peft_key: str      # its key in a PEFT adapter_model.safetensors
+    shape: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "AdapterParameter":
+        shape = _field(data, "shape", list, where)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise _damaged(f"{where}.shape must be a list of positive integers, got {shape!r}")
+        return cls(_field(data, "onnx_name", str, where), _field(data, "peft_key", str, where), list(shape))
+
+
+@dataclass(frozen=True)
+class ZoModels:
+    """Forward-only (zeroth-order) training's models: `forward`, the training step pruned to its `loss` (also what
+    evaluation runs); `file`, P adapter settings per run with outputs `losses`, or None and the `reason`."""
+
+    forward: str | None = None
+    loss: str | None = None
+    file: str | None = None
+    losses: str | None = None
+    settings_axis: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("forward", "file")}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "ZoModels":
+        values = {k: _field(data, k, str, where, optional=True) for k in cls.__dataclass_fields__}
+        if values["forward"] and not values["loss"]:
+            raise _damaged(f"{where} names a forward model but no loss output")
+        if values["file"] and not values["losses"]:
+            raise _damaged(f"{where} names {values['file']} but not its losses output")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class OrtStep:
+    """The plain-onnxruntime backend's step (manifest models.ort). Every adapter is an input of `training` by its
+    onnx_name; `gradients` maps it to its gradient output."""
+
+    training: str
+    eval: str
+    checkpoint: str
+    inputs: list[str]          # the batch inputs, in the order input_ids, attention_mask, labels
+    loss: str
+    eval_loss: str
+    gradients: dict[str, str]
+    optimizer: dict[str, Any]  # {"name": "adamw", AdamWConfig's fields}: what ORT's optimizer_model.onnx applies
+    strict_onnx: bool = False  # no com.microsoft op left
+    lowering: dict[str, Any] = field(default_factory=dict)  # what the lowering stage replaced (a report)
+    zo: ZoModels | None = None
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "zo"}
+        if self.zo is not None:
+            out["zo"] = self.zo.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "OrtStep":
+        gradients = _field(data, "gradients", dict, where)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in gradients.items()):
+            raise _damaged(f"{where}.gradients must map adapter names to output names")
+        optimizer = _field(data, "optimizer", dict, where)
+        if optimizer.get("name") != "adamw":
+            raise _damaged(f"{where}.optimizer is {optimizer.get('name')!r}; this lars applies adamw")
+        zo = data.get("zo")
+        return cls(training=_field(data, "training", str, where), eval=_field(data, "eval", str, where),
+                   checkpoint=_field(data, "checkpoint", str, where), inputs=_strings(data, "inputs", where),
+                   loss=_field(data, "loss", str, where), eval_loss=_field(data, "eval_loss", str, where),
+                   gradients=dict(gradients), optimizer=dict(optimizer),
+                   strict_onnx=bool(_field(data, "strict_onnx", bool, where, optional=True)),
+                   lowering=dict(_field(data, "lowering", dict, where, optional=True) or {}),
+                   zo=None if zo is None else ZoModels.from_dict(zo, f"{where}.zo"))
