@@ -22,7 +22,8 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
 - turn: the loss' other [T, vocab] tensors at the turn (logits and their gradient), or about five chunks' worth.
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
   two gradients, 3·H·T², or with chunked attention one group's, about 3·(H/G)·T² (its pieces run in turn
-  and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations.
+  and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations
+  Either way a layer's MLP gradients, 3f, exist beside them.
   Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4; a tied embedding once, as the pre-transposed
   output projection its lookups also read), plus, when quantized, the largest dequantized transient: the output
@@ -69,6 +70,10 @@ CHUNKED_LOSS_TENSORS = 5
 # 2048 tokens: at most two 16 MB [1, T, T] tensors alive at a time, plus the mask). Before the pieces were
 # ordered (dP gated, dQ last), ORT computed a layer's dP all at once and this was 8.
 CHUNKED_ATTENTION_TENSORS = 3
+# A layer's MLP backward holds the gradients of gate, up and their product ([T, f] each) beside what the forward
+# left: 7 [T, f] tensors alive at the peak of Llama-3.2-1B/3B-class full stacks where the saved set counts 4
+# (tools/alloc_trace.py at 2048 and 4096 tokens); SmolLM2's peaks mostly sit at the loss, where this does not show.
+MLP_GRADIENTS = 3
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,13 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
     mask = (rows + 1) / (2 * rows) if rows >= 2 else 1
     if recompute_layers:
         saved, saved_sq = (L + 1) * d + shared, mask  # each block's input, and the last one's output (final norm)
-        backward, backward_sq = per_layer, (CHUNKED_ATTENTION_TENSORS if chunked_attention else 3) * group
+        # the recomputed block's activations, and beside them its MLP's gradients (MLP_GRADIENTS)
+        backward = per_layer + MLP_GRADIENTS * f
+        backward_sq = (CHUNKED_ATTENTION_TENSORS if chunked_attention else 3) * group
     else:
         saved = L * per_layer + shared
         saved_sq = mask + (0 if recompute_attention else L * heads)
-        backward = 0
+        backward = MLP_GRADIENTS * f  # a layer's MLP gradients beside everything saved
         backward_sq = (CHUNKED_ATTENTION_TENSORS * group if chunked_attention else
                        3 * heads if recompute_attention else 2 * heads)
     turn = CHUNKED_LOSS_TENSORS * vocab / loss_chunks if chunked else 2 * vocab
