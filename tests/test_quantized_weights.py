@@ -79,7 +79,7 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
     for k, name in enumerate(ran):
         at.setdefault(name, k)
 
-    step = onnx.load(bundle.file(engine.spec["training"]), load_external_data=False)
+    step = onnx.load(bundle.file(engine.spec.training), load_external_data=False)
     readers = consumers(step)
     spans = []
     for name, (chain, _) in dequantized_weights(step).items():
