@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .schema import AdapterParameter, OrtStep
+from .schema import AdapterParameter, OrtStep, WeightTensor
 
 FORMAT = "lars-bundle"
 FORMAT_VERSION = 2  # 2: training_step.onnx (standard ONNX), "models" and "weights" in the manifest
@@ -174,6 +174,12 @@ class Manifest:
         return OrtStep.from_dict(spec, f"models.{ORT_BACKEND}") if spec else None
 
     @property
+    def weight_tensors(self) -> list[WeightTensor]:
+        """The weights file's index (empty for a bundle whose weights are inside its graphs)."""
+        return [WeightTensor.from_dict(t, f"weights.tensors[{i}]")
+                for i, t in enumerate(self.weights.get("tensors", []))]
+
+    @property
     def bundle_id(self) -> str:
         """Identifies the bundle a run belongs to: the hash of its initial checkpoint and training graph."""
         return hashlib.sha256((self.files[CHECKPOINT]["sha256"] + self.files[TRAINING_MODEL]["sha256"]).encode()
@@ -222,6 +228,8 @@ def _check_runtime_fields(data: dict[str, Any], where: str) -> None:
     _check_json_type(adapter.get("parameters"), list, f"{where}: adapter.parameters")
     for n, parameter in enumerate(adapter["parameters"]):
         AdapterParameter.from_dict(parameter, f"{where}: adapter.parameters[{n}]")
+    for n, tensor in enumerate(data.get("weights", {}).get("tensors", [])):
+        WeightTensor.from_dict(tensor, f"{where}: weights.tensors[{n}]")
     if data.get("models", {}).get(ORT_BACKEND):
         OrtStep.from_dict(data["models"][ORT_BACKEND], f"{where}: models.{ORT_BACKEND}")
 

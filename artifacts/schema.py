@@ -5,12 +5,16 @@ that is wrong (a damaged or hand-edited manifest is a one-line BundleError at lo
 - AdapterParameter: one trainable LoRA tensor (manifest adapter.parameters[i]).
 - OrtStep: the plain-onnxruntime backend's models (manifest models.ort): the training step, the eval graph, the
   checkpoint, the step's input/output names, the AdamW it applies; its `zo` entry, ZoModels, the forward-only ones.
+- WeightTensor: where one frozen initializer lies in the weights file (manifest weights.tensors[i]) and which graphs
+  read it; the runtime maps it without a copy, so its dtype, shape, offset and length are checked before that.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import BundleError
 
@@ -121,3 +125,40 @@ class OrtStep:
                    strict_onnx=bool(_field(data, "strict_onnx", bool, where, optional=True)),
                    lowering=dict(_field(data, "lowering", dict, where, optional=True) or {}),
                    zo=None if zo is None else ZoModels.from_dict(zo, f"{where}.zo"))
+
+
+def _count(data: dict, key: str, where: str) -> int:
+    value = data.get(key) if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _damaged(f"{where}.{key} must be an integer >= 0, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class WeightTensor:
+    name: str
+    offset: int         # bytes from the start of the weights file
+    length: int         # bytes: the product of shape times the dtype's size
+    dtype: str          # a numpy dtype name (float32, int8, uint8, float16)
+    shape: list[int]
+    models: list[str]   # the bundle's graphs that read it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "WeightTensor":
+        name = _field(data, "name", str, where)
+        where = f"{where} ({name})"
+        dtype = _field(data, "dtype", str, where)
+        try:
+            size = np.dtype(dtype).itemsize
+        except TypeError:
+            raise _damaged(f"{where}.dtype {dtype!r} is not a numpy dtype") from None
+        shape = _field(data, "shape", list, where)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _damaged(f"{where}.shape must be a list of integers >= 0, got {shape!r}")
+        length = _count(data, "length", where)
+        if length != int(np.prod(shape, dtype=np.int64)) * size:
+            raise _damaged(f"{where}.length {length} is not its shape {shape} of {dtype}")
+        return cls(name, _count(data, "offset", where), length, dtype, list(shape), _strings(data, "models", where))

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 
 from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
-                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, AdamWConfig, LarsError, OrtStep)
+                            OPTIMIZER_MODEL, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, AdamWConfig, LarsError, OrtStep,
+                            WeightTensor)
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def weights_index(out_dir: Path, models: list[str]) -> dict:
 
     from .external_data import external_location
 
-    tensors: dict[str, dict] = {}
+    tensors: dict[str, WeightTensor] = {}
     for file in models:
         model = onnx.load(str(out_dir / file), load_external_data=False)
         for init in model.graph.initializer:
@@ -202,11 +203,10 @@ def weights_index(out_dir: Path, models: list[str]) -> dict:
             location, offset, length = where
             if location != WEIGHTS:
                 raise LarsError(f"{file} stores {init.name} in {location}, not {WEIGHTS}; please report")
-            entry = {"name": init.name, "offset": offset, "length": length,
-                     "dtype": str(helper.tensor_dtype_to_np_dtype(init.data_type)), "shape": list(init.dims),
-                     "models": []}
+            entry = WeightTensor(init.name, offset, length, str(helper.tensor_dtype_to_np_dtype(init.data_type)),
+                                 list(init.dims), [])
             known = tensors.setdefault(init.name, entry)
-            if (known["offset"], known["length"]) != (entry["offset"], entry["length"]):
+            if (known.offset, known.length) != (entry.offset, entry.length):
                 raise LarsError(f"{init.name} lies at two places of {WEIGHTS}; please report this model")
-            known["models"].append(file)
-    return {"file": WEIGHTS, "tensors": list(tensors.values())}
+            known.models.append(file)
+    return {"file": WEIGHTS, "tensors": [t.to_dict() for t in tensors.values()]}

@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from lars_artifacts import (CHECKPOINT, ORT_BACKEND, WEIGHTS, AdamWConfig, Bundle, BundleError, LarsError)
+from lars_artifacts import (ORT_BACKEND, WEIGHTS, AdamWConfig, Bundle, BundleError, LarsError)
 from lars_artifacts.ort_checkpoint import OptimizerState, OrtCheckpoint, read_checkpoint, write_checkpoint
 
 from .data import Batch
@@ -205,20 +205,17 @@ def _map_weights(bundle: Bundle) -> list[dict]:
     OrtValues (no copy), with the graphs that read each."""
     import onnxruntime as ort
 
-    index = bundle.manifest.weights
-    tensors = index.get("tensors", [])
+    tensors = bundle.manifest.weight_tensors  # dtype, shape and length checked against each other at load
     if not tensors:
         return []
-    path = bundle.file(index.get("file", WEIGHTS))
+    path = bundle.file(bundle.manifest.weights.get("file", WEIGHTS))
     mapped = np.memmap(path, mode="r")
     out = []
     for t in tensors:
-        dtype = np.dtype(t["dtype"])
-        count = int(np.prod(t["shape"])) if t["shape"] else 1
-        if t["offset"] + count * dtype.itemsize > mapped.size or count * dtype.itemsize != t["length"]:
-            raise BundleError(f"{path} is shorter than the manifest's index of {t['name']}: the bundle is damaged, "
+        if t.offset + t.length > mapped.size:
+            raise BundleError(f"{path} is shorter than the manifest's index of {t.name}: the bundle is damaged, "
                               f"re-export it")
-        array = np.ndarray(tuple(t["shape"]), dtype=dtype, buffer=mapped, offset=t["offset"])
-        out.append({"name": t["name"], "models": t["models"], "array": array,
+        array = np.ndarray(tuple(t.shape), dtype=np.dtype(t.dtype), buffer=mapped, offset=t.offset)
+        out.append({"name": t.name, "models": t.models, "array": array,
                     "value": ort.OrtValue.ortvalue_from_numpy(array)})
     return out

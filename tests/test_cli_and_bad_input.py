@@ -479,6 +479,10 @@ def _edit_manifest(bundle, edit):
     (lambda m: m["models"]["ort"].update(gradients=[]), ["models.ort.gradients must be an object, got list"]),
     (lambda m: m["models"]["ort"]["optimizer"].update(name="sgd"), ["models.ort.optimizer is 'sgd'", "adamw"]),
     (lambda m: m["models"]["ort"]["zo"].pop("losses"), ["models.ort.zo names zo_step.onnx but not its losses"]),
+    # the weights file's index, which the runtime maps without a copy (lars_artifacts.schema.WeightTensor)
+    (lambda m: m["weights"]["tensors"][0].update(dtype="float33"), ["weights.tensors[0]", "'float33' is not a numpy"]),
+    (lambda m: m["weights"]["tensors"][1].update(length=12), ["weights.tensors[1]", "length 12 is not its shape"]),
+    (lambda m: m["weights"]["tensors"][2].update(offset=-8), ["weights.tensors[2]", "offset must be an integer >= 0"]),
 ])
 def test_malformed_manifest(edit, needles, bundle_copy, capsys, tmp_path):
     _edit_manifest(bundle_copy, edit)
@@ -529,3 +533,4 @@ def test_the_exporter_writes_exactly_the_typed_manifest_schema(bundle_copy):
     assert set(step.gradients) == {p.onnx_name for p in manifest.adapter_parameters}
     assert all(isinstance(p, AdapterParameter) for p in manifest.adapter_parameters)
     assert [p.to_dict() for p in manifest.adapter_parameters] == manifest.adapter["parameters"]
+    assert [t.to_dict() for t in manifest.weight_tensors] == manifest.weights["tensors"] != []
