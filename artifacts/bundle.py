@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .schema import AdapterParameter, OrtStep, WeightTensor
+from .schema import AdapterParameter, OrtStep, WeightTensor, _damaged, _is_count
 
 FORMAT = "lars-bundle"
 FORMAT_VERSION = 2  # 2: training_step.onnx (standard ONNX), "models" and "weights" in the manifest
@@ -186,17 +186,11 @@ class Manifest:
                               ).hexdigest()[:16]
 
 
-def _damaged(what: str) -> BundleError:
-    return BundleError(f"{what}; the manifest is damaged, re-export the bundle with `lars-export`")
-
 
 def _check_json_type(value: Any, expected: type, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, expected):  # JSON true is no integer
         raise _damaged(f"{what} must be {JSON_TYPE_NAMES[expected]}, got {type(value).__name__}")
 
-
-def _is_count(value: Any, minimum: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _check_files(files: dict[str, Any], where: str) -> None:

@@ -25,6 +25,10 @@ def _damaged(what: str) -> BundleError:
     return BundleError(f"{what}; the manifest is damaged, re-export the bundle with `lars-export`")
 
 
+def _is_count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def _field(data: Any, key: str, kind: type, where: str, optional: bool = False):
     if not isinstance(data, dict):
         raise _damaged(f"{where} must be an object, got {type(data).__name__}")
@@ -56,7 +60,7 @@ class AdapterParameter:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "AdapterParameter":
         shape = _field(data, "shape", list, where)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape):
+        if not all(_is_count(d, minimum=1) for d in shape):
             raise _damaged(f"{where}.shape must be a list of positive integers, got {shape!r}")
         return cls(_field(data, "onnx_name", str, where), _field(data, "peft_key", str, where), list(shape))
 
@@ -129,7 +133,7 @@ class OrtStep:
 
 def _count(data: dict, key: str, where: str) -> int:
     value = data.get(key) if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_count(value):
         raise _damaged(f"{where}.{key} must be an integer >= 0, got {value!r}")
     return value
 
@@ -156,7 +160,7 @@ class WeightTensor:
         except TypeError:
             raise _damaged(f"{where}.dtype {dtype!r} is not a numpy dtype") from None
         shape = _field(data, "shape", list, where)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not all(_is_count(d) for d in shape):
             raise _damaged(f"{where}.shape must be a list of integers >= 0, got {shape!r}")
         length = _count(data, "length", where)
         if length != int(np.prod(shape, dtype=np.int64)) * size:
