@@ -11,9 +11,10 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
 
 - saved: what the forward keeps for the backward, alive at the turn (where an exact step peaks). Per layer and
   token, for the Llama/Qwen2 block as ORT differentiates it (tools/memory_breakdown.py measures these from the
-  graph; the numbers below are what it finds): the residual stream and norm inputs 2d, Q and the GQA-expanded K
-  and V 3d, the MLP's gate, up and their product 3f, the adapter inputs (d per distinct input of q/k/v, o, gate/up;
-  f for down; LARS keeps k per distinct input instead), r per adapter; attention probabilities H·T² per layer
+  graph; the numbers below are what it finds): the residual stream and norm inputs 2d, Q (H·head_dim) and K and V
+  before their GQA repeat (2·kv·head_dim), the MLP's gate and up 2f (the cheap_recompute pass recomputes the
+  activation; bundles before it, and Gemma's tanh GELU, keep it too: 3f, and K and V repeated, 3·H·head_dim), the
+  adapter inputs (d per distinct input of q/k/v, o, gate/up; f for down; LARS keeps k per distinct input instead), r per adapter; attention probabilities H·T² per layer
   (none with attention recompute); once for all layers the causal mask T² (with N causal row chunks its blocks on
   and below the diagonal, (N + 1) / 2N of it), the rotary cos/sin 2·head_dim and the loss' log-probabilities,
   vocab per token (a chunked loss keeps its gradient with respect to the final hidden state, d, instead). Layer
@@ -23,7 +24,8 @@ The model (bytes; b = batch, T = sequence length, L layers, float32 activations)
 - backward: with attention recomputed (any of the three passes), one layer's recomputed probabilities and their
   two gradients, 3·H·T², or with chunked attention one group's, about 3·(H/G)·T² (its pieces run in turn
   and free their tensors), divided by the chunks of query rows; with layer recompute also one block's activations
-  Either way a layer's MLP gradients, 3f, exist beside them.
+  (all of them: the block's copy is made in the backward, where cheap_recompute has nothing to free). Either way
+  a layer's MLP gradients, 3f, exist beside them.
   Without recompute, dP and dS, 2·H·T².
 - weights: the frozen matrices as stored (float32, INT8 or INT4; a tied embedding once, as the pre-transposed
   output projection its lookups also read), plus, when quantized, the largest dequantized transient: the output
@@ -161,15 +163,26 @@ def weight_bytes(arch: dict, scheme: str = "none", block: int = 32) -> tuple[flo
 
 def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attention: bool, recompute_layers: bool,
              loss_chunks: int, quantize_weights: str = "none", lars_basis: str = "none", lars_rank: int = 32,
-             quantize_block: int = 32, attention_chunks: int = 0, attention_row_chunks: int = 0) -> MemoryModel:
+             quantize_block: int = 32, attention_chunks: int = 0, attention_row_chunks: int = 0,
+             cheap_recompute: bool = True) -> MemoryModel:
+    """`cheap_recompute`: the bundle's exporter has the cheap_recompute pass (False: bundles before it)."""
     d, f, L = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
     heads, vocab = arch["num_attention_heads"], arch["vocab_size"]
     head_dim = arch.get("head_dim") or d // heads
+    kv = arch.get("num_key_value_heads") or heads
     stored, dequantized = weight_bytes(arch, quantize_weights, quantize_block)
     inputs, distinct = _adapter_inputs(targets, d, f)
     if lars_basis != "none":
         inputs = distinct * min(lars_rank, d)
-    per_layer = 2 * d + 3 * d + 3 * f + inputs + lora_rank * len(targets)  # floats per token
+    adapters = inputs + lora_rank * len(targets)
+    # One block's activations, floats per token: residual and norm inputs, Q and the repeated K and V, gate, up and
+    # the activation; and what the forward keeps of them for the backward once cheap_recompute has run (K and V
+    # before the repeat; the SiLU activation, which ORT fuses into QuickGelu, recomputed from the gate's output).
+    per_layer = 2 * d + 3 * heads * head_dim + 3 * f + adapters
+    kept_per_layer = per_layer
+    if cheap_recompute:
+        silu = not str(arch.get("model_type", "")).startswith("gemma")  # Gemma's GELU is a product: not recomputed
+        kept_per_layer = 2 * d + (heads + 2 * kv) * head_dim + (2 if silu else 3) * f + adapters
     chunked = loss_chunks >= 2
     # Heads whose [T, T] tensors exist at once in one layer's attention (chunked attention: one group's), and the
     # share of their query rows (row chunks: one chunk's).
@@ -190,7 +203,7 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
         backward = per_layer + MLP_GRADIENTS * f
         backward_sq = (CHUNKED_ATTENTION_TENSORS if chunked_attention else 3) * group
     else:
-        saved = L * per_layer + shared
+        saved = L * kept_per_layer + shared
         saved_sq = mask + (0 if recompute_attention else L * heads)
         backward = MLP_GRADIENTS * f  # a layer's MLP gradients beside everything saved
         backward_sq = (CHUNKED_ATTENTION_TENSORS * group if chunked_attention else

@@ -117,9 +117,11 @@ def test_manifest_records_what_the_runtime_needs(tiny_bundles):
     on_disk = json.loads((bundle.path / "manifest.json").read_text())
     assert set(on_disk["files"]) >= {"training_model.onnx", "eval_model.onnx", "checkpoint", "weights.onnx_data"}
     assert [p["name"] for p in m.passes] == ["pretranspose_frozen", "lars_projection", "attention_chunks",
-                                             "attention_recompute", "chunked_loss"]
-    # both layers' attention in causal row chunks (nothing left to recompute); the one loss
-    assert [p["changed"] for p in m.passes[2:]] == [2, 0, 1]
+                                             "attention_recompute", "chunked_loss", "cheap_recompute"]
+    # both layers' attention in causal row chunks (nothing left to recompute); the one loss; per layer the MLP
+    # activation and the repeated K and V
+    assert [p["changed"] for p in m.passes[2:]] == [2, 0, 1, 6]
+    assert m.passes[5]["details"]["chains"] == {"QuickGelu": 2, "Expand": 2, "Expand+Reshape+Transpose": 2}
     assert m.passes[2]["details"]["row_chunks"] == 8 and m.passes[2]["details"]["causal_skip"] is True
     assert m.io["training_outputs"] == ["loss"] and m.io["eval_outputs"] == ["loss", "logits"]
     assert m.adapter["lars"] == {"basis": "none", "rank": None, "calibration": None}

@@ -123,6 +123,13 @@ def tied_table_once(bundle: Path) -> bool:
     return any(p["name"] == "pretranspose_frozen" and p["details"].get("tied_lookups") for p in passes)
 
 
+def has_cheap_recompute(bundle: Path) -> bool:
+    """Whether the bundle's exporter ran the cheap_recompute pass (the memory model predicts bundles before it
+    apart: they keep the MLP activation and the repeated K and V)."""
+    passes = json.loads((bundle / "manifest.json").read_text()).get("passes", [])
+    return any(p["name"] == "cheap_recompute" for p in passes)
+
+
 def split_backend(mode: str) -> str:
     return mode.partition(":")[2] or "ort"
 
@@ -287,7 +294,8 @@ def measure(mode: str, seq: int, a, model_dir: Path, bundle: Path | None) -> dic
            "tokens_per_s": None, "status": "ok", "rank": a.rank, "targets": a.targets, "arch": a.arch,
            "loss_chunks": a.loss_chunks if base in BUNDLE_MODES else None,
            "anon_peak_mb": None, "file_at_peak_mb": None, "bundle": str(bundle) if bundle else None,
-           "tied_table_once": tied_table_once(bundle) if bundle else None}
+           "tied_table_once": tied_table_once(bundle) if bundle else None,
+           "cheap_recompute": has_cheap_recompute(bundle) if bundle else None}
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         child, start, high, sampled_total = psutil.Process(proc.pid), time.time(), 0.0, 0.0

@@ -44,7 +44,8 @@ def compare(rows: list[dict]) -> list[dict]:
         arch = r.get("arch", SMOLLM2)
         if not r.get("tied_table_once"):  # measured on a bundle that stored a tied table twice (earlier exporters)
             arch = {**arch, "tie_word_embeddings": False}
-        model = model_for(arch, config)
+        # (rows without the key were measured on bundles exported before the cheap_recompute pass)
+        model = model_for(arch, config, None if r.get("cheap_recompute") else {"cheap_recompute": False})
         predicted = model.peak_bytes(r.get("batch_size", 1), r["seq_len"]) / 2**20
         out.append({"mode": r["mode"], "seq_len": r["seq_len"], "measured_mb": r["peak_rss_mb"],
                     "predicted_mb": predicted, "ratio": predicted / r["peak_rss_mb"]})

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._base import GraphPass, PassContext, PassReport
 from .attention_chunks import ATTENTION_CHUNKS
 from .attention_recompute import ATTENTION_RECOMPUTE
+from .cheap_recompute import CHEAP_RECOMPUTE
 from .chunked_loss import CHUNKED_LOSS
 from .dequantize_at_use import DEQUANTIZE_AT_USE
 from .dequantize_in_slices import DEQUANTIZE_IN_SLICES
@@ -29,6 +30,7 @@ PASSES: list[GraphPass] = [
     ATTENTION_RECOMPUTE,
     CHUNKED_LOSS,
     LAYER_RECOMPUTE,
+    CHEAP_RECOMPUTE,  # after layer_recompute: what it leaves saved (the blocks it copies are made in the backward)
     DEQUANTIZE_IN_SLICES,  # after the passes that add readers of the output projection, before dequantize_at_use
     DEQUANTIZE_AT_USE,  # last: it gives every reader the other passes added its own dequantized copy
 ]

@@ -227,7 +227,7 @@ def clone_node(node, renamed: dict, suffix: str, name: str):
 GATE_NO_AXES = "passes.gate.no_axes"  # int64 [0]: Size(t) · [] is an empty axes list (one shared initializer)
 
 
-def gate_after(model, prefix: str, tensor: str, after: str) -> tuple[list, str]:
+def gate_after(model, prefix: str, tensor: str, after: str | list[str]) -> tuple[list, str]:
     """Nodes computing Unsqueeze(tensor, axes=Size(after) · []), and its name: the same tensor (any dtype; no axis
     is inserted), available only once `after` exists. ORT's Unsqueeze aliases its input: the gate copies nothing.
 
