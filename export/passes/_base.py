@@ -127,6 +127,34 @@ def consumers(model) -> dict[str, list]:
     return out
 
 
+def ancestors(tensors, prod: dict, within: set | None = None, through=None) -> dict:
+    """The nodes that make `tensors`, transitively (id -> node): the walk follows producers, enters only nodes whose
+    id is in `within` (None: any), and does not walk past a node for which `through(node)` is False (the node itself
+    is included). Node ids are only stable while the nodes are referenced: hold `prod` meanwhile."""
+    found, stack = {}, list(tensors)
+    while stack:
+        node = prod.get(stack.pop())
+        if node is None or id(node) in found or (within is not None and id(node) not in within):
+            continue
+        found[id(node)] = node
+        if through is None or through(node):
+            stack.extend(node.input)
+    return found
+
+
+def descendants(tensors, cons: dict, within: set | None = None, stop: set | None = None) -> dict:
+    """The nodes that read `tensors`, transitively (id -> node): the walk follows consumers, enters only nodes whose
+    id is in `within` (None: any) and does not walk past the tensors in `stop`."""
+    found, stack = {}, list(tensors)
+    while stack:
+        for node in cons.get(stack.pop(), []):
+            if id(node) in found or (within is not None and id(node) not in within):
+                continue
+            found[id(node)] = node
+            stack.extend(t for t in node.output if not stop or t not in stop)
+    return found
+
+
 # Ops whose only use of a tensor is its shape: ORT's priority-based order runs them as soon as the tensor exists,
 # so a backward Shape does not keep a forward tensor alive.
 SHAPE_OPS = {"Shape", "Size"}
@@ -139,13 +167,7 @@ def backward_nodes(model) -> list:
     depend on that seed (Shape nodes, the LARS projection x·P) can run during the forward and are not counted here.
     The training graph is not stored in topological order, so this walks consumers from the seed.
     """
-    cons = consumers(model)
-    stack, seen = [f"{model.graph.output[0].name}_grad"], set()
-    while stack:
-        for node in cons.get(stack.pop(), []):
-            if id(node) not in seen:
-                seen.add(id(node))
-                stack.extend(node.output)
+    seen = descendants([f"{model.graph.output[0].name}_grad"], consumers(model))
     return [n for n in model.graph.node if id(n) in seen]
 
 

@@ -7,7 +7,7 @@ and dequantizes it in front of each reader, gated on the reader's activation. Th
 
 from __future__ import annotations
 
-from ._base import producers, saved_for_backward, view_chain
+from ._base import ancestors, producers, saved_for_backward, view_chain
 
 INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
 
@@ -24,18 +24,11 @@ def dequantized_weights(model) -> dict[str, tuple[list, str]]:
                 or (node.op_type == "Reshape" and node.input[1].endswith(f"{INT4}.shape")))
         if not last:
             continue
-        chain, gate_on, stack = {id(node): node}, None, list(node.input)
-        while stack:
-            up = prod.get(stack.pop())
-            if up is None or id(up) in chain:
-                continue
-            chain[id(up)] = up
-            if up.op_type == "Size":
-                gate_on = up.input[0]
-            else:
-                stack.extend(up.input)
-        if gate_on is not None:
-            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on)
+        # Up to the gate's Size: what it measures is the activation the gate waits for, not part of the computation.
+        chain = ancestors(node.output, prod, through=lambda up: up.op_type != "Size")
+        gate_on = [up.input[0] for up in chain.values() if up.op_type == "Size"]
+        if gate_on:
+            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on[-1])
     return out
 
 

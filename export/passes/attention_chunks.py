@@ -29,8 +29,8 @@ import math
 
 import numpy as np
 
-from ._base import (GraphPass, PassContext, PassReport, backward_nodes, consumers, gate_after, gate_all, producers,
-                    shared_initializer)
+from ._base import (GraphPass, PassContext, PassReport, ancestors, backward_nodes, consumers, descendants, gate_after,
+                    gate_all, producers, shared_initializer)
 from .attention_recompute import find_chain
 
 log = logging.getLogger(__name__)
@@ -447,19 +447,9 @@ def apply(model, context: PassContext) -> PassReport:
 
 def _between(model, start: str, ends: set[str], backward: set[int]) -> list:
     """Backward nodes on a path from tensor `start` to a tensor in `ends`, in stored order."""
-    cons, prod = consumers(model), producers(model)
-    down, stack = set(), [start]
-    while stack:
-        for node in cons.get(stack.pop(), []):
-            if id(node) in backward and id(node) not in down:
-                down.add(id(node))
-                stack.extend(t for t in node.output if t not in ends)
-    up, stack = set(), list(ends)
-    while stack:
-        node = prod.get(stack.pop())
-        if node is not None and id(node) in backward and id(node) not in up:
-            up.add(id(node))
-            stack.extend(node.input)
+    prod = producers(model)
+    down = descendants([start], consumers(model), within=backward, stop=ends)
+    up = ancestors(ends, prod, within=backward)
     return [n for n in model.graph.node if id(n) in down and id(n) in up]
 
 

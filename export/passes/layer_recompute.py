@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 
-from ._base import (SHAPE_OPS, GraphPass, PassContext, PassReport, backward_nodes, clone_node, gate_after,
+from ._base import (SHAPE_OPS, GraphPass, PassContext, PassReport, ancestors, backward_nodes, clone_node, gate_after,
                     producers)
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,7 @@ def apply(model, context: PassContext) -> PassReport:
         if not read:
             continue
         # Their ancestors inside the block: what the copy recomputes.
-        needed, stack = set(), list(read)
-        while stack:
-            node = prod.get(stack.pop())
-            if node is not None and id(node) in members and id(node) not in needed:
-                needed.add(id(node))
-                stack.extend(node.input)
+        needed = ancestors(read, prod, within=members)
         copy_nodes = [n for n in blocks[layer] if id(n) in needed]  # stored order
         # What comes in from outside the block (the residual stream, the mask, rotary tables, shapes).
         external = {t for n in copy_nodes for t in n.input
