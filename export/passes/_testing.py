@@ -97,6 +97,27 @@ def export_lm(model, path):
     return onnx.load(str(path))
 
 
+def export_sequence_model(model, path, length: int):
+    """TorchScript export of a model taking ids [T] (the attention tests' models): opset 17, no constant folding."""
+    import onnx
+    import torch
+
+    torch.onnx.export(model, (torch.zeros(length, dtype=torch.int64),), str(path), input_names=["ids"],
+                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
+                      do_constant_folding=False, dynamo=False)
+    return onnx.load(str(path))
+
+
+def training_artifacts(model, trainable, directory, length: int) -> None:
+    """ORT's training artifacts of a model taking ids [T], with `trainable` (names) trained, written to `directory`."""
+    from pathlib import Path
+
+    from lars_export import training_graphs
+
+    training_graphs.generate(export_sequence_model(model, Path(directory) / "fwd.onnx", length), sorted(trainable),
+                             directory)
+
+
 def attention_lm(rng, d: int, heads: int, rank: int, vocab: int, out: int, adapted=("q_proj",), squash=False):
     """Embedding(vocab, d) -> one causal attention block written like transformers' eager attention ((Q·Kᵀ)·scale +
     mask -> softmax -> ·V, the mask computed outside the block) with LoRA on the `adapted` projections -> a head to

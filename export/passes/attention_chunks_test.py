@@ -9,7 +9,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import gate_of, producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_train_step
+from lars_export.passes._testing import attention_lm, ort_train_step, training_artifacts
 from lars_export.passes.attention_chunks import ATTENTION_CHUNKS
 
 D, H, R, V, T = 16, 4, 2, 11, 6
@@ -22,16 +22,9 @@ def _model(rng):
 
 @pytest.fixture(scope="module")
 def exact(tmp_path_factory):
-    import torch
-
-    from lars_export import training_graphs
-
     root = tmp_path_factory.mktemp("attention_chunks")
     model = _model(np.random.default_rng(0))
-    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(root / "fwd.onnx"), input_names=["ids"],
-                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
-                      do_constant_folding=False, dynamo=False)
-    training_graphs.generate(onnx.load(str(root / "fwd.onnx")), sorted(TRAINABLE), root)
+    training_artifacts(model, TRAINABLE, root, T)
     return model, root
 
 

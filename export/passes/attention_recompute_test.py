@@ -8,7 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_train_step
+from lars_export.passes._testing import attention_lm, ort_train_step, training_artifacts
 from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
 
 D, H, R, V, T = 8, 2, 2, 11, 6
@@ -20,14 +20,7 @@ def _model(rng, squash: bool = False):
 
 
 def _artifacts(tmp_path, model):
-    import torch
-
-    from lars_export import training_graphs
-
-    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
-                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
-                      do_constant_folding=False, dynamo=False)
-    training_graphs.generate(onnx.load(str(tmp_path / "fwd.onnx")), [A_NAME, B_NAME], tmp_path)
+    training_artifacts(model, [A_NAME, B_NAME], tmp_path, T)
 
 
 

@@ -10,7 +10,7 @@ from onnx import helper
 
 from lars_export.passes import PASSES, PassContext
 from lars_export.passes._base import gate_of, producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_train_step
+from lars_export.passes._testing import lora_linear, ort_train_step, training_artifacts
 from lars_export.passes.cheap_recompute import CHEAP_RECOMPUTE, find_chain
 
 D, H, KV, F, R, V, T = 16, 4, 2, 24, 2, 11, 6
@@ -60,17 +60,6 @@ def _model(rng):
     return model
 
 
-def _artifacts(tmp_path, model):
-    import torch
-
-    from lars_export import training_graphs
-
-    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
-                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
-                      do_constant_folding=False, dynamo=False)
-    training_graphs.generate(onnx.load(str(tmp_path / "fwd.onnx")), sorted(TRAINABLE), tmp_path)
-
-
 def _kept(model) -> list[str]:
     """Op types of the tensors the backward keeps whose chains the pass recomputes."""
     prod = producers(model)
@@ -83,7 +72,7 @@ def test_recomputed_activation_and_repeated_kv_give_autograd_gradients(tmp_path)
 
     rng = np.random.default_rng(0)
     model = _model(rng)
-    _artifacts(tmp_path, model)
+    training_artifacts(model, TRAINABLE, tmp_path, T)
     ids = rng.integers(0, 20, size=T).astype(np.int64)
     labels = rng.integers(0, V, size=T).astype(np.int64)
     exact_loss, exact = ort_train_step(tmp_path, [ids, labels])

@@ -6,7 +6,7 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._testing import lora_linear, ort_train_step
+from lars_export.passes._testing import export_sequence_model, lora_linear, ort_train_step
 from lars_export.passes.lars_projection import LARS_PROJECTION
 
 D, R, V, T = 12, 3, 9, 7
@@ -31,11 +31,8 @@ def _export(tmp_path, rng):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.from_numpy(rng.normal(size=tuple(p.shape)).astype(np.float32)))
-    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
-                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
-                      do_constant_folding=False, dynamo=False)
     values = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-    return onnx.load(str(tmp_path / "fwd.onnx")), values
+    return export_sequence_model(model, tmp_path / "fwd.onnx", T), values
 
 
 def _grads(directory, ids, labels):

@@ -7,7 +7,7 @@ import onnx
 
 from lars_export.passes import PassContext
 from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_train_step
+from lars_export.passes._testing import lora_linear, ort_train_step, training_artifacts
 from lars_export.passes.layer_recompute import LAYER_RECOMPUTE, _layer_of
 
 D, F, R, V, T = 6, 10, 2, 9, 5
@@ -67,14 +67,9 @@ def _kept_inside_blocks(model) -> list[str]:
 def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tmp_path):
     import torch
 
-    from lars_export import training_graphs
-
     rng = np.random.default_rng(0)
     model = _model(rng)
-    torch.onnx.export(model, (torch.zeros(T, dtype=torch.int64),), str(tmp_path / "fwd.onnx"), input_names=["ids"],
-                      output_names=["logits"], dynamic_axes={"ids": {0: "T"}, "logits": {0: "T"}}, opset_version=17,
-                      do_constant_folding=False, dynamo=False)
-    training_graphs.generate(onnx.load(str(tmp_path / "fwd.onnx")), sorted(TRAINABLE), tmp_path)
+    training_artifacts(model, TRAINABLE, tmp_path, T)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_kept_inside_blocks(training)) >= 4  # the check can fail: each block keeps its activations
     report = LAYER_RECOMPUTE.apply(training, PassContext(trainable=TRAINABLE))
