@@ -5,12 +5,13 @@ from .bundle import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, FORMAT_VERSION, IGN
                      TOKENIZER_CONFIG, TRAINING_MODEL, TRAINING_STEP, WEIGHTS, ZO_FORWARD, ZO_STEP, AdamWConfig, Bundle,
                      Manifest, load_bundle, sha256_file, write_manifest)
 from .errors import BundleError, LarsError
-from .schema import AdapterParameter, OrtStep, WeightTensor, ZoModels
+from .schema import AdapterParameter, GraphIo, MemoryPlan, OrtStep, SpecialTokens, WeightTensor, ZoModels
 
 __all__ = [
     "ORT_BACKEND", "ORT_TRAINING_BACKEND", "TRAINING_STEP", "ZO_FORWARD", "ZO_STEP",
     "ATTENTION_MASK", "CHECKPOINT", "EVAL_MODEL", "FORMAT_VERSION", "IGNORE_INDEX", "INPUT_IDS", "LABELS", "LOGITS",
     "MANIFEST", "MODEL_CONFIG", "OPTIMIZER_MODEL", "TOKENIZER", "TOKENIZER_CONFIG", "TRAINING_MODEL", "WEIGHTS",
-    "AdamWConfig", "AdapterParameter", "Bundle", "Manifest", "OrtStep", "WeightTensor", "ZoModels",
+    "AdamWConfig", "AdapterParameter", "Bundle", "GraphIo", "Manifest", "MemoryPlan", "OrtStep", "SpecialTokens",
+    "WeightTensor", "ZoModels",
     "load_bundle", "sha256_file", "write_manifest", "BundleError", "LarsError",
 ]

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .schema import AdapterParameter, OrtStep, WeightTensor, _damaged, _is_count
+from .schema import (AdapterParameter, GraphIo, MemoryPlan, OrtStep, SpecialTokens, WeightTensor, _damaged,
+                     _is_count)
 
 FORMAT = "lars-bundle"
 FORMAT_VERSION = 2  # 2: training_step.onnx (standard ONNX), "models" and "weights" in the manifest
@@ -108,12 +109,11 @@ class Manifest:
     source_model: dict[str, Any]
     architecture: dict[str, Any]
     adapter: dict[str, Any]
-    io: dict[str, Any]
-    tokens: dict[str, Any]
+    io: dict[str, Any]      # GraphIo.to_dict()
+    tokens: dict[str, Any]  # SpecialTokens.to_dict()
     exporter: dict[str, Any]
     passes: list[dict[str, Any]] = field(default_factory=list)
-    # {"model": MemoryModel fields, "budget_bytes", "max_seq_len", "plan"}: lars_artifacts.memory_model
-    memory: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # MemoryPlan.to_dict()
     # backend -> its step models. "ort": {"training", "eval", "checkpoint" (file names), "inputs" (the batch inputs;
     # every adapter is an input too, by its onnx_name), "loss" (output name), "gradients" (adapter -> output name),
     # "optimizer" ({"name": "adamw", beta1, beta2, eps, weight_decay, correct_bias}: ORT's AdamW, adam_mode 1),
@@ -166,6 +166,19 @@ class Manifest:
     def adapter_parameters(self) -> list[AdapterParameter]:
         return [AdapterParameter.from_dict(p, f"adapter.parameters[{i}]")
                 for i, p in enumerate(self.adapter["parameters"])]
+
+    @property
+    def graph_io(self) -> GraphIo:
+        return GraphIo.from_dict(self.io, "io")
+
+    @property
+    def special_tokens(self) -> SpecialTokens:
+        return SpecialTokens.from_dict(self.tokens, "tokens")
+
+    @property
+    def memory_plan(self) -> MemoryPlan:
+        """The memory model, budget and plan the bundle was exported with (all None in one without)."""
+        return MemoryPlan.from_dict(self.memory, "memory")
 
     @property
     def ort_step(self) -> OrtStep | None:
@@ -222,6 +235,9 @@ def _check_runtime_fields(data: dict[str, Any], where: str) -> None:
     _check_json_type(adapter.get("parameters"), list, f"{where}: adapter.parameters")
     for n, parameter in enumerate(adapter["parameters"]):
         AdapterParameter.from_dict(parameter, f"{where}: adapter.parameters[{n}]")
+    GraphIo.from_dict(data["io"], f"{where}: io")
+    SpecialTokens.from_dict(data["tokens"], f"{where}: tokens")
+    MemoryPlan.from_dict(data.get("memory", {}), f"{where}: memory")
     for n, tensor in enumerate(data.get("weights", {}).get("tensors", [])):
         WeightTensor.from_dict(tensor, f"{where}: weights.tensors[{n}]")
     if data.get("models", {}).get(ORT_BACKEND):

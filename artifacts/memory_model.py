@@ -216,19 +216,3 @@ def estimate(arch: dict, targets: list[str], lora_rank: int, *, recompute_attent
     return MemoryModel(runtime=RUNTIME_BYTES + session, weights=stored + dequantized, saved_per_token=F32 * saved,
                        saved_per_token_sq=F32 * saved_sq, turn_per_token=F32 * turn,
                        backward_per_token=F32 * backward, backward_per_token_sq=F32 * backward_sq)
-
-
-def budget_warning(memory: dict, batch: int, seq_len: int) -> str | None:
-    """One line if a step of batch × seq_len tokens is predicted above the bundle's budget (manifest "memory")."""
-    budget = (memory or {}).get("budget_bytes")
-    if not budget or not memory.get("model"):
-        return None
-    model = MemoryModel.from_dict(memory["model"])
-    peak = model.peak_bytes(batch, seq_len)
-    if peak <= budget:
-        return None
-    longest = model.max_seq_len(budget, batch)
-    return (f"a step of batch {batch} x {seq_len} tokens is predicted to peak at {peak / 2**30:.2f} GB, above this "
-            f"bundle's memory budget of {budget / 2**30:.2f} GB (planned for {memory.get('max_seq_len')} tokens at "
-            f"batch 1); at batch {batch} it fits up to {longest} tokens: lower --seq-len or --batch-size, or "
-            f"re-export with a larger --memory-budget")

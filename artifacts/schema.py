@@ -7,6 +7,11 @@ that is wrong (a damaged or hand-edited manifest is a one-line BundleError at lo
   checkpoint, the step's input/output names, the AdamW it applies; its `zo` entry, ZoModels, the forward-only ones.
 - WeightTensor: where one frozen initializer lies in the weights file (manifest weights.tensors[i]) and which graphs
   read it; the runtime maps it without a copy, so its dtype, shape, offset and length are checked before that.
+- GraphIo: the graphs' interface (manifest io): batch inputs, what the training and eval graphs output, the logits'
+  layout, the label that does not count, the opset.
+- SpecialTokens: the tokenizer's special tokens the data pipeline uses (manifest tokens).
+- MemoryPlan: the bundle's fitted memory model, the budget it was exported for and the stack --memory-budget chose
+  (manifest memory); the runtime warns before a step predicted above the budget.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from .errors import BundleError
+from .memory_model import MemoryModel
 
-_JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "true or false"}
+_JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "true or false", int: "an integer"}
 
 
 def _damaged(what: str) -> BundleError:
@@ -29,10 +35,14 @@ def _is_count(value: Any, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _field(data: Any, key: str, kind: type, where: str, optional: bool = False):
+def _object(data: Any, where: str) -> dict:
     if not isinstance(data, dict):
         raise _damaged(f"{where} must be an object, got {type(data).__name__}")
-    value = data.get(key)
+    return data
+
+
+def _field(data: Any, key: str, kind: type, where: str, optional: bool = False):
+    value = _object(data, where).get(key)
     if value is None and optional:
         return None
     if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
@@ -166,3 +176,94 @@ class WeightTensor:
         if length != int(np.prod(shape, dtype=np.int64)) * size:
             raise _damaged(f"{where}.length {length} is not its shape {shape} of {dtype}")
         return cls(name, _count(data, "offset", where), length, dtype, list(shape), _strings(data, "models", where))
+
+
+def _optional_count(data: dict, key: str, where: str) -> int | None:
+    value = data.get(key)
+    if value is not None and not _is_count(value):
+        raise _damaged(f"{where}.{key} must be an integer >= 0 or null, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class GraphIo:
+    inputs: list[str]             # the batch inputs of every graph, in order (input_ids, attention_mask, labels)
+    training_outputs: list[str]   # "loss", and the logits unless the chunked loss never forms them
+    eval_outputs: list[str]
+    logits_layout: str            # "[batch*sequence, vocab]": ORT's loss wants the classes on axis 1
+    ignore_index: int             # the label of a position that is not predicted
+    opset: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "GraphIo":
+        ignore = _field(data, "ignore_index", int, where)
+        return cls(_strings(data, "inputs", where), _strings(data, "training_outputs", where),
+                   _strings(data, "eval_outputs", where), _field(data, "logits_layout", str, where), ignore,
+                   _count(data, "opset", where))
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The tokenizer's special tokens (tokenizer_config.json repeats them beside the chat template). pad_token_id is
+    the eos id where the tokenizer has no pad token; any id may be null (a tokenizer without that token)."""
+
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "SpecialTokens":
+        _object(data, where)
+        return cls(*(_optional_count(data, k, where) for k in ("bos_token_id", "eos_token_id", "pad_token_id")),
+                   _field(data, "bos_token", str, where, optional=True),
+                   _field(data, "eos_token", str, where, optional=True))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the bundle's memory was planned with: `model`, the memory model fitted to its stack (None in a bundle
+    exported without one); `budget_bytes` and `max_seq_len`, the --memory-budget and the length it was planned for
+    (None without a budget); `plan`, the stack the budget chose and every candidate's predicted peak (a report)."""
+
+    model: MemoryModel | None = None
+    budget_bytes: int | None = None
+    max_seq_len: int | None = None
+    plan: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict:
+        return {"model": None if self.model is None else self.model.to_dict(), "budget_bytes": self.budget_bytes,
+                "max_seq_len": self.max_seq_len, "plan": self.plan}
+
+    def over_budget(self, batch: int, seq_len: int) -> str | None:
+        """One line if a step of batch × seq_len tokens is predicted above the budget; None if it fits or the
+        bundle has no budget."""
+        if not self.budget_bytes or self.model is None:
+            return None
+        peak = self.model.peak_bytes(batch, seq_len)
+        if peak <= self.budget_bytes:
+            return None
+        longest = self.model.max_seq_len(self.budget_bytes, batch)
+        return (f"a step of batch {batch} x {seq_len} tokens is predicted to peak at {peak / 2**30:.2f} GB, above "
+                f"this bundle's memory budget of {self.budget_bytes / 2**30:.2f} GB (planned for {self.max_seq_len} "
+                f"tokens at batch 1); at batch {batch} it fits up to {longest} tokens: lower --seq-len or "
+                f"--batch-size, or re-export with a larger --memory-budget")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "MemoryPlan":
+        fitted = _field(_object(data, where), "model", dict, where, optional=True)
+        if fitted is not None:
+            bad = [k for k in MemoryModel.__dataclass_fields__
+                   if isinstance(fitted.get(k), bool) or not isinstance(fitted.get(k), (int, float))]
+            if bad:
+                raise _damaged(f"{where}.model.{bad[0]} must be a number, got {fitted.get(bad[0])!r}")
+        return cls(None if fitted is None else MemoryModel.from_dict(fitted),
+                   _optional_count(data, "budget_bytes", where), _optional_count(data, "max_seq_len", where),
+                   _field(data, "plan", dict, where, optional=True))

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from lars_artifacts import (ATTENTION_MASK, CHECKPOINT, EVAL_MODEL, IGNORE_INDEX, INPUT_IDS, LABELS, LOGITS,
                             OPTIMIZER_MODEL, ORT_BACKEND, ORT_TRAINING_BACKEND, TOKENIZER, TOKENIZER_CONFIG,
-                            TRAINING_MODEL, TRAINING_STEP, LarsError, Manifest, write_manifest)
+                            TRAINING_MODEL, TRAINING_STEP, GraphIo, LarsError, Manifest, MemoryPlan, SpecialTokens,
+                            write_manifest)
 from lars_artifacts.measure import Stopwatch, peak_rss_mb
 
 from . import adapters, architectures, basis, budget, load, onnx_export, training_graphs, passes, preflight, zo_step
@@ -81,12 +82,13 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _save_tokenizer(tok, out: Path) -> dict:
+def _save_tokenizer(tok, out: Path) -> SpecialTokens:
     tok.backend_tokenizer.save(str(out / TOKENIZER))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tokens = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": pad_id,
-              "bos_token": tok.bos_token, "eos_token": tok.eos_token}
-    (out / TOKENIZER_CONFIG).write_text(json.dumps({**tokens, "chat_template": tok.chat_template}, indent=2) + "\n")
+    tokens = SpecialTokens(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad_id,
+                           bos_token=tok.bos_token, eos_token=tok.eos_token)
+    (out / TOKENIZER_CONFIG).write_text(json.dumps({**tokens.to_dict(), "chat_template": tok.chat_template},
+                                                   indent=2) + "\n")
     return tokens
 
 
@@ -192,19 +194,18 @@ def run(config: ExportConfig, stream=sys.stderr) -> Path:
                          "parameters": [p.to_dict() for p in params],
                          "trainable_parameters": sum(_numel(p.shape) for p in params),
                          "frozen_parameters": n_base, "frozen_weight_bytes": weight_bytes},
-                io={"inputs": [INPUT_IDS, ATTENTION_MASK, LABELS],
-                    # the chunked loss never forms whole logits in training; the eval graph always outputs them
-                    "training_outputs": ["loss"] if "chunked_loss" in applied else ["loss", LOGITS],
-                    "eval_outputs": ["loss", LOGITS],
-                    "logits_layout": "[batch*sequence, vocab]", "ignore_index": IGNORE_INDEX,
-                    "opset": config.opset},
-                tokens=tokens,
+                io=GraphIo(inputs=[INPUT_IDS, ATTENTION_MASK, LABELS],
+                           # the chunked loss never forms whole logits in training; the eval graph always outputs them
+                           training_outputs=["loss"] if "chunked_loss" in applied else ["loss", LOGITS],
+                           eval_outputs=["loss", LOGITS], logits_layout="[batch*sequence, vocab]",
+                           ignore_index=IGNORE_INDEX, opset=config.opset).to_dict(),
+                tokens=tokens.to_dict(),
                 passes=[r.to_dict() for r in reports],
                 models=models,
                 weights=weights,
-                memory={"model": budget.model_for(arch, config).to_dict(),
-                        "budget_bytes": budget.parse_size(config.memory_budget) if config.memory_budget else None,
-                        "max_seq_len": config.max_seq_len, "plan": plan},
+                memory=MemoryPlan(model=budget.model_for(arch, config), max_seq_len=config.max_seq_len, plan=plan,
+                                  budget_bytes=budget.parse_size(config.memory_budget) if config.memory_budget
+                                  else None).to_dict(),
                 exporter={"versions": _versions(), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                               for k, v in asdict(config).items()}},
             )

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lars_artifacts import IGNORE_INDEX, LarsError
+from lars_artifacts import IGNORE_INDEX, LarsError, SpecialTokens
 
 DATA_FORMATS = ".txt (UTF-8 text) or .jsonl (one JSON object per line)"
 # Characters of a .txt file tokenized at once. The tokenizer's Encoding costs ~450 bytes a token while it lives
@@ -101,7 +101,7 @@ class ChatTemplate:
 class Tokenizer:
     """The bundle's `tokenizers` tokenizer plus the ids the data pipeline needs."""
 
-    def __init__(self, path: str, tokens: dict, chat_template: str | None, vocab_size: int) -> None:
+    def __init__(self, path: str, tokens: SpecialTokens, chat_template: str | None, vocab_size: int) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         try:
@@ -113,12 +113,12 @@ class Tokenizer:
         # data pipeline cuts and pads sequences itself.
         self.tk.no_truncation()
         self.tk.no_padding()
-        self.eos_id = tokens.get("eos_token_id")
-        self.pad_id = tokens.get("pad_token_id")
+        self.eos_id = tokens.eos_token_id
+        self.pad_id = tokens.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
         self.vocab_size = vocab_size
-        self.chat = ChatTemplate(chat_template, tokens.get("bos_token"), tokens.get("eos_token"))
+        self.chat = ChatTemplate(chat_template, tokens.bos_token, tokens.eos_token)
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=special).ids

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 
 from lars_artifacts import Bundle, LarsError, load_bundle, sha256_file
 from lars_artifacts.measure import Stopwatch, peak_rss_mb
-from lars_artifacts.memory_model import MemoryModel, budget_warning
 
 from . import checkpoint as ckpt
 from .config import TrainingArgs, ZoConfig, flag
@@ -98,7 +97,7 @@ def train(bundle_path: str | os.PathLike, args: TrainingArgs, callbacks: Sequenc
 def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, callbacks: Sequence[Callback],
                   handle_signals: bool, held: contextlib.ExitStack) -> dict:
     # the memory model is the backprop step's: a forward-only run stays below it
-    over = budget_warning(bundle.manifest.memory, args.batch_size, args.seq_len) if args.method != "zo" else None
+    over = bundle.manifest.memory_plan.over_budget(args.batch_size, args.seq_len) if args.method != "zo" else None
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
     _check_fits_in_memory(bundle, args.batch_size, args.seq_len, model=args.method != "zo")
@@ -154,9 +153,9 @@ def _check_fits_in_memory(bundle: Bundle, batch_size: int, seq_len: int, model: 
     if arrays > available:
         raise LarsError(f"--batch-size {batch_size} x --seq-len {seq_len} needs {arrays / 2**30:.1f} GB for the token "
                         f"arrays alone; this machine has {available / 2**30:.1f} GB available: lower --batch-size")
-    fitted = (bundle.manifest.memory or {}).get("model") if model else None
+    fitted = bundle.manifest.memory_plan.model if model else None
     if fitted:
-        peak = MemoryModel.from_dict(fitted).peak_bytes(batch_size, seq_len)
+        peak = fitted.peak_bytes(batch_size, seq_len)
         if peak > available:
             print(f"warning: a step of batch {batch_size} x {seq_len} tokens is predicted to peak at "
                   f"{peak / 2**30:.2f} GB; this machine has {available / 2**30:.2f} GB available: lower --batch-size "

@@ -15,7 +15,6 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from lars_artifacts import TOKENIZER, TOKENIZER_CONFIG, Bundle, LarsError, load_bundle
-from lars_artifacts.memory_model import budget_warning
 
 from .peft_adapter import write_peft_adapter
 from .config import ZoConfig
@@ -28,7 +27,7 @@ Callback = Callable[[dict], None]
 def bundle_tokenizer(bundle: Bundle) -> Tokenizer:
     """The runtime's tokenizer of a bundle (tokenizers' tokenizer.json, the chat template, the manifest's tokens)."""
     config = json.loads(Path(bundle.file(TOKENIZER_CONFIG)).read_text())
-    return Tokenizer(bundle.file(TOKENIZER), bundle.manifest.tokens, config.get("chat_template"),
+    return Tokenizer(bundle.file(TOKENIZER), bundle.manifest.special_tokens, config.get("chat_template"),
                      bundle.manifest.vocab_size)
 
 
@@ -124,7 +123,7 @@ class Trainer:
         """Why a step of this shape would exceed the bundle's memory budget, or None (also None without one)."""
         if self.method == "zo":  # the budget's memory model is the backprop step's
             return None
-        return budget_warning(self.bundle.manifest.memory, batch_size, seq_len)
+        return self.bundle.manifest.memory_plan.over_budget(batch_size, seq_len)
 
     def step_text(self, texts: Sequence[str], lr: float) -> float:
         return self.step(self.text_batch(texts), lr)

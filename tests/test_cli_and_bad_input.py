@@ -483,6 +483,15 @@ def _edit_manifest(bundle, edit):
     (lambda m: m["weights"]["tensors"][0].update(dtype="float33"), ["weights.tensors[0]", "'float33' is not a numpy"]),
     (lambda m: m["weights"]["tensors"][1].update(length=12), ["weights.tensors[1]", "length 12 is not its shape"]),
     (lambda m: m["weights"]["tensors"][2].update(offset=-8), ["weights.tensors[2]", "offset must be an integer >= 0"]),
+    # the graphs' interface, the special tokens and the memory plan (GraphIo, SpecialTokens, MemoryPlan)
+    (lambda m: m["io"].pop("training_outputs"), ["io.training_outputs must be a list, got nothing"]),
+    (lambda m: m["io"].update(ignore_index="-100"), ["io.ignore_index must be an integer, got str"]),
+    (lambda m: m["tokens"].update(eos_token_id=-1), ["tokens.eos_token_id must be an integer >= 0 or null, got -1"]),
+    (lambda m: m["tokens"].update(bos_token=1), ["tokens.bos_token must be a string, got int"]),
+    (lambda m: m.update(tokens=[]), ["tokens must be an object, got list"]),
+    (lambda m: m["memory"]["model"].update(saved_per_token="1e5"), ["memory.model.saved_per_token must be a number"]),
+    (lambda m: m["memory"]["model"].pop("weights"), ["memory.model.weights must be a number, got None"]),
+    (lambda m: m["memory"].update(budget_bytes=1.5), ["memory.budget_bytes must be an integer >= 0 or null, got 1.5"]),
 ])
 def test_malformed_manifest(edit, needles, bundle_copy, capsys, tmp_path):
     _edit_manifest(bundle_copy, edit)

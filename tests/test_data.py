@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lars_ort.data as data_module
-from lars_artifacts import TOKENIZER, LarsError, load_bundle
+from lars_artifacts import TOKENIZER, LarsError, SpecialTokens, load_bundle
 from lars_ort.data import BatchStream, TokenSequence, SequenceSet, Tokenizer, collate, eval_batches, load_sequences
 from lars_ort.trainer import bundle_tokenizer
 from tiny import BAD_DATA, EVAL_TEXT, OK_LINE, TRAIN_TEXT, chat
@@ -239,7 +239,7 @@ def styled_tokenizer(path, style):
         tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
                                                                                                 ("</s>", 1)])
     tk.save(str(path))
-    return Tokenizer(str(path), {"eos_token_id": 1}, None, tk.get_vocab_size())
+    return Tokenizer(str(path), SpecialTokens(eos_token_id=1), None, tk.get_vocab_size())
 
 
 @pytest.mark.parametrize("style, cut", [("qwen", True), ("bos-eos", True), ("sentencepiece", False)])
@@ -257,7 +257,7 @@ def test_truncation_saved_in_tokenizer_json_is_ignored(tok, tiny_bundles, tmp_pa
     config = json.loads((tiny_bundles["llama"] / TOKENIZER).read_text())
     config["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
     (tmp_path / TOKENIZER).write_text(json.dumps(config))
-    truncating = Tokenizer(str(tmp_path / TOKENIZER), {"eos_token_id": tok.eos_id}, None, tok.vocab_size)
+    truncating = Tokenizer(str(tmp_path / TOKENIZER), SpecialTokens(eos_token_id=tok.eos_id), None, tok.vocab_size)
     assert_same_sequences(load_sequences(TRAIN_TEXT, truncating, 32), reference_sequences(TRAIN_TEXT, tok, 32))
 
 
@@ -317,7 +317,7 @@ def test_garbage_tokenizer_json_says_to_reexport_the_bundle(tmp_path, garbage):
     path = tmp_path / TOKENIZER
     path.write_bytes(garbage)
     with pytest.raises(LarsError) as error:
-        Tokenizer(str(path), {}, None, 384)
+        Tokenizer(str(path), SpecialTokens(), None, 384)
     assert str(path) in str(error.value) and "re-export the bundle" in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -330,7 +330,7 @@ def test_garbage_tokenizer_json_says_to_reexport_the_bundle(tmp_path, garbage):
 ])
 def test_chat_template_failures_name_the_line(tok, tiny_bundles, tmp_path, template, needle):
     bundle = load_bundle(tiny_bundles["llama"])
-    broken = Tokenizer(bundle.file(TOKENIZER), bundle.manifest.tokens, template, bundle.manifest.vocab_size)
+    broken = Tokenizer(bundle.file(TOKENIZER), bundle.manifest.special_tokens, template, bundle.manifest.vocab_size)
     data = tmp_path / "chat.jsonl"
     data.write_text(OK_LINE + chat({"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}) + "\n")
     with pytest.raises(LarsError) as error:
@@ -342,7 +342,7 @@ def test_chat_template_failures_name_the_line(tok, tiny_bundles, tmp_path, templ
 
 def test_messages_without_a_chat_template_name_the_line(tiny_bundles, tmp_path):
     bundle = load_bundle(tiny_bundles["llama"])
-    plain = Tokenizer(bundle.file(TOKENIZER), bundle.manifest.tokens, None, bundle.manifest.vocab_size)
+    plain = Tokenizer(bundle.file(TOKENIZER), bundle.manifest.special_tokens, None, bundle.manifest.vocab_size)
     data = tmp_path / "chat.jsonl"
     data.write_text(chat({"role": "user", "content": "hi"}) + "\n")
     with pytest.raises(LarsError, match=r"chat.jsonl line 1: the bundle has no chat template.*use \{\"text\"\}"):

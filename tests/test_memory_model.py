@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from lars_artifacts import LarsError, load_bundle
-from lars_artifacts.memory_model import MemoryModel, weight_bytes
+from lars_artifacts.memory_model import weight_bytes
 from lars_export import ExportConfig, budget, export
 from lars_export.stacks import PER_HEAD
 
@@ -145,7 +145,7 @@ def test_saved_terms_match_what_the_graph_keeps(tiny_models, tmp_path):
     for name, kw in configs.items():
         config = ExportConfig(model=str(tiny_models["llama"]), out=str(tmp_path / name), lora_rank=4, lora_alpha=8, **kw)
         bundle = export(config)
-        model = MemoryModel.from_dict(load_bundle(bundle).manifest.memory["model"])
+        model = load_bundle(bundle).manifest.memory_plan.model
         _tool("memory_breakdown.py", bundle, "--seq-lens", "128,256", "--json", tmp_path / f"{name}.json")
         measured = json.loads((tmp_path / f"{name}.json").read_text())[0]["rows"]
         graph = {seq: sum(v[str(seq)] for kind, v in measured.items() if kind != transients) * 2**20
@@ -197,7 +197,6 @@ def test_a_budget_nothing_fits_names_the_closest_and_how_far_it_goes():
 
 
 def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_models, tmp_path):
-    from lars_artifacts.memory_model import budget_warning
     from lars_export import architectures, load
     from lars_ort import Trainer
 
@@ -213,13 +212,13 @@ def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_mode
     assert all(peaks[c.name] / (1 - budget.MARGIN) > need for c in budget.CANDIDATES[:k])
     out = export(ExportConfig(**base, out=str(tmp_path / "b"), memory_budget=f"{need / 2**20 + 0.1:.1f}MB"))
     manifest = load_bundle(out).manifest
-    assert manifest.memory["plan"]["chosen"] == stack.name
+    assert manifest.memory_plan.plan["chosen"] == stack.name
     assert manifest.exporter["config"]["recompute_layers"] is False
     assert manifest.exporter["config"]["attention_chunks"] == 4  # the tiny model's heads: one at a time
     assert [p["name"] for p in manifest.passes if p["changed"]] == ["pretranspose_frozen", "attention_chunks",
                                                                     "chunked_loss", "cheap_recompute"]
-    assert budget_warning(manifest.memory, 1, 512) is None
-    message = budget_warning(manifest.memory, 8, 512)  # the runtime's ~170 MB dominate a tiny model's peak
+    assert manifest.memory_plan.over_budget(1, 512) is None
+    message = manifest.memory_plan.over_budget(8, 512)  # the runtime's ~170 MB dominate a tiny model's peak
     assert message and "above this bundle's memory budget" in message and "fits up to" in message
 
     trainer = Trainer(out, load_eval=False)
@@ -237,7 +236,7 @@ def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_pat
 
     out = export(ExportConfig(model=str(tiny_models["qwen2"]), out=str(tmp_path / "b"), lora_rank=4, lora_alpha=8,
                               lars_basis="none", memory_budget="220MB", max_seq_len=256))
-    model = MemoryModel.from_dict(load_bundle(out).manifest.memory["model"])
+    model = load_bundle(out).manifest.memory_plan.model
     assert model.peak_bytes(2, 32) < 220 * 2**20 < model.peak_bytes(8, 256)
 
     def train(run, batch, seq):

@@ -334,7 +334,7 @@ def test_a_batch_the_machine_cannot_hold_is_refused_or_warned_before_training(ti
     from lars_ort import loop as trainer_module
 
     bundle = load_bundle(tiny_bundles["llama"])
-    assert bundle.manifest.memory.get("model")
+    assert bundle.manifest.memory_plan.model is not None
     monkeypatch.setattr(trainer_module, "available_memory_bytes", lambda: 64 << 20)  # a 64 MB device
     trainer_module._check_fits_in_memory(bundle, 4, 512)
     assert "is predicted to peak at" in capsys.readouterr().err

@@ -43,12 +43,13 @@ def load_tokenizer(bundle: str | None, cache: Path):
     sys.path.insert(0, str(REPO / "tests"))
     from tiny import build_tokenizer
 
+    from lars_artifacts import SpecialTokens
     from lars_ort.data import Tokenizer
 
     folder = cache / "tiny-tokenizer"
     if not (folder / "tokenizer.json").is_file():
         build_tokenizer(folder)
-    return Tokenizer(str(folder / "tokenizer.json"), {"eos_token_id": 0, "pad_token_id": 0}, None, 384)
+    return Tokenizer(str(folder / "tokenizer.json"), SpecialTokens(eos_token_id=0, pad_token_id=0), None, 384)
 
 
 def write_data(path: Path, megabytes: float) -> None:

@@ -116,18 +116,22 @@ def baseline_bundle(cache: Path, mode: str, a) -> Path:
     return bundle
 
 
+def pass_report(bundle: Path, name: str) -> dict | None:
+    """The bundle's report of the named pass (manifest passes), None if its exporter did not run it."""
+    passes = json.loads((bundle / "manifest.json").read_text()).get("passes", [])
+    return next((p for p in passes if p["name"] == name), None)
+
+
 def tied_table_once(bundle: Path) -> bool:
     """Whether the bundle stores a tied embedding table once (its lookups read the output projection's copy:
     pretranspose_frozen's tied_lookups); bundles of earlier exporters stored it twice."""
-    passes = json.loads((bundle / "manifest.json").read_text()).get("passes", [])
-    return any(p["name"] == "pretranspose_frozen" and p["details"].get("tied_lookups") for p in passes)
+    return bool((pass_report(bundle, "pretranspose_frozen") or {}).get("details", {}).get("tied_lookups"))
 
 
 def has_cheap_recompute(bundle: Path) -> bool:
     """Whether the bundle's exporter ran the cheap_recompute pass (the memory model predicts bundles before it
     apart: they keep the MLP activation and the repeated K and V)."""
-    passes = json.loads((bundle / "manifest.json").read_text()).get("passes", [])
-    return any(p["name"] == "cheap_recompute" for p in passes)
+    return pass_report(bundle, "cheap_recompute") is not None
 
 
 def split_backend(mode: str) -> str:
