@@ -30,7 +30,6 @@ class Rule:
     check: Callable  # (node, Lowering) -> str | None: why this node cannot be lowered
     replace: Callable  # (node, Builder) -> None: append the replacement nodes to the builder
     strict_only: bool = False  # an op plain onnxruntime runs: lowered only with strict=True
-    help: str = ""
 
     def matches(self, node, strict: bool) -> bool:
         return (node.op_type == self.op_type and (node.domain or "") == self.domain

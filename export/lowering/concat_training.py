@@ -33,4 +33,4 @@ def replace(node, b) -> None:
         b.op("Concat", lengths, [node.output[1]], axis=0)
 
 
-CONCAT_TRAINING = Rule("ConcatTraining", MS, check, replace, help="Concat; lengths from Shape when read")
+CONCAT_TRAINING = Rule("ConcatTraining", MS, check, replace)

@@ -45,4 +45,4 @@ def replace(node, b) -> None:
         b.op("Mul", [b.op("MatMul", [a, w]), b.f32(alpha)], [node.output[0]])
 
 
-FUSED_MATMUL = Rule("FusedMatMul", MS, check, replace, strict_only=True, help="Transpose + MatMul (· alpha)")
+FUSED_MATMUL = Rule("FusedMatMul", MS, check, replace, strict_only=True)

@@ -23,5 +23,4 @@ def replace(node, b) -> None:
     return None
 
 
-IN_PLACE_ACCUMULATOR = Rule("InPlaceAccumulatorV2", MS, check, replace,
-                            help="dropped: the gradient is a graph output, nothing accumulates across calls")
+IN_PLACE_ACCUMULATOR = Rule("InPlaceAccumulatorV2", MS, check, replace)

@@ -17,4 +17,4 @@ def replace(node, b) -> None:
     b.op("Mul", [x, b.op("Sigmoid", [ax])], [node.output[0]])
 
 
-QUICK_GELU = Rule("QuickGelu", MS, check, replace, strict_only=True, help="x·Sigmoid(αx)")
+QUICK_GELU = Rule("QuickGelu", MS, check, replace, strict_only=True)

@@ -23,4 +23,4 @@ def replace(node, b) -> None:
     b.op("Mul", [w, v], [node.output[0]])
 
 
-QUICK_GELU_GRAD = Rule("QuickGeluGrad", MS, requires_inputs("dY", "X"), replace, help="dY·s·(1 + αx(1 − s))")
+QUICK_GELU_GRAD = Rule("QuickGeluGrad", MS, requires_inputs("dY", "X"), replace)

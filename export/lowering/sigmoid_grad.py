@@ -17,4 +17,4 @@ def replace(node, b) -> None:
     b.op("Mul", [w, t], [node.output[0]])
 
 
-SIGMOID_GRAD = Rule("SigmoidGrad", MS, requires_inputs("dY", "Y"), replace, help="dY·Y·(1 − Y)")
+SIGMOID_GRAD = Rule("SigmoidGrad", MS, requires_inputs("dY", "Y"), replace)

@@ -35,5 +35,4 @@ def replace(node, b) -> None:
         b.op("Div", [b.f32(1.0), d], [node.output[1]])
 
 
-SIMPLIFIED_LAYER_NORM = Rule("SimplifiedLayerNormalization", "", check, replace, strict_only=True,
-                             help="Pow/ReduceMean/Add/Sqrt/Div/Mul")
+SIMPLIFIED_LAYER_NORM = Rule("SimplifiedLayerNormalization", "", check, replace, strict_only=True)

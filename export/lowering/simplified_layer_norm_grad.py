@@ -43,5 +43,4 @@ def replace(node, b) -> None:
         b.reduce("ReduceSum", rows, [0], keepdims=0, output=[node.output[1]])
 
 
-SIMPLIFIED_LAYER_NORM_GRAD = Rule("SimplifiedLayerNormalizationGrad", MS, check, replace,
-                                  help="B − x̂·mean(B·x̂), B = dY·scale·r; dscale when read")
+SIMPLIFIED_LAYER_NORM_GRAD = Rule("SimplifiedLayerNormalizationGrad", MS, check, replace)

@@ -59,4 +59,4 @@ def _int64_zero():
     return helper.make_tensor("zero", TensorProto.INT64, [1], [0])
 
 
-SLICE_GRAD = Rule("SliceGrad", MS, check, replace, help="Pad of dY (steps of 1)")
+SLICE_GRAD = Rule("SliceGrad", MS, check, replace)

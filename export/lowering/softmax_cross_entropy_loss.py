@@ -85,5 +85,4 @@ def replace(node, b) -> None:
         b.op("Div", [total, mean_divisor(b, safe, valid, w)], [loss])
 
 
-SOFTMAX_CROSS_ENTROPY_LOSS = Rule("SoftmaxCrossEntropyLoss", "", check, replace,
-                                  help="LogSoftmax + GatherElements: one [rows, vocab] tensor, not two")
+SOFTMAX_CROSS_ENTROPY_LOSS = Rule("SoftmaxCrossEntropyLoss", "", check, replace)

@@ -56,5 +56,4 @@ def replace(node, b) -> None:
     b.op("ScatterElements", [scaled, index, at_label], [node.output[0]], axis=1)
 
 
-SOFTMAX_CROSS_ENTROPY_LOSS_GRAD = Rule("SoftmaxCrossEntropyLossGrad", MS, check, replace,
-                                       help="(exp(log p) − onehot)·scale, the one-hot as one ScatterElements")
+SOFTMAX_CROSS_ENTROPY_LOSS_GRAD = Rule("SoftmaxCrossEntropyLossGrad", MS, check, replace)

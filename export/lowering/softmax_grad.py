@@ -16,4 +16,4 @@ def replace(node, b) -> None:
     b.op("Mul", [b.op("Sub", [dy, dot]), y], [node.output[0]])
 
 
-SOFTMAX_GRAD = Rule("SoftmaxGrad_13", MS, requires_inputs("dY", "Y"), replace, help="Y·(dY − Σ dY·Y)")
+SOFTMAX_GRAD = Rule("SoftmaxGrad_13", MS, requires_inputs("dY", "Y"), replace)

@@ -22,4 +22,4 @@ def replace(node, b) -> None:
         b.op("Split", [node.input[0]], outputs, axis=axis)
 
 
-SPLIT_TRAINING = Rule("SplitTraining", MS, check, replace, help="Split with the sizes input")
+SPLIT_TRAINING = Rule("SplitTraining", MS, check, replace)

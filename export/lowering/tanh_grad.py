@@ -15,4 +15,4 @@ def replace(node, b) -> None:
     b.op("Mul", [dy, t], [node.output[0]])
 
 
-TANH_GRAD = Rule("TanhGrad", MS, requires_inputs("dY", "Y"), replace, help="dY·(1 − Y²)")
+TANH_GRAD = Rule("TanhGrad", MS, requires_inputs("dY", "Y"), replace)
