@@ -258,7 +258,7 @@ class MemoryPlan:
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "MemoryPlan":
-        fitted = _field(_object(data, where), "model", dict, where, optional=True)
+        fitted = _field(data, "model", dict, where, optional=True)  # checks that data is an object
         if fitted is not None:
             bad = [k for k in MemoryModel.__dataclass_fields__
                    if isinstance(fitted.get(k), bool) or not isinstance(fitted.get(k), (int, float))]
