@@ -141,10 +141,13 @@ class OrtStep:
                    zo=None if zo is None else ZoModels.from_dict(zo, f"{where}.zo"))
 
 
-def _count(data: dict, key: str, where: str) -> int:
+def _count(data: dict, key: str, where: str, optional: bool = False) -> int | None:
+    """data[key] as an integer >= 0 (with `optional`, a missing or null value is None)."""
     value = data.get(key) if isinstance(data, dict) else None
+    if optional and value is None:
+        return None
     if not _is_count(value):
-        raise _damaged(f"{where}.{key} must be an integer >= 0, got {value!r}")
+        raise _damaged(f"{where}.{key} must be an integer >= 0{' or null' if optional else ''}, got {value!r}")
     return value
 
 
@@ -176,13 +179,6 @@ class WeightTensor:
         if length != int(np.prod(shape, dtype=np.int64)) * size:
             raise _damaged(f"{where}.length {length} is not its shape {shape} of {dtype}")
         return cls(name, _count(data, "offset", where), length, dtype, list(shape), _strings(data, "models", where))
-
-
-def _optional_count(data: dict, key: str, where: str) -> int | None:
-    value = data.get(key)
-    if value is not None and not _is_count(value):
-        raise _damaged(f"{where}.{key} must be an integer >= 0 or null, got {value!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -222,7 +218,7 @@ class SpecialTokens:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "SpecialTokens":
         _object(data, where)
-        return cls(*(_optional_count(data, k, where) for k in ("bos_token_id", "eos_token_id", "pad_token_id")),
+        return cls(*(_count(data, k, where, optional=True) for k in ("bos_token_id", "eos_token_id", "pad_token_id")),
                    _field(data, "bos_token", str, where, optional=True),
                    _field(data, "eos_token", str, where, optional=True))
 
@@ -265,5 +261,6 @@ class MemoryPlan:
             if bad:
                 raise _damaged(f"{where}.model.{bad[0]} must be a number, got {fitted.get(bad[0])!r}")
         return cls(None if fitted is None else MemoryModel.from_dict(fitted),
-                   _optional_count(data, "budget_bytes", where), _optional_count(data, "max_seq_len", where),
+                   _count(data, "budget_bytes", where, optional=True),
+                   _count(data, "max_seq_len", where, optional=True),
                    _field(data, "plan", dict, where, optional=True))
