@@ -57,11 +57,19 @@ class ExternalDataWriter:
 
     def add(self, tensor, data) -> None:
         """Write `data` (bytes or a buffer, e.g. a numpy array's) as `tensor`'s value."""
+        start, length = self.write([data])
+        point_at(tensor, self.path.name, start, length)
+
+    def write(self, pieces) -> tuple[int, int]:
+        """Write one tensor's bytes given in pieces (buffers, written as they come, so a tensor made block by block
+        is never whole in memory); (offset, length) of the tensor in the file."""
         start = self._start()
-        view = memoryview(data).cast("B")
-        self.file.write(view)
-        self.offset += view.nbytes
-        point_at(tensor, self.path.name, start, view.nbytes)
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            self.file.write(view)
+            self.offset += view.nbytes
+            del piece, view  # before the next piece is made: one piece in memory at a time
+        return start, self.offset - start
 
     def move_inline(self, tensor) -> None:
         """Move an inline tensor's raw bytes to the file."""

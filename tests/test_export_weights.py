@@ -161,17 +161,28 @@ def test_onnx_export_writes_every_parameter_once_frozen_ones_external(tiny_model
 
 
 def test_a_pass_writes_its_large_tensors_beside_the_weights_and_reads_them_back(tmp_path):
-    from lars_export.passes import PassContext
-    from lars_export.passes._base import PASS_WEIGHTS, initializer_value, make_initializer
+    import onnx_ir as ir
+
+    from lars_export.passes import PassContext, _ir
+    from lars_export.passes._base import PASS_WEIGHTS
 
     context = PassContext(trainable=set(), weights_dir=str(tmp_path))
     big, small = RNG.normal(size=(40, 30)).astype(np.float32), np.arange(6, dtype=np.int64)
-    first, second = make_initializer(big, "big", context), make_initializer(big.T, "big_t", context)
-    assert first.data_location == second.data_location == TensorProto.EXTERNAL and not first.raw_data
-    assert {e.key: e.value for e in second.external_data}["location"] == PASS_WEIGHTS
-    np.testing.assert_array_equal(initializer_value(first, context), big)
-    np.testing.assert_array_equal(initializer_value(second, context), big.T)  # written contiguous
-    inline = make_initializer(small, "small", context)
-    assert inline.data_location != TensorProto.EXTERNAL
-    np.testing.assert_array_equal(initializer_value(inline, context), small)
-    assert make_initializer(big, "big", PassContext(trainable=set())).raw_data == big.tobytes()  # no weights_dir
+    graph = ir.Graph([], [], nodes=[], name="g")
+    first = _ir.new_initializer(graph, "big", [big[:25], big[25:]], big.dtype, big.shape, context)  # in pieces
+    second = _ir.new_initializer(graph, "big_t", [np.ascontiguousarray(big.T)], big.dtype, big.T.shape, context)
+    inline = _ir.new_initializer(graph, "small", [small], small.dtype, small.shape, context)
+    assert isinstance(first.const_value, ir.ExternalTensor) and first.const_value.location == PASS_WEIGHTS
+    assert first.const_value.offset % 64 == 0 and second.const_value.offset % 64 == 0
+    assert not isinstance(inline.const_value, ir.ExternalTensor)
+    np.testing.assert_array_equal(_ir.read_rows(first.const_value, 0, 40), big)
+    np.testing.assert_array_equal(_ir.read_rows(second.const_value, 3, 7), big.T[3:7])
+    # as the bundle's graph stores them: onnx's own reader finds the same values in the file
+    proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
+    assert [i.name for i in proto.graph.initializer] == ["big", "big_t", "small"]
+    for init, want in zip(proto.graph.initializer, (big, big.T, small)):
+        np.testing.assert_array_equal(numpy_helper.to_array(init, base_dir=str(tmp_path)), want)
+    no_dir = _ir.new_initializer(ir.Graph([], [], nodes=[]), "big", [big], big.dtype, big.shape,
+                                 PassContext(trainable=set()))
+    assert not isinstance(no_dir.const_value, ir.ExternalTensor)
+    np.testing.assert_array_equal(no_dir.const_value.numpy(), big)

@@ -9,6 +9,7 @@ go into the bundle manifest under "passes".
 
 from __future__ import annotations
 
+from . import _ir
 from ._base import GraphPass, PassContext, PassReport
 from .attention_chunks import ATTENTION_CHUNKS
 from .attention_recompute import ATTENTION_RECOMPUTE
@@ -46,10 +47,20 @@ def enabled_passes(config) -> set[str]:
 
 
 def run_passes(model, context: PassContext, stage: str, enabled: set[str] | None = None) -> list[PassReport]:
-    reports = []
+    """Run the stage's enabled passes on `model` (a ModelProto, changed in place), in PASSES order; passes written on
+    onnx_ir get the graph converted once for each run of consecutive ones."""
+    reports, ir_model = [], None
     for graph_pass in PASSES:
-        if graph_pass.stage == stage and (enabled is None or graph_pass.name in enabled):
-            reports.append(graph_pass.apply(model, context))
+        if graph_pass.stage != stage or (enabled is not None and graph_pass.name not in enabled):
+            continue
+        if graph_pass.ir and ir_model is None:
+            ir_model = _ir.to_ir(model, context.weights_dir)
+        elif not graph_pass.ir and ir_model is not None:
+            _ir.into_proto(ir_model, model)
+            ir_model = None
+        reports.append(graph_pass.apply(model if ir_model is None else ir_model, context))
+    if ir_model is not None:
+        _ir.into_proto(ir_model, model)
     return reports
 
 

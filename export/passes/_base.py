@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -46,8 +45,20 @@ class PassReport:
 class GraphPass:
     name: str
     stage: str  # "forward" | "training"
-    apply: Callable  # (onnx.ModelProto, PassContext) -> PassReport
+    apply: Callable  # (onnx.ModelProto, or an onnx_ir.Model if `ir`, PassContext) -> PassReport
     switch: str | tuple | None = None  # the ExportConfig field(s) that turn the pass on (None: always runs)
+    ir: bool = False  # written on onnx_ir (passes/_ir.py): run_passes converts the graph around it
+
+    def run(self, model, context: PassContext) -> PassReport:
+        """Apply the pass to a ModelProto, in place (through onnx_ir if the pass is written on it)."""
+        if not self.ir:
+            return self.apply(model, context)
+        from . import _ir
+
+        ir_model = _ir.to_ir(model, context.weights_dir)
+        report = self.apply(ir_model, context)
+        _ir.into_proto(ir_model, model)
+        return report
 
 
 def attr(node, name: str, default=None):
@@ -62,47 +73,6 @@ def initializer_map(model) -> dict:
 
 
 PASS_WEIGHTS = "passes.onnx_data"  # where forward passes put the large tensors they make (under weights_dir)
-
-
-def initializer_value(init, context: PassContext) -> np.ndarray:
-    """An initializer's value; an external one is read from its file under context.weights_dir in one read."""
-    from onnx import helper, numpy_helper
-
-    from ..external_data import external_location
-
-    where = external_location(init)
-    if where is None:
-        return numpy_helper.to_array(init)
-    location, offset, length = where
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-    with open(Path(context.weights_dir or ".") / location, "rb") as f:
-        f.seek(offset)
-        return np.fromfile(f, dtype, length // dtype.itemsize).reshape(tuple(init.dims))
-
-
-def make_initializer(value: np.ndarray, name: str, context: PassContext, size_threshold: int = 1024):
-    """A new initializer holding `value`: with a context.weights_dir and above size_threshold bytes, written to
-    PASS_WEIGHTS there (external data), so the graph proto never holds it (the python protobuf keeps every byte a
-    message ever held until the whole model is freed); else inline."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from ..external_data import ExternalDataWriter
-
-    if context.weights_dir is None or value.nbytes <= size_threshold:
-        return numpy_helper.from_array(value, name)
-    value = np.ascontiguousarray(value)
-    tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
-    with ExternalDataWriter(Path(context.weights_dir) / PASS_WEIGHTS) as writer:
-        writer.add(tensor, value)
-    return tensor
-
-
-def initializer_nbytes(init) -> int:
-    """Bytes of an initializer's value, from its type and dims (its data may be external, not loaded)."""
-    from onnx import helper
-
-    return int(np.prod(init.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
 
 
 def shared_initializer(model, name: str, value: np.ndarray) -> str:

@@ -59,7 +59,7 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
         shutil.copy(root / name, tmp_path / name)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_saved_softmax(training)) == 1
-    report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=groups,
+    report = ATTENTION_CHUNKS.run(training, PassContext(trainable=TRAINABLE, attention_chunks=groups,
                                                           attention_heads=H, attention_row_chunks=rows,
                                                           causal_attention=causal))
     assert report.changed == 1 and report.skipped == [], report.skipped
@@ -123,7 +123,7 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
 def test_one_group_leaves_the_attention_whole(exact):
     _, root = exact
     training = onnx.load(str(root / "training_model.onnx"))
-    report = ATTENTION_CHUNKS.apply(training, PassContext(trainable=TRAINABLE, attention_chunks=1, attention_heads=H,
+    report = ATTENTION_CHUNKS.run(training, PassContext(trainable=TRAINABLE, attention_chunks=1, attention_heads=H,
                                                           attention_row_chunks=1))
     assert report.changed == 0 and "attention runs whole" in report.skipped[0]
 

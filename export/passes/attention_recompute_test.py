@@ -46,7 +46,7 @@ def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabiliti
 
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_saved_softmax(training)) == 1  # the exact graph keeps the probabilities for the backward
-    report = ATTENTION_RECOMPUTE.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    report = ATTENTION_RECOMPUTE.run(training, PassContext(trainable={A_NAME, B_NAME}))
     assert report.changed == 1 and report.skipped == []
     assert _saved_softmax(training) == []
     onnx.save(training, str(tmp_path / "training_model.onnx"))
@@ -73,7 +73,7 @@ def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabiliti
 def test_leaves_an_unrecognised_chain_alone_and_says_why(tmp_path):
     _artifacts(tmp_path, _model(np.random.default_rng(0), squash=True))
     training = onnx.load(str(tmp_path / "training_model.onnx"))
-    report = ATTENTION_RECOMPUTE.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    report = ATTENTION_RECOMPUTE.run(training, PassContext(trainable={A_NAME, B_NAME}))
     assert report.changed == 0 and len(report.skipped) == 1
     assert "Tanh between the scores and the Softmax is not recomputable" in report.skipped[0]
     assert len(_saved_softmax(training)) == 1

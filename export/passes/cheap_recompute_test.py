@@ -80,7 +80,7 @@ def test_recomputed_activation_and_repeated_kv_give_autograd_gradients(tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     # The exact graph keeps the MLP activation and the repeated values (Expand) and keys (their Transpose).
     assert _kept(training) == ["Expand", "QuickGelu"]
-    report = CHEAP_RECOMPUTE.apply(training, PassContext(trainable=TRAINABLE))
+    report = CHEAP_RECOMPUTE.run(training, PassContext(trainable=TRAINABLE))
     assert report.skipped == [] and report.changed == 3
     assert report.details["chains"] == {"QuickGelu": 1, "Expand": 1, "Expand+Reshape+Transpose": 1}
     assert _kept(training) == []

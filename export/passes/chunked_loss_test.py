@@ -50,12 +50,12 @@ def bundles(tmp_path_factory):
                       output_names=["logits"], dynamic_axes={"ids": {0: "B", 1: "T"}, "logits": {0: "BT"}},
                       opset_version=17, do_constant_folding=False, dynamo=False)
     forward = onnx.load(str(root / "fwd.onnx"))
-    PRETRANSPOSE_FROZEN.apply(forward, PassContext(trainable={A_NAME, B_NAME}))  # as the exporter does
+    PRETRANSPOSE_FROZEN.run(forward, PassContext(trainable={A_NAME, B_NAME}))  # as the exporter does
     for name in ("exact", "chunked"):
         (root / name).mkdir()
         training_graphs.generate(copy.deepcopy(forward), [A_NAME, B_NAME], root / name)  # it takes the weights
     training = onnx.load(str(root / "chunked" / "training_model.onnx"))
-    report = CHUNKED_LOSS.apply(training, PassContext(trainable={A_NAME, B_NAME}, loss_chunks=CHUNKS))
+    report = CHUNKED_LOSS.run(training, PassContext(trainable={A_NAME, B_NAME}, loss_chunks=CHUNKS))
     onnx.save(training, str(root / "chunked" / "training_model.onnx"))
     return model, root, report
 
@@ -125,5 +125,5 @@ def test_no_vocabulary_sized_tensor_is_saved_for_the_backward(bundles, tmp_path)
 def test_runs_whole_below_two_chunks_and_says_so(bundles):
     _, root, _ = bundles
     training = onnx.load(str(root / "exact" / "training_model.onnx"), load_external_data=False)
-    report = CHUNKED_LOSS.apply(training, PassContext(trainable={A_NAME, B_NAME}, loss_chunks=1))
+    report = CHUNKED_LOSS.run(training, PassContext(trainable={A_NAME, B_NAME}, loss_chunks=1))
     assert report.changed == 0 and report.skipped == ["--loss-chunks 1: the loss runs whole"]

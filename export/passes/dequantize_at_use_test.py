@@ -28,8 +28,8 @@ def test_backward_readers_get_their_own_copies(tmp_path, scheme):
     rng = np.random.default_rng(0)
     forward = export_lm(two_block_lm(rng, 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize=scheme, quantize_block=32)
-    PRETRANSPOSE_FROZEN.apply(forward, context)
-    QUANTIZE_FROZEN.apply(forward, context)
+    PRETRANSPOSE_FROZEN.run(forward, context)
+    QUANTIZE_FROZEN.run(forward, context)
     training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     ids = rng.integers(0, 50, size=(2, 6)).astype(np.int64)
     labels = rng.integers(0, 40, size=12).astype(np.int64)
@@ -41,7 +41,7 @@ def test_backward_readers_get_their_own_copies(tmp_path, scheme):
     # down, layer 0's down, and the output projection.
     assert len(kept) == 5
 
-    report = DEQUANTIZE_AT_USE.apply(training, context)
+    report = DEQUANTIZE_AT_USE.run(training, context)
     assert report.changed == 5 and report.skipped == []
     assert kept_for_backward(training) == set()
     # Each copy waits for a tensor the backward makes (a gradient), so ORT cannot run it during the forward.
@@ -63,11 +63,11 @@ def test_does_nothing_without_quantized_weights(tmp_path):
     from lars_export import training_graphs
 
     forward = export_lm(two_block_lm(np.random.default_rng(0), 32, 64, 2, 50, 40), tmp_path / "fwd.onnx")
-    PRETRANSPOSE_FROZEN.apply(forward, PassContext(trainable=TRAINABLE))
+    PRETRANSPOSE_FROZEN.run(forward, PassContext(trainable=TRAINABLE))
     training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     nodes = len(training.graph.node)
-    assert DEQUANTIZE_AT_USE.apply(training, PassContext(trainable=TRAINABLE)).changed == 0
+    assert DEQUANTIZE_AT_USE.run(training, PassContext(trainable=TRAINABLE)).changed == 0
     assert len(training.graph.node) == nodes
 
 

@@ -28,11 +28,11 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     rng = np.random.default_rng(0)
     forward = export_lm(two_block_lm(rng, D, F, 2, VOCAB, OUT), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize=scheme, quantize_block=32, loss_chunks=CHUNKS)
-    PRETRANSPOSE_FROZEN.apply(forward, context)
-    QUANTIZE_FROZEN.apply(forward, context)  # int4 mode keeps the output projection INT8
+    PRETRANSPOSE_FROZEN.run(forward, context)
+    QUANTIZE_FROZEN.run(forward, context)  # int4 mode keeps the output projection INT8
     training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
-    assert CHUNKED_LOSS.apply(training, context).changed == 1
+    assert CHUNKED_LOSS.run(training, context).changed == 1
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     ids = rng.integers(0, VOCAB, size=(2, 7)).astype(np.int64)
     labels = rng.integers(0, OUT, size=14).astype(np.int64)
@@ -44,7 +44,7 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     # the projection's 200 columns of 32 float32 (25,600 bytes) in slices of at most 10,240: 3 of 67, 67 and 66
     # columns; the layers' matrices (8,192 bytes) stay whole
     monkeypatch.setattr(slices_pass, "SLICE_BYTES", 10240)
-    report = DEQUANTIZE_IN_SLICES.apply(training, context)
+    report = DEQUANTIZE_IN_SLICES.run(training, context)
     assert report.changed == 1 and report.skipped == [], report
     assert report.freed_per == "step" and report.bytes_freed == 4 * D * OUT - 4 * D * -(-OUT // 3)  # 2 of 3 slices
     (matrix,) = report.details["matrices"]
@@ -63,7 +63,7 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
         after = gate_size.input[0]
         assert after.endswith(f"/Slices/{j - 1}/part") or (j > 0 and after.endswith(f"/Slices/{j - 1}/sum")) \
             if j else "/Slices/" not in after, (node.name, after)
-    DEQUANTIZE_AT_USE.apply(training, context)
+    DEQUANTIZE_AT_USE.run(training, context)
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     loss_after, grads_after = ort_train_step(tmp_path, [ids, labels])
     assert loss_after == pytest.approx(loss_before, rel=1e-6)
@@ -76,10 +76,10 @@ def test_small_matrices_stay_whole(tmp_path):
 
     forward = export_lm(two_block_lm(np.random.default_rng(0), D, F, 2, VOCAB, OUT), tmp_path / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, quantize="int8", loss_chunks=CHUNKS)
-    PRETRANSPOSE_FROZEN.apply(forward, context)
-    QUANTIZE_FROZEN.apply(forward, context)
+    PRETRANSPOSE_FROZEN.run(forward, context)
+    QUANTIZE_FROZEN.run(forward, context)
     training_graphs.generate(forward, sorted(TRAINABLE), tmp_path)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     nodes = len(training.graph.node)
-    assert DEQUANTIZE_IN_SLICES.apply(training, context).changed == 0  # 26 KB at most, far below SLICE_BYTES
+    assert DEQUANTIZE_IN_SLICES.run(training, context).changed == 0  # 26 KB at most, far below SLICE_BYTES
     assert len(training.graph.node) == nodes

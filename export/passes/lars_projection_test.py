@@ -58,7 +58,7 @@ def test_rewritten_gradient_is_the_projected_formula(tmp_path, k):
 
     basis = np.linalg.qr(rng.normal(size=(D, D)))[0][:, :k].astype(np.float32)  # orthonormal columns
     training = onnx.load(str(tmp_path / "training_model.onnx"))
-    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}, lars_bases={A_NAME: basis}))
+    report = LARS_PROJECTION.run(training, PassContext(trainable={A_NAME, B_NAME}, lars_bases={A_NAME: basis}))
     assert report.changed == 1 and report.skipped == []
     assert report.bytes_freed == 4 * (D - k) and report.freed_per == "token"
     onnx.save(training, str(tmp_path / "training_model.onnx"))
@@ -84,7 +84,7 @@ def test_skips_an_adapter_without_basis_and_says_why(tmp_path):
     _artifacts(tmp_path, np.random.default_rng(0))
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     other = {"k_proj.lora_A.default.weight": np.eye(D, dtype=np.float32)}
-    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}, lars_bases=other))
+    report = LARS_PROJECTION.run(training, PassContext(trainable={A_NAME, B_NAME}, lars_bases=other))
     assert report.changed == 0 and report.skipped == [f"{A_NAME}: no basis for this adapter"]
-    report = LARS_PROJECTION.apply(training, PassContext(trainable={A_NAME, B_NAME}))
+    report = LARS_PROJECTION.run(training, PassContext(trainable={A_NAME, B_NAME}))
     assert report.changed == 0 and report.skipped == ["no bases: exact LoRA (--lars-basis none)"]

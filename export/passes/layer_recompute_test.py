@@ -72,7 +72,7 @@ def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tm
     training_artifacts(model, TRAINABLE, tmp_path, T)
     training = onnx.load(str(tmp_path / "training_model.onnx"))
     assert len(_kept_inside_blocks(training)) >= 4  # the check can fail: each block keeps its activations
-    report = LAYER_RECOMPUTE.apply(training, PassContext(trainable=TRAINABLE))
+    report = LAYER_RECOMPUTE.run(training, PassContext(trainable=TRAINABLE))
     assert report.changed == 2 and report.skipped == []
     assert _kept_inside_blocks(training) == []
     onnx.save(training, str(tmp_path / "training_model.onnx"))

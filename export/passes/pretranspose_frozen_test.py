@@ -39,7 +39,7 @@ def test_folds_frozen_transposes_keeps_trainable_and_stores_a_tied_table_once():
     model = _graph()
     feeds = {"x": np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32), "ids": np.array([1, 7])}
     before = _run(model, feeds)
-    report = PRETRANSPOSE_FROZEN.apply(model, PassContext(trainable={"a"}))
+    report = PRETRANSPOSE_FROZEN.run(model, PassContext(trainable={"a"}))
     after = _run(model, feeds)
 
     for b, a in zip(before, after):
@@ -68,11 +68,27 @@ def test_reads_weights_stored_as_external_data(tmp_path):
         for init in external.graph.initializer:
             if init.name not in {"a"}:
                 writer.move_inline(init)
-    PRETRANSPOSE_FROZEN.apply(inline, PassContext(trainable={"a"}))
-    report = PRETRANSPOSE_FROZEN.apply(external, PassContext(trainable={"a"}, weights_dir=str(tmp_path)))
+    PRETRANSPOSE_FROZEN.run(inline, PassContext(trainable={"a"}))
+    report = PRETRANSPOSE_FROZEN.run(external, PassContext(trainable={"a"}, weights_dir=str(tmp_path)))
     assert report.changed > 0
     want = {i.name: numpy_helper.to_array(i) for i in inline.graph.initializer}
     got = {i.name: numpy_helper.to_array(i, base_dir=str(tmp_path)) for i in external.graph.initializer}
     assert set(got) == set(want)
     for name, value in want.items():
         np.testing.assert_array_equal(got[name], value)
+
+
+def test_transposes_block_by_block_reading_the_file_in_chunks(tmp_path):
+    """A large weight's transpose is made a block of its rows at a time from chunks of W's rows (so neither is ever
+    whole in memory): with blocks and chunks that do not divide the shape, the blocks stack to exactly Wᵀ."""
+    import onnx_ir as ir
+
+    from lars_export.passes.pretranspose_frozen import transposed_blocks
+
+    w = np.random.default_rng(2).normal(size=(7, 5)).astype(np.float32)
+    (tmp_path / "w.bin").write_bytes(b"\0" * 64 + w.tobytes())  # at an offset, as in a shared weights file
+    tensor = ir.ExternalTensor("w.bin", 64, w.nbytes, ir.DataType.FLOAT, shape=ir.Shape(w.shape), name="w",
+                               base_dir=str(tmp_path))
+    blocks = list(transposed_blocks(tensor, block_bytes=2 * 7 * 4, read_bytes=3 * 5 * 4))  # 2 rows of Wᵀ, 3 of W
+    assert [b.shape for b in blocks] == [(2, 7), (2, 7), (1, 7)]
+    np.testing.assert_array_equal(np.concatenate(blocks), w.T)

@@ -23,6 +23,8 @@ guard against both:
 In int4 mode the embedding table and the output projection stay INT8: the projection's dequantized [hidden,
 vocab] copy exists at the loss, where the step peaks, and INT4's unpacking holds two float32 copies of it there
 against one for DequantizeLinear (above 128 MB, dequantize_in_slices makes it one column slice at a time).
+
+Written on onnx_ir (passes/_ir.py).
 """
 
 from __future__ import annotations
@@ -34,10 +36,9 @@ import numpy as np
 from lars_artifacts import LOGITS
 
 from .. import quantization
-from ._base import (GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map,
-                    initializer_nbytes, initializer_value, make_initializer, producers, shared_initializer,
-                    view_chain)
+from ._base import VIEW_OPS, GraphPass, PassContext, PassReport
 from ._dequantized import INT4, INT8
+from ._ir import gate_all, new_initializer, read_rows, shared_initializer
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +46,23 @@ MIN_ELEMENTS = 1024  # smaller matrices are not worth a dequantization (norm wei
 _FOUR = "passes.quantize.four"  # uint8 4, the nibble shift (one shared initializer)
 
 
-def find(model, context: PassContext):
-    """Frozen float32 matrices and their readers: (initializer, [(node, input index)])."""
-    cons = consumers(model)
-    for name, init in initializer_map(model).items():
-        if name in context.trainable or init.data_type != 1 or len(init.dims) != 2:
+def find(graph, context: PassContext):
+    """Frozen float32 matrices and their readers: (initializer Value, [(node, input index)] in graph order)."""
+    import onnx_ir as ir
+
+    position = {node: i for i, node in enumerate(graph)}
+    for name, init in list(graph.initializers.items()):
+        tensor = init.const_value
+        if name in context.trainable or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
             continue
-        readers = [(n, k) for n in cons.get(name, []) for k, i in enumerate(n.input) if i == name]
+        readers = sorted(((use.node, use.idx) for use in init.uses()), key=lambda r: (position[r[0]], r[1]))
         if readers:
             yield init, readers
 
 
 def check(init, readers) -> str | None:
     """None if the weight may be quantized, else why not."""
-    size = int(np.prod(init.dims))
+    size = int(np.prod(init.const_value.shape.numpy()))
     if size < MIN_ELEMENTS:
         return f"{size} elements, below {MIN_ELEMENTS}"
     kinds = {reader_kind(n, k) or f"{n.op_type} {n.name}" for n, k in readers}
@@ -76,32 +80,33 @@ def reader_kind(node, k: int) -> str | None:
     if node.op_type == "MatMul" and k == 1:
         return "MatMul"
     if node.op_type == "Gather" and k == 0:
-        return {0: "Gather", 1: "GatherColumns"}.get(attr(node, "axis", 0))
+        return {0: "Gather", 1: "GatherColumns"}.get(node.attributes.get_int("axis", 0))
     return None
 
 
 def scheme_for(init, readers, scheme: str, block: int, lm_head: str | None) -> str:
     """The format a weight gets: int4 only for MatMul weights of whole blocks, other than the output projection
     (a weight also looked up by column is INT8: its columns are dequantized per lookup)."""
+    shape = tuple(init.const_value.shape.numpy())
     if scheme == "int4" and (any(n.op_type != "MatMul" for n, _ in readers) or init.name == lm_head
-                             or not quantization.int4_fits(tuple(init.dims), block)):
+                             or not quantization.int4_fits(shape, block)):
         return "int8"
     return scheme
 
 
-def _lm_head_weight(model) -> str | None:
+def _lm_head_weight(graph) -> str | None:
     """The weight of the MatMul that makes the logits output, if there is one."""
-    prod = producers(model)
-    if LOGITS not in {o.name for o in model.graph.output}:
-        return None
-    node = prod.get(view_chain(LOGITS, prod)[-1])
-    return node.input[1] if node is not None and node.op_type == "MatMul" else None
+    logits = next((o for o in graph.outputs if o.name == LOGITS), None)
+    node = logits.producer() if logits is not None else None
+    while node is not None and node.op_type in VIEW_OPS:
+        node = node.inputs[0].producer()
+    return node.inputs[1].name if node is not None and node.op_type == "MatMul" else None
 
 
-def store(model, init, scheme: str, table: bool, context: PassContext) -> int:
-    """Replace float32 initializer `init` by its quantized tensors; return their bytes. `table`: a Gather table
-    (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
-    w = initializer_value(init, context)
+def store(graph, init, scheme: str, table: bool, context: PassContext) -> tuple[dict, int]:
+    """Replace float32 initializer `init` by its quantized tensors: ({suffix: Value}, their bytes). `table`: a
+    Gather table (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
+    w = read_rows(init.const_value, 0, int(init.const_value.shape[0]))
     if scheme == "int8":
         q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
         tensors = {INT8: q, f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
@@ -111,77 +116,78 @@ def store(model, init, scheme: str, table: bool, context: PassContext) -> int:
         tensors = {INT4: packed, f"{INT4}.scale": scale, f"{INT4}.min": minimum,
                    f"{INT4}.blocks": np.array([w.shape[0] // block, block, w.shape[1]], np.int64),
                    f"{INT4}.shape": np.array(w.shape, np.int64)}
-    model.graph.initializer.remove(init)
-    for suffix, value in tensors.items():
-        model.graph.initializer.append(make_initializer(value, f"{init.name}{suffix}", context))
-    return sum(v.nbytes for v in tensors.values())
+    del w
+    graph.initializers.pop(init.name)
+    values = {suffix: new_initializer(graph, f"{init.name}{suffix}", [value], value.dtype, value.shape, context)
+              for suffix, value in tensors.items()}
+    return values, sum(v.nbytes for v in tensors.values())
 
 
-def matmul_dequantize(model, weight: str, scheme: str, prefix: str, after: str) -> tuple[list, str]:
-    """Nodes that dequantize stored `weight` for one MatMul reader, gated on `after`; and the output name."""
-    from onnx import TensorProto, helper
+def _node(op: str, inputs: list, output: str, name: str, **attributes):
+    import onnx_ir as ir
+
+    return ir.node(op, inputs, attributes, name=name, outputs=[ir.Value(name=output)])
+
+
+def matmul_dequantize(graph, stored: dict, scheme: str, prefix: str, after) -> list:
+    """Nodes that dequantize a stored weight (store's Values) for one MatMul reader, gated on `after`; the last
+    node's output is the float32 weight."""
+    import onnx_ir as ir
 
     out = f"{prefix}/weight"
     if scheme == "int8":
-        gate, (scale,) = gate_all(model, prefix, [f"{weight}{INT8}.scale"], after)
-        return gate + [helper.make_node("DequantizeLinear", [f"{weight}{INT8}", scale], [out],
-                                        name=f"{prefix}/DequantizeLinear", axis=1)], out
+        gate, (scale,) = gate_all(graph, prefix, [stored[f"{INT8}.scale"]], [after])
+        return gate + [_node("DequantizeLinear", [stored[INT8], scale], out, f"{prefix}/DequantizeLinear", axis=1)]
     gate, (packed, scale, minimum) = gate_all(
-        model, prefix, [f"{weight}{INT4}", f"{weight}{INT4}.scale", f"{weight}{INT4}.min"], after)
-    four = shared_initializer(model, _FOUR, np.asarray(np.uint8(4)))
+        graph, prefix, [stored[INT4], stored[f"{INT4}.scale"], stored[f"{INT4}.min"]], [after])
+    four = shared_initializer(graph, _FOUR, np.asarray(np.uint8(4)))
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
-    return gate + [
-        # low nibble: (b << 4) >> 4 in uint8 (BitwiseAnd needs opset 18); high nibble: b >> 4
-        helper.make_node("BitShift", [packed, four], [p("shifted")], name=p("ShiftUp"), direction="LEFT"),
-        helper.make_node("BitShift", [p("shifted"), four], [p("low")], name=p("LowNibbles"), direction="RIGHT"),
-        helper.make_node("BitShift", [packed, four], [p("high")], name=p("HighNibbles"), direction="RIGHT"),
-        helper.make_node("Concat", [p("low"), p("high")], [p("q")], name=p("Unpack"), axis=0),
-        helper.make_node("Cast", [p("q")], [p("q_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Reshape", [p("q_float"), f"{weight}{INT4}.blocks"], [p("q_blocks")], name=p("Blocks")),
-        helper.make_node("Cast", [scale], [p("scale")], name=p("ScaleToFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Cast", [minimum], [p("min")], name=p("MinToFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Mul", [p("q_blocks"), p("scale")], [p("scaled")], name=p("Scale")),
-        helper.make_node("Add", [p("scaled"), p("min")], [p("w_blocks")], name=p("Shift")),
-        helper.make_node("Reshape", [p("w_blocks"), f"{weight}{INT4}.shape"], [out], name=p("Weight")),
-    ], out
+    nodes = []
+
+    def add(op, inputs, output, name, **attributes):
+        nodes.append(_node(op, inputs, p(output) if output != out else out, p(name), **attributes))
+        return nodes[-1].outputs[0]
+
+    # low nibble: (b << 4) >> 4 in uint8 (BitwiseAnd needs opset 18); high nibble: b >> 4
+    shifted = add("BitShift", [packed, four], "shifted", "ShiftUp", direction="LEFT")
+    low = add("BitShift", [shifted, four], "low", "LowNibbles", direction="RIGHT")
+    high = add("BitShift", [packed, four], "high", "HighNibbles", direction="RIGHT")
+    q = add("Concat", [low, high], "q", "Unpack", axis=0)
+    q_float = add("Cast", [q], "q_float", "ToFloat", to=ir.DataType.FLOAT)
+    q_blocks = add("Reshape", [q_float, stored[f"{INT4}.blocks"]], "q_blocks", "Blocks")
+    scale = add("Cast", [scale], "scale", "ScaleToFloat", to=ir.DataType.FLOAT)
+    minimum = add("Cast", [minimum], "min", "MinToFloat", to=ir.DataType.FLOAT)
+    scaled = add("Mul", [q_blocks, scale], "scaled", "Scale")
+    w_blocks = add("Add", [scaled, minimum], "w_blocks", "Shift")
+    add("Reshape", [w_blocks, stored[f"{INT4}.shape"]], out, "Weight")
+    return gate + nodes
 
 
-def gather_dequantize(weight: str, ids: str, out: str, prefix: str) -> list:
-    """Nodes for Gather(table, ids) -> out from an INT8 table: look up rows and their scales, then scale."""
-    from onnx import TensorProto, helper
+def gather_dequantize(stored: dict, ids, out: str, prefix: str, axis: int) -> list:
+    """Nodes for Gather(table, ids, axis) -> out from an INT8 weight: look up its rows (axis 0: a table, scaled per
+    row) or columns (axis 1: a tied table's lookups of the output projection [K, N], scaled per column; the scales
+    [*ids] broadcast over K) and their scales, then scale."""
+    import onnx_ir as ir
 
+    what, scales = ("rows", "row_scales") if axis == 0 else ("columns", "column_scales")
     p = lambda s: f"{prefix}/{s}"  # noqa: E731
-    return [
-        helper.make_node("Gather", [f"{weight}{INT8}", ids], [p("rows")], name=p("Rows"), axis=0),
-        helper.make_node("Gather", [f"{weight}{INT8}.scale", ids], [p("row_scales")], name=p("RowScales"), axis=0),
-        helper.make_node("Cast", [p("rows")], [p("rows_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Mul", [p("rows_float"), p("row_scales")], [out], name=p("Scale")),
-    ]
-
-
-def gather_columns_dequantize(weight: str, ids: str, out: str, prefix: str) -> list:
-    """Nodes for Gather(W, ids, axis=1) -> out [K, *ids] from an INT8 per-column weight: the columns and their
-    scales looked up, then scaled (the scales [*ids] broadcast over K)."""
-    from onnx import TensorProto, helper
-
-    p = lambda s: f"{prefix}/{s}"  # noqa: E731
-    return [
-        helper.make_node("Gather", [f"{weight}{INT8}", ids], [p("columns")], name=p("Columns"), axis=1),
-        helper.make_node("Gather", [f"{weight}{INT8}.scale", ids], [p("column_scales")], name=p("ColumnScales"),
-                         axis=0),
-        helper.make_node("Cast", [p("columns")], [p("columns_float")], name=p("ToFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Mul", [p("columns_float"), p("column_scales")], [out], name=p("Scale")),
-    ]
+    looked_up = _node("Gather", [stored[INT8], ids], p(what), p(what.capitalize()), axis=axis)
+    scale = _node("Gather", [stored[f"{INT8}.scale"], ids], p(scales), p(scales.title().replace("_", "")), axis=0)
+    to_float = _node("Cast", [looked_up.outputs[0]], p(f"{what}_float"), p("ToFloat"), to=ir.DataType.FLOAT)
+    return [looked_up, scale, to_float, _node("Mul", [to_float.outputs[0], scale.outputs[0]], out, p("Scale"))]
 
 
 def apply(model, context: PassContext) -> PassReport:
+    import onnx_ir as ir
+
+    graph = model.graph
     report = PassReport("quantize_frozen")
     if context.quantize == "none":
         return report
-    lm_head = _lm_head_weight(model)
+    lm_head = _lm_head_weight(graph)
     counts = {"int8": 0, "int4": 0}
     before = after = 0
-    for init, readers in list(find(model, context)):
+    for init, readers in list(find(graph, context)):
         why_not = check(init, readers)
         if why_not:
             log.info("quantize_frozen: leaving %s: %s", init.name, why_not)
@@ -189,21 +195,19 @@ def apply(model, context: PassContext) -> PassReport:
             continue
         scheme = scheme_for(init, readers, context.quantize, context.quantize_block, lm_head)
         table = all(reader_kind(n, k) == "Gather" for n, k in readers)
-        before += initializer_nbytes(init)
-        after += store(model, init, scheme, table, context)
+        before += init.const_value.nbytes
+        stored, nbytes = store(graph, init, scheme, table, context)
+        after += nbytes
         for node, k in readers:
             prefix = f"{node.name or init.name}/Dequantize"  # the reader's scope: layer_recompute groups by name
             if node.op_type == "Gather":
-                make = gather_dequantize if table else gather_columns_dequantize
-                new = make(init.name, node.input[1], node.output[0], prefix)
-                at = list(model.graph.node).index(node)
-                model.graph.node.remove(node)
+                new = gather_dequantize(stored, node.inputs[1], node.outputs[0].name, prefix,
+                                        axis=0 if table else 1)
+                ir.convenience.replace_nodes_and_values(graph, node, [node], new, node.outputs, new[-1].outputs)
             else:
-                new, out = matmul_dequantize(model, init.name, scheme, prefix, node.input[0])
-                node.input[k] = out
-                at = list(model.graph.node).index(node)
-            for offset, n in enumerate(new):
-                model.graph.node.insert(at + offset, n)
+                new = matmul_dequantize(graph, stored, scheme, prefix, node.inputs[0])
+                graph.insert_before(node, new)
+                node.replace_input_with(k, new[-1].outputs[0])
         counts[scheme] += 1
         report.changed += 1
     report.bytes_freed, report.freed_per = before - after, "bundle"
@@ -212,4 +216,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, switch="quantize_weights")
+QUANTIZE_FROZEN = GraphPass("quantize_frozen", "forward", apply, switch="quantize_weights", ir=True)

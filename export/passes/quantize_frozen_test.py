@@ -49,8 +49,8 @@ def _build(root, model, scheme: str, passes: tuple[str, ...]):
     root.mkdir()
     forward = export_lm(model, root / "fwd.onnx")
     context = PassContext(trainable=TRAINABLE, loss_chunks=3, quantize=scheme, quantize_block=BLOCK)
-    PRETRANSPOSE_FROZEN.apply(forward, context)
-    report = QUANTIZE_FROZEN.apply(forward, context)
+    PRETRANSPOSE_FROZEN.run(forward, context)
+    report = QUANTIZE_FROZEN.run(forward, context)
     training_graphs.generate(forward, sorted(TRAINABLE), root)
     reports = training_graphs.rewrite_training_model(
         root, lambda m: run_passes(m, context, "training", enabled={*passes, "dequantize_at_use"}))

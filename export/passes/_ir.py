@@ -1,0 +1,125 @@
+"""What passes written on onnx_ir share: the conversion around them and the initializer helpers.
+
+Why onnx_ir: its nodes are stable objects that know their inputs' producers and their outputs' uses, and a graph
+inserts and removes nodes in place; the protobuf passes track nodes by id(), insert by list index and find readers by
+scanning every node. A pass declares `ir=True` (GraphPass) and run_passes hands it an `onnx_ir.Model`, converting
+from and back to the ModelProto around consecutive IR passes, so passes of both kinds run in one list while the
+passes move over one by one.
+
+The round trip keeps the graph: nodes, initializers (external ones stay references to their files, never read),
+inputs and outputs serialize byte-identical. onnx_ir also records a value_info entry for every initializer and
+writes the default opset's domain explicitly; into_proto undoes both (the entries repeat what the initializers say),
+so a graph no pass changed comes back byte-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ._base import PASS_WEIGHTS, PassContext
+
+
+def to_ir(model, weights_dir: str | None):
+    """The onnx_ir Model of a ModelProto whose external-data initializers live under `weights_dir`."""
+    import onnx_ir as ir
+
+    ir_model = ir.serde.deserialize_model(model)
+    ir.external_data.set_base_dir(ir_model.graph, weights_dir or ".")
+    return ir_model
+
+
+def into_proto(ir_model, model) -> None:
+    """Write an onnx_ir Model back into the ModelProto it came from (in place: the pipeline holds `model`)."""
+    import onnx_ir as ir
+
+    proto = ir.serde.serialize_model(ir_model)
+    initializers = {i.name for i in proto.graph.initializer}
+    kept = [v for v in proto.graph.value_info if v.name not in initializers]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    # onnx_ir writes the default domain as an explicit "" (2 bytes more per graph); keep the entries as they were
+    # and add only the opsets a pass brought in
+    had = {(o.domain, o.version) for o in model.opset_import}
+    added = [o for o in proto.opset_import if (o.domain, o.version) not in had]
+    del proto.opset_import[:]
+    proto.opset_import.extend([*model.opset_import, *added])
+    model.CopyFrom(proto)
+
+
+def read_rows(tensor, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of an initializer's value (axis 0). An external tensor's rows are read from its file in
+    one read, without mapping the file (mapped pages count as resident memory until unmapped)."""
+    import onnx_ir as ir
+
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor.numpy()[start:stop]
+    dtype = tensor.dtype.numpy()
+    shape = tuple(tensor.shape.numpy())
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    with open(Path(tensor.base_dir) / tensor.location, "rb") as f:
+        f.seek((tensor.offset or 0) + start * row)
+        return np.fromfile(f, dtype, (stop - start) * row // dtype.itemsize).reshape((stop - start, *shape[1:]))
+
+
+def new_initializer(graph, name: str, pieces, dtype: np.dtype, shape: tuple, context: PassContext,
+                    size_threshold: int = 1024):
+    """Register an initializer `name` of `shape` whose bytes come in `pieces` (C-contiguous arrays, in order) and
+    return its Value. With a context.weights_dir and above size_threshold bytes the pieces go to PASS_WEIGHTS there
+    as they come (external data: the tensor is never whole in memory); else inline."""
+    import onnx_ir as ir
+
+    from ..external_data import ExternalDataWriter
+
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if context.weights_dir is None or nbytes <= size_threshold:
+        tensor = ir.tensor(np.concatenate([np.asarray(p).reshape(-1) for p in pieces]).reshape(shape), name=name)
+    else:
+        with ExternalDataWriter(Path(context.weights_dir) / PASS_WEIGHTS) as writer:
+            offset, length = writer.write(pieces)
+        if length != nbytes:
+            raise ValueError(f"{name}: {length} bytes written for a {shape} {np.dtype(dtype)} tensor")
+        tensor = ir.ExternalTensor(PASS_WEIGHTS, offset, length, ir.DataType.from_numpy(np.dtype(dtype)),
+                                   shape=ir.Shape(shape), name=name, base_dir=context.weights_dir)
+    value = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def shared_initializer(graph, name: str, value: np.ndarray):
+    """The initializer `name` (a constant many nodes share), registered holding `value` unless a pass already did."""
+    import onnx_ir as ir
+
+    if name not in graph.initializers:
+        graph.register_initializer(ir.Value(name=name, shape=ir.Shape(value.shape),
+                                            type=ir.TensorType(ir.DataType.from_numpy(value.dtype)),
+                                            const_value=ir.tensor(value, name=name)))
+    return graph.initializers[name]
+
+
+def gate_all(graph, prefix: str, tensors: list, after: list) -> tuple[list, list]:
+    """_base.gate_all on onnx_ir Values (the same nodes and names): nodes computing Unsqueeze(t, axes=Size(after) · [])
+    for each of `tensors`, which alias them once every tensor in `after` exists; and the gated Values."""
+    import onnx_ir as ir
+
+    from ._base import GATE_NO_AXES
+
+    no_axes = shared_initializer(graph, GATE_NO_AXES, np.zeros(0, np.int64))
+    out = lambda name: [ir.Value(name=name)]  # noqa: E731
+    if len(after) == 1:
+        nodes = [ir.node("Size", after, name=f"{prefix}/GateSize", outputs=out(f"{prefix}/gate_size"))]
+    else:
+        nodes = [ir.node("Size", [t], name=f"{prefix}/GateSize{k}", outputs=out(f"{prefix}/gate_size{k}"))
+                 for k, t in enumerate(after)]
+        total = nodes[0].outputs[0]  # Add, not Sum: Sum takes no int64
+        for k, size in enumerate(nodes[1:len(after)], 1):
+            name = f"{prefix}/gate_size" if k == len(after) - 1 else f"{prefix}/gate_sizes{k}"
+            nodes.append(ir.node("Add", [total, size.outputs[0]], name=f"{prefix}/GateSizes{k}", outputs=out(name)))
+            total = nodes[-1].outputs[0]
+    opener = ir.node("Mul", [nodes[-1].outputs[0], no_axes], name=f"{prefix}/GateOpen",
+                     outputs=out(f"{prefix}/gate_axes"))
+    gates = [ir.node("Unsqueeze", [t, opener.outputs[0]], name=f"{prefix}/Gate{k if k else ''}",
+                     outputs=out(f"{prefix}/gated" if len(tensors) == 1 else f"{prefix}/gated{k}"))
+             for k, t in enumerate(tensors)]
+    return [*nodes, opener, *gates], [g.outputs[0] for g in gates]
