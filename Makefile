@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   export the embedded SmolLM2-135M and fine-tune it briefly on the bundled text
 #   make test   run the test suite (what .ci/run calls)
-# and for the inner loop: make test-fast (the ~580 tests that each take under ~2 s: 1m40s here)
+# and for the inner loop: make test-fast (the ~600 tests that each take under ~2 s: 1m45s here)
 PYTHON ?= python3.11
 VENV   := .venv
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MIN_ELEMENTS = 1024  # smaller matrices are not worth a dequantization (norm weights are vectors anyway)
 _FOUR = "passes.quantize.four"  # uint8 4, the nibble shift (one shared initializer)
+CHUNK = 64 << 20  # bytes of a float32 weight read and quantized at a time
 
 
 def find(graph, context: PassContext):
@@ -105,22 +106,29 @@ def _lm_head_weight(graph) -> str | None:
 
 def store(graph, init, scheme: str, table: bool, context: PassContext) -> tuple[dict, int]:
     """Replace float32 initializer `init` by its quantized tensors: ({suffix: Value}, their bytes). `table`: a
-    Gather table (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K)."""
-    w = read_rows(init.const_value, 0, int(init.const_value.shape[0]))
+    Gather table (INT8 per row) rather than a MatMul weight [K, N] (per output column, or INT4 blocks along K).
+    The weight is read and quantized CHUNK bytes of rows at a time (quantization's *_chunks), its quantized values
+    written as they are made."""
+    tensor = init.const_value
+    k, n = shape = tuple(int(d) for d in tensor.shape.numpy())
+    rows = lambda a, b: read_rows(tensor, a, b)  # noqa: E731
+    chunk = max(1, CHUNK // (n * 4))
     if scheme == "int8":
-        q, scale = quantization.int8_per_channel(w, axis=0 if table else 1)
-        tensors = {INT8: q, f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
+        scale, values = quantization.int8_per_channel_chunks(rows, shape, 0 if table else 1, chunk)
+        tensors = {INT8: (values, np.int8, shape), f"{INT8}.scale": scale.reshape(-1, 1) if table else scale}
     else:
         block = context.quantize_block
-        packed, scale, minimum = quantization.int4_blockwise(w, block)
-        tensors = {INT4: packed, f"{INT4}.scale": scale, f"{INT4}.min": minimum,
-                   f"{INT4}.blocks": np.array([w.shape[0] // block, block, w.shape[1]], np.int64),
-                   f"{INT4}.shape": np.array(w.shape, np.int64)}
-    del w
+        scale, minimum, packed = quantization.int4_blockwise_chunks(rows, shape, block, chunk)
+        tensors = {INT4: (packed, np.uint8, (k // 2, n)), f"{INT4}.scale": scale, f"{INT4}.min": minimum,
+                   f"{INT4}.blocks": np.array([k // block, block, n], np.int64),
+                   f"{INT4}.shape": np.array(shape, np.int64)}
     graph.initializers.pop(init.name)
-    values = {suffix: new_initializer(graph, f"{init.name}{suffix}", [value], value.dtype, value.shape, context)
-              for suffix, value in tensors.items()}
-    return values, sum(v.nbytes for v in tensors.values())
+    values, nbytes = {}, 0
+    for suffix, value in tensors.items():
+        pieces, dtype, dims = value if isinstance(value, tuple) else ([value], value.dtype, value.shape)
+        values[suffix] = new_initializer(graph, f"{init.name}{suffix}", pieces, dtype, dims, context)
+        nbytes += int(np.prod(dims, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return values, nbytes
 
 
 def _node(op: str, inputs: list, output: str, name: str, **attributes):
