@@ -199,7 +199,15 @@ def test_bench_allocator_runs_each_setting_in_its_own_process(tiny_bundles, tmp_
     assert [r["setting"] for r in rows] == settings
     assert len({r["loss"] for r in rows}) == 1
     assert all(r["peak_rss_mb"] >= r["rss_after_mb"] > 0 and r["wall_s"] > 0 for r in rows)
+    assert all(0 < r["rss_file_mb"] <= r["rss_after_mb"] for r in rows)  # the bundle's weights are mapped
     assert "| arena-kept | 32 |" in out.stdout
+    # --steps 0 (a large model's step is long): the first step is measured, no warm-up; the same loss
+    once = subprocess.run([sys.executable, str(REPO / "tools" / "bench_allocator.py"), str(tiny_bundles["llama"]),
+                           "--seq-len", "32", "--steps", "0", "--threads", "1", "--settings", "arena",
+                           "--json", str(tmp_path / "once.json")], capture_output=True, text=True, timeout=900)
+    assert once.returncode == 0, once.stdout + once.stderr
+    (row,) = json.loads((tmp_path / "once.json").read_text())
+    assert row["loss"] == rows[0]["loss"] and row["minor_faults"] > rows[2]["minor_faults"]  # a cold step faults more
 
 
 def test_bench_export_on_a_tiny_model(tiny_models, tmp_path):

@@ -44,9 +44,9 @@ SETTINGS = {
 }
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
 
 
 def worker(a) -> dict:
@@ -84,9 +84,10 @@ def worker(a) -> dict:
     labels = np.roll(ids, -1, axis=1)
     labels[:, -1] = -100
     batch = Batch(ids, np.ones_like(ids), labels)
-    engine.forward_backward(batch)
+    if a.steps:
+        engine.forward_backward(batch)
     rows = []
-    for _ in range(a.steps):
+    for _ in range(max(1, a.steps)):  # --steps 0: the first step is the measured one (a large model's step is long)
         r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         loss = engine.forward_backward(batch)
         r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -95,14 +96,16 @@ def worker(a) -> dict:
     after = _rss_mb()  # before the peak: read the other way round, the RSS can have grown past the peak read
     return {"setting": a.worker, "seq_len": a.seq_len, "threads": a.threads, "wall_s": wall, "user_s": user,
             "system_s": system, "minor_faults": faults, "peak_rss_mb": peak_rss_mb(), "rss_after_mb": after,
-            "loss": loss}
+            # the memory-mapped weights' pages (reclaimable): peak less this is about the peak's anonymous part
+            "rss_file_mb": _rss_mb("RssFile"), "loss": loss}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=2,
+                   help="measured steps after one warm-up step (0: measure one step, no warm-up)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--json", help="write the rows here")
@@ -116,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown setting {unknown[0]}; choose from {', '.join(SETTINGS)}")
     rows = []
-    print("| setting | tokens | wall s | user s | system s | minor faults | peak RSS MB | RSS after MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| setting | tokens | wall s | user s | system s | minor faults | peak RSS MB | RSS after MB "
+          "| file-backed MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         env = {**os.environ, **SETTINGS[name].get("env", {})}
         cmd = [sys.executable, __file__, a.bundle, "--worker", name, "--seq-len", str(a.seq_len), "--steps",
@@ -130,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         r = json.loads(line[7:])
         rows.append(r)
         print(f"| {name} | {a.seq_len} | {r['wall_s']:.2f} | {r['user_s']:.2f} | {r['system_s']:.2f} | "
-              f"{r['minor_faults']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['rss_after_mb']:,.0f} |", flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+              f"{r['minor_faults']:,.0f} | {r['peak_rss_mb']:,.0f} | {r['rss_after_mb']:,.0f} | "
+              f"{r['rss_file_mb']:,.0f} |", flush=True)
+        if a.json:  # after every setting: a long run stopped early keeps what it measured
+            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0 if len(rows) == len(names) else 1
 
 
