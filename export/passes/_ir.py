@@ -7,9 +7,10 @@ from and back to the ModelProto around consecutive IR passes, so passes of both 
 passes move over one by one.
 
 The round trip keeps the graph: nodes, initializers (external ones stay references to their files, never read),
-inputs and outputs serialize byte-identical. onnx_ir also records a value_info entry for every initializer and
-writes the default opset's domain explicitly; into_proto undoes both (the entries repeat what the initializers say),
-so a graph no pass changed comes back byte-identical.
+inputs and outputs serialize byte-identical. onnx_ir rewrites value_info (an entry for every initializer, none for
+a value no node makes) and writes the default opset's domain explicitly; into_proto keeps the graph's own entries
+and opsets as they were and adds only what the passes made, so a graph no pass changed comes back byte-identical
+(passes here never change the type of a value that already exists).
 """
 
 from __future__ import annotations
@@ -35,16 +36,22 @@ def into_proto(ir_model, model) -> None:
     import onnx_ir as ir
 
     proto = ir.serde.serialize_model(ir_model)
-    initializers = {i.name for i in proto.graph.initializer}
-    kept = [v for v in proto.graph.value_info if v.name not in initializers]
+    # value_info: the entries the graph had, as they were (onnx_ir drops those of values no node makes any more, which
+    # ORT's training graph carries by the hundred), then what onnx_ir knows of new values, initializers left out
+    had = list(model.graph.value_info)
+    known = {v.name for v in had} | {i.name for i in proto.graph.initializer}
+    new = [v for v in proto.graph.value_info if v.name not in known]
     del proto.graph.value_info[:]
-    proto.graph.value_info.extend(kept)
+    proto.graph.value_info.extend([*had, *new])
     # onnx_ir writes the default domain as an explicit "" (2 bytes more per graph); keep the entries as they were
     # and add only the opsets a pass brought in
     had = {(o.domain, o.version) for o in model.opset_import}
     added = [o for o in proto.opset_import if (o.domain, o.version) not in had]
     del proto.opset_import[:]
     proto.opset_import.extend([*model.opset_import, *added])
+    for kept, into in ((model, proto), (model.graph, proto.graph)):  # an empty doc_string stays written if it was
+        if kept.HasField("doc_string") and not into.HasField("doc_string"):
+            into.doc_string = kept.doc_string
     model.CopyFrom(proto)
 
 

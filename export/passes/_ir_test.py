@@ -18,6 +18,11 @@ def test_the_round_trip_through_onnx_ir_keeps_the_graph_byte_identical(tmp_path)
 
     model = export_lm(two_block_lm(np.random.default_rng(0), 8, 16, 2, 11, 11), tmp_path / "lm.onnx")
     model.graph.value_info.extend(onnx.shape_inference.infer_shapes(model).graph.value_info)
+    # what ORT's training graphs carry: value_info of values its optimiser removed, an empty doc_string written
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("gone", onnx.TensorProto.FLOAT, [3]))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info(model.graph.initializer[1].name,
+                                                                     onnx.TensorProto.FLOAT, None))
+    model.graph.doc_string = ""
     with ExternalDataWriter(tmp_path / "w.onnx_data") as writer:
         writer.move_inline(model.graph.initializer[0])
     before = onnx.ModelProto()

@@ -14,6 +14,8 @@ so x has no backward consumer and ORT frees it once the forward is done with it.
 
 The bases come from the exporter (lars_export.basis): one d×k matrix per adapter, keyed by the adapter's lora_A
 parameter name.
+
+Written on onnx_ir (passes/_ir.py).
 """
 
 from __future__ import annotations
@@ -22,25 +24,36 @@ import logging
 
 import numpy as np
 
-from ._base import GraphPass, PassContext, PassReport, consumers, producers
+from ._base import GraphPass, PassContext, PassReport
+from ._ir import new_initializer
 
 log = logging.getLogger(__name__)
 
 
-def find(model, context: PassContext):
-    """For each trainable lora_A: (name, forward input x, gradient Gemm, Reshape(x) feeding it)."""
-    prod, cons = producers(model), consumers(model)
+def _values(graph) -> dict:
+    """Every value of the graph by name: its inputs, initializers and node outputs."""
+    out = {v.name: v for v in graph.inputs}
+    out.update(graph.initializers)
+    out.update((v.name, v) for node in graph for v in node.outputs)
+    return out
+
+
+def find(graph, context: PassContext):
+    """For each trainable lora_A: (name, forward input x, gradient Transpose, its Gemm, Reshape(x) feeding it)."""
+    values = _values(graph)
     for name in sorted(context.trainable):
         if ".lora_A." not in name:
             continue
-        grad = prod.get(f"{name}_grad")
-        gemm = prod.get(grad.input[0]) if grad is not None and grad.op_type == "Transpose" else None
-        reshape = prod.get(gemm.input[0]) if gemm is not None and gemm.op_type == "Gemm" else None
+        grad_value = values.get(f"{name}_grad")
+        grad = grad_value.producer() if grad_value is not None else None
+        gemm = grad.inputs[0].producer() if grad is not None and grad.op_type == "Transpose" else None
+        reshape = gemm.inputs[0].producer() if gemm is not None and gemm.op_type == "Gemm" else None
         if reshape is not None and reshape.op_type != "Reshape":
             reshape = None  # a 2-D x feeds the Gemm directly
-        fwd = next((m for t in cons.get(name, []) if t.op_type == "Transpose"
-                    for m in cons.get(t.output[0], []) if m.op_type == "MatMul"), None)
-        yield name, (fwd.input[0] if fwd is not None else None), grad, gemm, reshape
+        a = values.get(name)
+        fwd = next((m.node for t in (a.uses() if a is not None else []) if t.node.op_type == "Transpose"
+                    for m in t.node.outputs[0].uses() if m.node.op_type == "MatMul"), None)
+        yield name, (fwd.inputs[0] if fwd is not None else None), grad, gemm, reshape
 
 
 def check(name, x, grad, gemm, reshape, context: PassContext) -> str | None:
@@ -50,31 +63,27 @@ def check(name, x, grad, gemm, reshape, context: PassContext) -> str | None:
         return "forward MatMul(x, Transpose(A)) not found"
     if grad is None or gemm is None or grad.op_type != "Transpose":
         return "gradient is not Transpose(Gemm(...)) (ORT changed its MatMul gradient?)"
-    trans_a = next((a.i for a in gemm.attribute if a.name == "transA"), 0)
-    reads_x = gemm.input[0] == x or (reshape is not None and reshape.input[0] == x)
-    if trans_a != 1 or not reads_x:
+    reads_x = gemm.inputs[0] is x or (reshape is not None and reshape.inputs[0] is x)
+    if gemm.attributes.get_int("transA", 0) != 1 or not reads_x:
         return "gradient Gemm does not read x (or Reshape(x)) with transA=1"
     return None
 
 
-def _insert_after(model, anchor_output: str, new_nodes: list) -> None:
-    """Insert nodes right after the producer of anchor_output, so the forward computes them while x is alive."""
-    nodes = model.graph.node
-    at = next((i for i, n in enumerate(nodes) if anchor_output in n.output), -1)
-    for offset, node in enumerate(new_nodes):
-        nodes.insert(at + 1 + offset, node)
+def _node(op: str, inputs: list, output: str, name: str):
+    import onnx_ir as ir
+
+    return ir.node(op, inputs, name=name, outputs=[ir.Value(name=output)])
 
 
 def apply(model, context: PassContext) -> PassReport:
-    from onnx import helper, numpy_helper
-
+    graph = model.graph
     report = PassReport("lars_projection")
     if not context.lars_bases:
         report.skipped.append("no bases: exact LoRA (--lars-basis none)")
         return report
-    projected: dict[str, tuple[str, str, int]] = {}  # x -> (x̃ name, P name, k)
+    projected: dict = {}  # x -> (x̃, P, k)
     freed_widths: dict[str, int] = {}
-    for name, x, grad, gemm, reshape in list(find(model, context)):
+    for name, x, grad, gemm, reshape in list(find(graph, context)):
         why_not = check(name, x, grad, gemm, reshape, context)
         if why_not:
             log.info("lars_projection: leaving %s: %s", name, why_not)
@@ -84,30 +93,33 @@ def apply(model, context: PassContext) -> PassReport:
         d, k = basis.shape
         if x not in projected:
             p_name = f"lars.P.{name.removesuffix('.lora_A.default.weight').removesuffix('.lora_A.weight')}"
-            model.graph.initializer.append(numpy_helper.from_array(basis, p_name))
-            x_tilde = f"{x}.lars_xP"
-            _insert_after(model, x, [helper.make_node("MatMul", [x, p_name], [x_tilde], name=f"{p_name}/Project")])
-            projected[x] = (x_tilde, p_name, k)
-            freed_widths[x] = d - k
-        x_tilde, p_name, k_shared = projected[x]
+            p = new_initializer(graph, p_name, [basis], basis.dtype, basis.shape, context)
+            project = _node("MatMul", [x, p], f"{x.name}.lars_xP", f"{p_name}/Project")
+            # right after x is made, so the forward computes x̃ while x is alive
+            if x.producer() is not None:
+                graph.insert_after(x.producer(), project)
+            else:
+                graph.insert_before(graph.node(0), project)
+            projected[x] = (project.outputs[0], p, k)
+            freed_widths[x.name] = d - k
+        x_tilde, p, k_shared = projected[x]
         prefix = gemm.name.rsplit("/", 1)[0] + "/LARS"
-        small, full = f"{prefix}/dAT_small", f"{prefix}/dAT"
-        at = list(model.graph.node).index(gemm)
         if reshape is not None:  # [..., d] inputs are flattened to [-1, d]; flatten x̃ to [-1, k] the same way
-            shape_name, xp2d = f"{prefix}/xP_shape", f"{prefix}/xP_2d"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([-1, k_shared], np.int64), shape_name))
-            model.graph.node.insert(at, helper.make_node("Reshape", [x_tilde, shape_name], [xp2d],
-                                                         name=f"{prefix}/Reshape"))
-            at += 1
-            gemm.input[0] = xp2d
+            shape = new_initializer(graph, f"{prefix}/xP_shape", [np.array([-1, k_shared], np.int64)], np.int64,
+                                    (2,), context)
+            flatten = _node("Reshape", [x_tilde, shape], f"{prefix}/xP_2d", f"{prefix}/Reshape")
+            graph.insert_before(gemm, flatten)
+            gemm.replace_input_with(0, flatten.outputs[0])
         else:
-            gemm.input[0] = x_tilde
-        gemm.output[0] = small
-        grad.input[0] = full
-        model.graph.node.insert(at + 1, helper.make_node("MatMul", [p_name, small], [full], name=f"{prefix}/LiftP"))
+            gemm.replace_input_with(0, x_tilde)
+        small = gemm.outputs[0]  # now [k, r]: renamed, its recorded [d, r] shape dropped
+        small.name, small.shape, small.type = f"{prefix}/dAT_small", None, None
+        lift = _node("MatMul", [p, small], f"{prefix}/dAT", f"{prefix}/LiftP")
+        graph.insert_after(gemm, lift)
+        grad.replace_input_with(0, lift.outputs[0])
         # The old Reshape(x) is dead once no Gemm reads it.
-        if reshape is not None and not any(reshape.output[0] in n.input for n in model.graph.node):
-            model.graph.node.remove(reshape)
+        if reshape is not None and not reshape.outputs[0].uses():
+            graph.remove(reshape, safe=True)
         report.changed += 1
     # Bytes per token that no longer outlive the forward: the full x minus the kept x̃, per distinct input.
     report.bytes_freed, report.freed_per = 4 * sum(freed_widths.values()), "token"
@@ -116,4 +128,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-LARS_PROJECTION = GraphPass("lars_projection", "training", apply)
+LARS_PROJECTION = GraphPass("lars_projection", "training", apply, ir=True)
