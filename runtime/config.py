@@ -21,6 +21,10 @@ from lars_artifacts import LarsError
 from .schedule import learning_rate
 
 
+# How ORT's CPU arena grows when no free block fits (lars_ort.session): "doubling", a session's own arena, each new
+# region twice the last (few regions, but up to half of the last one's tail unused); "exact", an arena in ORT's
+# environment extended by exactly the size asked for (kSameAsRequested).
+ARENA_REGIONS = ("doubling", "exact")
 # The runtime's backends (lars_ort.engine): auto picks plain onnxruntime.
 BACKENDS = ("auto", "ort", "ort-training")
 # Training methods (lars_ort.engine): gradients by backpropagation, or zeroth-order estimates from forwards (zo.py).
@@ -84,10 +88,16 @@ class TrainingArgs:
                                     "the step reuses its own freed blocks instead of page-faulting fresh memory "
                                     "(SmolLM2 at 1024 tokens: 1.9x faster, same peak; README, Runtime memory "
                                     "settings); --no-memory-arena: a malloc per tensor")
+    arena_regions: str = _opt("doubling", "how the arena grows: doubling (each new region twice the last) or exact "
+                                          "(a region of the size asked for, in an arena ORT's environment holds): "
+                                          "7% lower peak for a 3B model at 4096 tokens, none at SmolLM2's size "
+                                          "(docs/BENCHMARKS.md, The arena with exact-size regions)",
+                              choices=ARENA_REGIONS)
     memory_reuse: bool = _opt(False, "ORT's buffer reuse between tensors of one size: holds dead buffers until their "
                                      "reuse, ~0.6 GB more at 1024 tokens on SmolLM2 (README, Runtime memory settings)")
-    mmap_threshold_mb: float = _opt(1.0, "with --no-memory-arena: tensors of at least this many MB get their own "
-                                         "memory mapping, returned to the OS when freed (glibc; 0: glibc's default "
+    mmap_threshold_mb: float = _opt(1.0, "with --no-memory-arena (or --arena-regions exact): tensors (arena "
+                                         "regions) of at least this many MB get their own memory mapping, returned "
+                                         "to the OS when freed (glibc; 0: glibc's default "
                                          "heap, which fragments: ~2x the peak RSS with recompute bundles, README "
                                          "Runtime memory settings)",
                                     minimum=0, maximum=MAX_MMAP_THRESHOLD_MB,
@@ -117,7 +127,8 @@ class TrainingArgs:
                 raise LarsError(f"{flag(f.name)} {problem}")
             if f.type == "float" and not isinstance(value, float):
                 setattr(self, f.name, float(value))  # `lr: 1` in a config file means 1.0
-        problem = ZoConfig.from_args(self).problem() or method_problem(self.method, self.backend)
+        problem = (ZoConfig.from_args(self).problem() or method_problem(self.method, self.backend)
+                   or arena_problem(self.memory_arena, self.arena_regions))
         if problem:
             raise LarsError(problem)
         if self.out:
@@ -176,6 +187,16 @@ def option_problem(name: str, value: Any) -> str | None:
         return f"must be at least {low}{why}, got {_shown(value)}"
     if high is not None and value > high:
         return f"must be at most {high}{why}, got {_shown(value)}"
+    return None
+
+
+def arena_problem(memory_arena: bool, arena_regions: str) -> str | None:
+    """Why the arena settings cannot go together, or None."""
+    if arena_regions not in ARENA_REGIONS:
+        return f"--arena-regions must be one of {', '.join(ARENA_REGIONS)}, got {_shown(arena_regions)}"
+    if arena_regions != "doubling" and not memory_arena:
+        return (f"--arena-regions {arena_regions} sets how ORT's arena grows, and --no-memory-arena turns it off; "
+                f"drop one")
     return None
 
 

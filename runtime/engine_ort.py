@@ -35,7 +35,7 @@ class OrtEngine:
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  training: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True,
-                 profile_prefix: str | None = None) -> None:
+                 profile_prefix: str | None = None, arena_regions: str = "doubling") -> None:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)  # warnings and up; ORT logs every graph transformer at INFO
@@ -70,7 +70,8 @@ class OrtEngine:
         # cost more: SmolLM2 at 2048 tokens, 966 MB and 4.6 s against 2,768 MB and 8.4 s (docs/BENCHMARKS.md).
         forward = spec.zo.forward if spec.zo else None
         self.eval_file, self.eval_loss = (forward, spec.zo.loss) if forward else (spec.eval, spec.eval_loss)
-        settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix)
+        settings = (threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order, profile_prefix,
+                    arena_regions)
         self.settings = settings  # session_options(ort, *settings): a further session of this bundle (zo.py)
         self._weights = _map_weights(bundle)  # keep: the sessions read these buffers
         try:

@@ -36,7 +36,7 @@ class OrtTrainingEngine:
 
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
-                 mmap_threshold_mb: float = 1.0, priority_order: bool = True) -> None:
+                 mmap_threshold_mb: float = 1.0, priority_order: bool = True, arena_regions: str = "doubling") -> None:
         C = _capi()
         if not hasattr(C, "Module"):
             raise LarsError("--backend ort-training needs onnxruntime-training 1.19.2 as this environment's "
@@ -52,7 +52,8 @@ class OrtTrainingEngine:
         except Exception as e:
             raise BundleError(f"cannot read checkpoint {ckpt} ({_first_line(e)}); it is corrupt: restore it or "
                               f"re-export the bundle") from None
-        options = session_options(C, threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order)
+        options = session_options(C, threads, memory_arena, memory_reuse, mmap_threshold_mb, priority_order,
+                                  arena_regions=arena_regions)
         device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
         try:
             self.module = C.Module(bundle.file(TRAINING_MODEL), self.state,

@@ -112,6 +112,7 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
 
     session = dict(load_eval=eval_seqs is not None, threads=args.threads, memory_arena=args.memory_arena,
                    memory_reuse=args.memory_reuse, mmap_threshold_mb=args.mmap_threshold_mb,
+                   arena_regions=args.arena_regions,
                    backend=args.backend, warn_budget=False,  # checked once above for --batch-size x --seq-len
                    method=args.method, zo=ZoConfig.from_args(args) if args.method == "zo" else None)
     if not resume:

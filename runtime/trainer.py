@@ -59,9 +59,9 @@ class Trainer:
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
-                 load_eval: bool = True, threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
-                 mmap_threshold_mb: float = 1.0, verify: bool = True, warn_budget: bool = True,
-                 backend: str = "auto", method: str = "backprop", zo: ZoConfig | None = None,
+                 load_eval: bool = True, threads: int = 0, memory_arena: bool = True, arena_regions: str = "doubling",
+                 memory_reuse: bool = False, mmap_threshold_mb: float = 1.0, verify: bool = True,
+                 warn_budget: bool = True, backend: str = "auto", method: str = "backprop", zo: ZoConfig | None = None,
                  training: bool = True, eval: bool | None = None) -> None:
         if eval is not None:  # the name before load_eval (it shadowed the builtin); kept working for callers
             warnings.warn("Trainer(eval=...) is deprecated; pass load_eval=...", DeprecationWarning, stacklevel=2)
@@ -69,8 +69,9 @@ class Trainer:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         # training=False: evaluation only, no training session loaded (its memory saved; plain onnxruntime backend)
         only_eval = {} if training else {"training": False}
-        self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, method=method, zo=zo, load_eval=load_eval,
-                                  threads=threads, memory_arena=memory_arena, memory_reuse=memory_reuse,
+        self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, method=method, zo=zo,
+                                  load_eval=load_eval, threads=threads, memory_arena=memory_arena,
+                                  arena_regions=arena_regions, memory_reuse=memory_reuse,
                                   mmap_threshold_mb=mmap_threshold_mb, **only_eval)
         self.method = method
         self.tokenizer = bundle_tokenizer(self.bundle)

@@ -44,7 +44,7 @@ class ZoEngine:
     def __init__(self, bundle: Bundle, checkpoint: str | os.PathLike | None = None, load_eval: bool = True,
                  threads: int = 0, memory_arena: bool = True, memory_reuse: bool = False,
                  mmap_threshold_mb: float = 1.0, priority_order: bool = True, profile_prefix: str | None = None,
-                 zo: ZoConfig | None = None) -> None:
+                 zo: ZoConfig | None = None, arena_regions: str = "doubling") -> None:
         self.config = zo or ZoConfig()
         problem = self.config.problem()
         if problem:
@@ -55,7 +55,7 @@ class ZoEngine:
         self.base = OrtEngine(bundle, checkpoint=checkpoint, load_eval=not batched, training=False, threads=threads,
                               memory_arena=memory_arena, memory_reuse=memory_reuse,
                               mmap_threshold_mb=mmap_threshold_mb, priority_order=priority_order,
-                              profile_prefix=profile_prefix)
+                              profile_prefix=profile_prefix, arena_regions=arena_regions)
         self.backend, self.bundle = self.base.backend, bundle
         self.vocab_size, self.max_seq_len = self.base.vocab_size, self.base.max_seq_len
         self.adapter_names = self.base.adapter_names

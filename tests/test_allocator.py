@@ -113,6 +113,132 @@ def test_the_arena_is_the_default_without_memory_patterns():
     assert not session_options(ort, memory_arena=False).enable_cpu_mem_arena
 
 
+EXACT_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from lars_ort.session import run_options, session_options
+
+    def mb(field):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
+
+    # a (256 MB) alive while b (300 MB) is made, then s (200 MB) while b lives and a is free. Doubling regions: b's
+    # region is 512 MB and s goes in its untouched 212 MB tail (best fit), fresh pages beside a's freed 256 MB.
+    # Exact regions: b's region is 300 MB and s reuses a's pages.
+    M = 1 << 20
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["a"]), helper.make_node("Concat", ["a", "e"], ["b"], axis=0),
+         helper.make_node("Slice", ["b", "start", "stop"], ["s"]), helper.make_node("Mul", ["s", "two"], ["c"]),
+         helper.make_node("ReduceMax", ["c"], ["y"], keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
+              helper.make_tensor_value_info("e", TensorProto.FLOAT, ["k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+         helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+         helper.make_tensor("stop", TensorProto.INT64, [1], [50 * M])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    options = session_options(ort, threads=1, arena_regions=sys.argv[1])
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    x, e, y = np.ones(64 * M, np.float32), np.ones(11 * M, np.float32), np.zeros((), np.float32)
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_cpu_input("e", e)
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
+    before = mb("VmRSS")
+    session.run_with_iobinding(binding, run_options(ort))
+    assert y == 4.0, y
+    print(ort.__version__, mb("VmHWM") - before, mb("VmRSS") - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status")
+@pytest.mark.parametrize("build", ["onnxruntime", "onnxruntime-training"])
+def test_exact_arena_regions_leave_no_untouched_tail(build):
+    """arena_regions="exact" (an arena in ORT's environment grown by what is asked for) takes the step's tensors on
+    both builds: measured 574 MB against 781 MB at the peak, and it is shrunk after the run like the session's own
+    (whose first region stays: 265 MB kept)."""
+    import os
+
+    from lars_export import ort_training
+
+    env = ort_training.child_env() if build == "onnxruntime-training" else dict(os.environ)
+
+    def measured(regions):
+        out = subprocess.run([sys.executable, "-c", EXACT_CHILD, regions], capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr
+        version, peak, kept = out.stdout.split()
+        return version, float(peak), float(kept)
+
+    (version, doubling, _), (_, exact, kept) = measured("doubling"), measured("exact")
+    assert version.startswith("1.19.") == (build == "onnxruntime-training")
+    assert doubling > 720 and exact < 620  # 756 MB and 556 MB of tensors
+    assert kept < 64
+
+
+MEDIUM_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+    from lars_ort.session import run_options, session_options
+
+    def rss_mb():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+
+    block = np.ones((32 << 20) // 8)  # freed: glibc's dynamic mmap threshold rises to 32 MB, as a step raises it
+    del block
+    # 30 tensors of 8 MB alive at once (a region each with exact regions), summed
+    n, k = 2 << 20, 30
+    nodes = [helper.make_node("Mul", ["x", f"c{i}"], [f"a{i}"]) for i in range(k)]
+    nodes += [helper.make_node("Sum", [f"a{i}" for i in range(k)], ["s"]),
+              helper.make_node("ReduceMax", ["s"], ["y"], keepdims=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              [helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [float(i)]) for i in range(k)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    session = ort.InferenceSession(model, session_options(ort, threads=1, arena_regions=sys.argv[1]),
+                                   providers=["CPUExecutionProvider"])
+    x, y = np.ones(n, np.float32), np.zeros((), np.float32)
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
+    before = rss_mb()
+    for _ in range(2):
+        session.run_with_iobinding(binding, run_options(ort))
+    assert y == sum(range(k)), y
+    print(rss_mb() - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc/self/status")
+def test_exact_arena_regions_below_glibcs_threshold_leave_memory_too():
+    """Exact regions are as small as the tensors; without the runtime's mmap threshold glibc would put those under
+    its raised dynamic threshold on its heap and keep them after the arena frees them (measured: all 240 MB kept
+    here, 667 MB between SmolLM2's steps at 1024 tokens)."""
+    out = subprocess.run([sys.executable, "-c", MEDIUM_CHILD, "exact"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 48  # of 240 MB
+
+
+def test_exact_arena_regions_are_a_session_setting_and_need_the_arena():
+    import onnxruntime as ort
+
+    from lars_artifacts import LarsError
+    from lars_ort.config import TrainingArgs
+    from lars_ort.session import session_options
+
+    assert TrainingArgs().arena_regions == "doubling"
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):  # unset: the session's own
+        session_options(ort).get_session_config_entry("session.use_env_allocators")
+    assert session_options(ort, arena_regions="exact").get_session_config_entry("session.use_env_allocators") == "1"
+    with pytest.raises(LarsError, match="--no-memory-arena turns it off; drop one"):
+        session_options(ort, memory_arena=False, arena_regions="exact")
+    with pytest.raises(LarsError, match="--arena-regions must be one of doubling, exact, got 'next'"):
+        session_options(ort, arena_regions="next")
+
+
 def test_threads_default_to_the_cores_the_process_may_use(monkeypatch):
     import os
 
@@ -123,3 +249,22 @@ def test_threads_default_to_the_cores_the_process_may_use(monkeypatch):
     assert session.available_cores() == 2  # taskset / a container's cpuset: 2 of the machine's 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert session.available_cores() in (0, *range(1, 8))  # all cores: ORT's default, unless a cgroup quota caps it
+
+
+def test_a_trainer_with_exact_arena_regions_trains_as_with_doubling_ones(tiny_bundles):
+    """Where the tensors live changes no number: the same steps give the same losses and adapters, bit for bit."""
+    import numpy as np
+
+    from lars_ort import Trainer
+
+    runs = {}
+    for regions in ("doubling", "exact"):
+        trainer = Trainer(tiny_bundles["llama"], load_eval=False, arena_regions=regions)
+        if regions == "exact":  # the session takes its tensors from the environment's arena
+            options = trainer.engine.session.get_session_options()
+            assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        ids = np.random.default_rng(0).integers(1, trainer.bundle.manifest.vocab_size, size=(2, 16))
+        runs[regions] = [trainer.step(trainer.batch(ids), 1e-3) for _ in range(3)], trainer.adapter_tensors()
+    assert runs["exact"][0] == runs["doubling"][0] and runs["doubling"][0][2] < runs["doubling"][0][0]
+    for name, value in runs["doubling"][1].items():
+        np.testing.assert_array_equal(runs["exact"][1][name], value, err_msg=name)

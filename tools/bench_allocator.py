@@ -15,8 +15,9 @@ Settings:
   malloc-hugetlb  the same with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (transparent huge pages for malloc's mappings)
   arena           the runtime's default: ORT's CPU arena, no memory patterns, shrunk at the end of every step
   arena-kept      the arena without the shrinkage run option (it keeps its regions between steps)
-  arena-shared    an arena registered in ORT's environment (shared by the sessions that opt in), extended by exactly
-                  the requested size, at most 1 MB wasted per chunk, shrunk at the end of every step
+  arena-shared    --arena-regions exact: an arena registered in ORT's environment (shared by the sessions that opt
+                  in), extended by exactly the requested size, at most 1 MB wasted per chunk, shrunk at the end of
+                  every step
   arena-nospin    the arena with ORT's intra-op thread spinning off
   malloc-nospin   a malloc per tensor with spinning off
 """
@@ -38,7 +39,7 @@ SETTINGS = {
     "malloc-hugetlb": {"arena": False, "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}},
     "arena": {"arena": True},
     "arena-kept": {"arena": True, "shrink": False},
-    "arena-shared": {"arena": True, "shared": True},
+    "arena-shared": {"arena": True, "regions": "exact"},
     "arena-nospin": {"arena": True, "spin": "0"},
     "malloc-nospin": {"arena": False, "spin": "0"},
 }
@@ -60,23 +61,16 @@ def worker(a) -> dict:
 
     s = SETTINGS[a.worker]
     plain = engine_ort.session_options
-    if s.get("shared"):
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({
-            "max_mem": 0, "arena_extend_strategy": 1, "initial_chunk_size_bytes": -1,
-            "max_dead_bytes_per_chunk": 1 << 20, "initial_growth_chunk_size_bytes": -1}))
 
     def options(*args, **kwargs):
         o = plain(*args, **kwargs)
         if "spin" in s:
             o.add_session_config_entry("session.intra_op.allow_spinning", s["spin"])
-        if s.get("shared"):
-            o.add_session_config_entry("session.use_env_allocators", "1")
         return o
 
     engine_ort.session_options = options
     engine = engine_ort.OrtEngine(load_bundle(a.bundle, verify=False), load_eval=False, threads=a.threads,
-                                  memory_arena=s["arena"])
+                                  memory_arena=s["arena"], arena_regions=s.get("regions", "doubling"))
     if s.get("shrink") is False:
         engine.run_options = ort.RunOptions()
     rng = np.random.default_rng(0)

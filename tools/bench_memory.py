@@ -30,6 +30,7 @@ A bundle mode takes a runtime setting after "@" (default: the runtime's memory-f
   @malloc   ORT's arena off (--no-memory-arena): a malloc per tensor, those of 1 MB and more in their own mapping
   @heap     ORT's arena off and glibc's default heap for every tensor (no mmap threshold)
   @reuse    ORT's buffer reuse on
+  @exact    ORT's arena grown by regions of the size asked for (--arena-regions exact)
   @zo       forward-only training (--method zo), one direction per step: 2 forwards, one adapter setting each
   @zo-p2    the same with the (+, -) pair in one batched forward (--zo-parallel 2)
   @forward  a no-grad forward through the training step's forward graph (zo_forward.onnx: what @zo runs)
@@ -79,7 +80,7 @@ BUNDLE_MODES = {
 MODES = ("peft", *BUNDLE_MODES, "floor")
 # Runtime settings a bundle mode can take after "@": Trainer keyword arguments.
 RUNTIME_SETTINGS = {"": {}, "malloc": {"memory_arena": False}, "heap": {"memory_arena": False, "mmap_threshold_mb": 0},
-                    "reuse": {"memory_reuse": True},
+                    "reuse": {"memory_reuse": True}, "exact": {"arena_regions": "exact"},
                     # forward-only training (--method zo), one direction per step (2 forwards): one adapter
                     # setting per forward, or the (+, -) pair in one
                     "zo": {"method": "zo", "zo": {"perturbations": 1}},
