@@ -130,3 +130,126 @@ def gate_all(graph, prefix: str, tensors: list, after: list) -> tuple[list, list
                      outputs=out(f"{prefix}/gated" if len(tensors) == 1 else f"{prefix}/gated{k}"))
              for k, t in enumerate(tensors)]
     return [*nodes, opener, *gates], [g.outputs[0] for g in gates]
+
+
+# -- walks over an onnx_ir graph (the protobuf passes' twins are in _base, until those passes move over) -----------
+
+def values_by_name(graph) -> dict:
+    """Every value of the graph by name: its inputs, initializers and node outputs."""
+    out = {v.name: v for v in graph.inputs}
+    out.update(graph.initializers)
+    out.update((v.name, v) for node in graph for v in node.outputs)
+    return out
+
+
+def backward_nodes(graph) -> list:
+    """_base.backward_nodes on onnx_ir: the nodes of an ORT training graph downstream of the loss gradient's seed
+    (the initializer "<loss>_grad"), in stored order."""
+    seed = values_by_name(graph).get(f"{graph.outputs[0].name}_grad")
+    seen, stack = set(), [seed] if seed is not None else []
+    while stack:
+        for use in stack.pop().uses():
+            if use.node not in seen:
+                seen.add(use.node)
+                stack.extend(use.node.outputs)
+    return [node for node in graph if node in seen]
+
+
+def view_chain(value, stop: set | None = None) -> list:
+    """_base.view_chain on onnx_ir: [value, its view source, ..., the value that owns the buffer]; `stop` holds
+    nodes not to walk into."""
+    from ._base import VIEW_OPS
+
+    chain, node = [value], value.producer()
+    while node is not None and node.op_type in VIEW_OPS and (stop is None or node not in stop):
+        chain.append(node.inputs[0])
+        node = node.inputs[0].producer()
+    return chain
+
+
+def saved_for_backward(graph, backward: list | None = None) -> dict:
+    """_base.saved_for_backward on onnx_ir: value made before the turn -> the backward nodes that read it (or a view
+    of it), ignoring readers that only take its shape."""
+    from ._base import SHAPE_OPS
+
+    backward = backward_nodes(graph) if backward is None else backward
+    after_turn = set(backward)
+    out: dict = {}
+    for node in backward:
+        if node.op_type in SHAPE_OPS:
+            continue
+        for value in node.inputs:
+            made_by = value.producer() if value is not None else None
+            if made_by is not None and made_by not in after_turn:
+                out.setdefault(view_chain(value, after_turn)[-1], []).append(node)
+    return out
+
+
+def run_order(graph) -> list:
+    """_base.run_order on onnx_ir: the nodes in the order ORT's priority-based execution order runs them (Kahn's
+    algorithm; among the ready nodes Shape and Size first, then the lowest stored position)."""
+    import heapq
+
+    from ._base import SHAPE_OPS
+
+    nodes = list(graph)
+    index = {node: i for i, node in enumerate(nodes)}
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        for before in {index[v.producer()] for v in node.inputs if v is not None and v.producer() in index}:
+            users[before].append(i)
+            waiting[i] += 1
+    key = [(n.op_type not in SHAPE_OPS, i) for i, n in enumerate(nodes)]
+    ready = [key[i] for i in range(len(nodes)) if not waiting[i]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for user in users[i]:
+            waiting[user] -= 1
+            if not waiting[user]:
+                heapq.heappush(ready, key[user])
+    if len(order) != len(nodes):
+        stuck = next(n for i, n in enumerate(nodes) if waiting[i])
+        raise ValueError(f"the graph has a cycle through {stuck.op_type} {stuck.name}")
+    return order
+
+
+def clone_node(node, renamed: dict, suffix: str, name: str):
+    """_base.clone_node on onnx_ir: a copy of `node` named `name` reading renamed.get(input, input) and writing
+    values named output + suffix; records each output's copy in `renamed` (keyed by value)."""
+    import onnx_ir as ir
+
+    attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+    outputs = [ir.Value(name=f"{o.name}{suffix}" if o.name else "") for o in node.outputs]
+    copy = ir.Node(node.domain, node.op_type, [renamed.get(v, v) for v in node.inputs], attributes,
+                   outputs=outputs, name=name, overload=node.overload)
+    renamed.update({o: c for o, c in zip(node.outputs, copy.outputs) if o.name})
+    return copy
+
+
+def gate_of(value):
+    """_base.gate_of on onnx_ir: the node that opens the gate which made `value`, or None if it is not gated."""
+    from ._base import GATE_NO_AXES
+
+    alias = value.producer()
+    if alias is None or alias.op_type != "Unsqueeze" or len(alias.inputs) < 2 or alias.inputs[1] is None:
+        return None
+    axes = alias.inputs[1].producer()
+    return axes if axes is not None and axes.op_type == "Mul" and axes.inputs[1].name == GATE_NO_AXES else None
+
+
+def gate_waits_for(opener) -> set:
+    """_base.gate_waits_for on onnx_ir: the values a gate (gate_of's opener) waits for."""
+    afters, stack = set(), [opener.inputs[0]]
+    while stack:
+        node = stack.pop().producer()
+        if node is None:
+            continue
+        if node.op_type == "Size":
+            afters.add(node.inputs[0])
+        else:
+            stack.extend(v for v in node.inputs if v is not None and v.producer() is not None)
+    return afters

@@ -21,14 +21,17 @@ copy runs the same kernels on the same values.
 
 Layer recompute (which runs first) leaves nothing for this pass in the blocks it copies: their tensors are made in
 the backward.
+
+Written on onnx_ir (passes/_ir.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from ._base import (GraphPass, PassContext, PassReport, backward_nodes, clone_node, gate_after, gate_of,
-                    gate_waits_for, producers, run_order, saved_for_backward, view_chain)
+from ._base import GraphPass, PassContext, PassReport
+from ._ir import (backward_nodes, clone_node, gate_all, gate_of, gate_waits_for, run_order, saved_for_backward,
+                  view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -40,84 +43,86 @@ _GROWS = {"Expand"}
 _MAX_CHAIN = 6
 
 
-def find_chain(kept: str, prod: dict, saved: dict, backward_ids: set) -> tuple[list, str | None]:
-    """The forward nodes (first to last) that make `kept` from a tensor worth keeping instead, and that tensor; or
-    ([], None)."""
-    chain, name = [], kept
+def find_chain(kept, saved: dict, backward: set) -> tuple[list, object]:
+    """The forward nodes (first to last) that make the value `kept` from a value worth keeping instead, and that
+    value; or ([], None). `saved`: what the backward keeps (saved_for_backward's keys); `backward`: its nodes."""
+    chain, value = [], kept
     while len(chain) < _MAX_CHAIN:
-        node = prod.get(name)
-        if node is None or node.op_type not in CHEAP_OPS or id(node) in backward_ids:
+        node = value.producer()
+        if node is None or node.op_type not in CHEAP_OPS or node in backward:
             break
         chain.append(node)
-        name = node.input[0]
-        if view_chain(name, prod, backward_ids)[-1] in saved:
-            return chain[::-1], name  # kept anyway: the copy costs no memory at the turn
+        value = node.inputs[0]
+        if view_chain(value, backward)[-1] in saved:
+            return chain[::-1], value  # kept anyway: the copy costs no memory at the turn
     grows = [k for k, node in enumerate(chain) if node.op_type in _GROWS]
     if not grows:
         return [], None
     chain = chain[: grows[-1] + 1]
-    return chain[::-1], chain[-1].input[0]
+    return chain[::-1], chain[-1].inputs[0]
 
 
-def _gate_on(reader, prod: dict, backward_ids: set, chain_names: set) -> list[str]:
-    """Tensors of the backward that `reader` waits for and that have a dynamic shape: what a gate on the copy's
-    input may wait for. A reader that is itself a gate waits for what that gate waits for."""
-    opener = gate_of(prod, reader.output[0])
+def _gate_on(reader, backward: set, chain_values: set) -> list:
+    """Values of the backward that `reader` waits for and that have a dynamic shape: what a gate on the copy's input
+    may wait for. A reader that is itself a gate waits for what that gate waits for."""
+    opener = gate_of(reader.outputs[0])
     if opener is not None:
-        return sorted(gate_waits_for(prod, opener))
-    return [t for t in reader.input if t and t not in chain_names and t in prod and id(prod[t]) in backward_ids
-            and prod[t].op_type not in ("Shape", "Size", "Constant")]
+        return sorted(gate_waits_for(opener), key=lambda v: v.name)
+    return [v for v in reader.inputs if v is not None and v.name and v not in chain_values
+            and v.producer() in backward and v.producer().op_type not in ("Shape", "Size", "Constant")]
 
 
 def apply(model, context: PassContext) -> PassReport:
+    graph = model.graph
     report = PassReport("cheap_recompute", freed_per="token")
-    backward = backward_nodes(model)
-    backward_ids = {id(n) for n in backward}
-    prod = producers(model)
-    saved = saved_for_backward(model)
-    order = {id(n): k for k, n in enumerate(run_order(model))}
-    position = {id(n): k for k, n in enumerate(model.graph.node)}
+    backward_list = backward_nodes(graph)
+    backward = set(backward_list)
+    saved = saved_for_backward(graph, backward_list)
+    order = {node: k for k, node in enumerate(run_order(graph))}
+    position = {node: k for k, node in enumerate(graph)}
     kinds: dict[str, int] = {}
     inserts = []  # (stored index of the first reader, nodes)
-    for kept, readers in sorted(saved.items()):
-        chain, source = find_chain(kept, prod, saved, backward_ids)
+    for kept, readers in sorted(saved.items(), key=lambda item: item[0].name):
+        chain, source = find_chain(kept, saved, backward)
         if not chain:
             continue
-        made = {o for node in chain for o in node.output}
-        first = min(readers, key=lambda r: order[id(r)])
-        after = _gate_on(first, prod, backward_ids, made | {kept})
+        made = {o for node in chain for o in node.outputs}
+        first = min(readers, key=order.__getitem__)
+        after = _gate_on(first, backward, made | {kept})
         if not after:
             why = f"its first backward reader {first.name} reads no tensor of the backward to gate the copy on"
-            log.info("cheap_recompute: leaving %s: %s", kept, why)
-            report.skipped.append(f"{kept}: {why}")
+            log.info("cheap_recompute: leaving %s: %s", kept.name, why)
+            report.skipped.append(f"{kept.name}: {why}")
             continue
         prefix = f"{chain[-1].name}/CheapRecompute"
-        gate, source_gated = gate_after(model, prefix, source, after)
+        gate, (source_gated,) = gate_all(graph, prefix, [source], after)
         renamed, suffix = {source: source_gated}, f".recompute{report.changed}"  # chains may share forward nodes
         copies = [clone_node(node, renamed, suffix, f"{prefix}/{node.name.rsplit('/', 1)[-1]}") for node in chain]
         # Readers may read `kept` through views made in the forward (a Reshape of the Expand): copy those views too.
         for reader in readers:
-            for k, name in enumerate(reader.input):
-                views = view_chain(name, prod, backward_ids)
-                if views[-1] != kept:
+            for k, value in enumerate(reader.inputs):
+                views = view_chain(value, backward) if value is not None else []
+                if not views or views[-1] is not kept:
                     continue
                 for view in reversed(views[:-1]):
                     if view not in renamed:
-                        node = prod[view]
+                        node = view.producer()
                         copies.append(clone_node(node, renamed, suffix, f"{prefix}/{node.name.rsplit('/', 1)[-1]}"))
-                reader.input[k] = renamed[name]
-        inserts.append((min(position[id(r)] for r in readers), gate + copies))
+                reader.replace_input_with(k, renamed[value])
+        inserts.append((min(position[r] for r in readers), gate + copies))
         kind = "+".join(node.op_type for node in chain)
         kinds[kind] = kinds.get(kind, 0) + 1
         report.changed += 1
-    # Stored before the first reader (the tensors the gate waits for exist by then); the last index first, so the
-    # earlier indices stay valid.
-    for at, nodes in sorted(inserts, key=lambda item: -item[0]):
-        for offset, node in enumerate(nodes):
-            model.graph.node.insert(at + offset, node)
+    # Stored right before the first stored reader (the tensors the gate waits for exist by then); several before one
+    # node go the last found first, as this pass has always stored them (bundles stay byte-identical).
+    ahead = {}  # stored index -> the node now first at that place
+    nodes = list(graph)
+    for at, new in sorted(inserts, key=lambda item: -item[0]):
+        graph.insert_before(ahead.get(at, nodes[at]), new)
+        ahead[at] = new[0]
     report.details = {"chains": kinds, "frees": "per layer: the MLP activation, [batch, T, intermediate]; K and V "
                                                 "repeated to all heads, less the K and V before the repeat"}
     return report
 
 
-CHEAP_RECOMPUTE = GraphPass("cheap_recompute", "training", apply)
+CHEAP_RECOMPUTE = GraphPass("cheap_recompute", "training", apply, ir=True)

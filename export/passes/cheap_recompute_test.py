@@ -6,7 +6,6 @@ and values, in the stored graph and in the graph ORT optimises and runs."""
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from lars_export.passes import PASSES, PassContext
 from lars_export.passes._base import gate_of, producers, saved_for_backward
@@ -109,8 +108,15 @@ def test_recomputed_activation_and_repeated_kv_give_autograd_gradients(tmp_path)
     assert _kept(optimized) == []
 
 
-def _graph(nodes):
-    return {o: n for n in nodes for o in n.output}
+def _graph(*nodes):
+    """onnx_ir values by name of a chain of (op, inputs, output) nodes: graph inputs made as the chain reads them."""
+    import onnx_ir as ir
+
+    values = {}
+    for op, inputs, output in nodes:
+        node = ir.node(op, [values.setdefault(i, ir.Value(name=i)) for i in inputs], outputs=[ir.Value(name=output)])
+        values[output] = node.outputs[0]
+    return values
 
 
 @pytest.mark.parametrize("kept_anyway, expected", [
@@ -118,20 +124,16 @@ def _graph(nodes):
     ({"a"}, (["Transpose"], "a")),             # its input is kept anyway: free
 ])
 def test_a_chain_needs_a_kept_source_or_a_broadcast(kept_anyway, expected):
-    prod = _graph([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm"),
-                   helper.make_node("Transpose", ["a"], ["at"], name="t")])
-    chain, source = find_chain("at", prod, {t: [] for t in kept_anyway | {"at"}}, set())
-    assert ([n.op_type for n in chain], source) == expected
+    values = _graph(("MatMul", ["x", "w"], "a"), ("Transpose", ["a"], "at"))
+    chain, source = find_chain(values["at"], {values[t]: [] for t in kept_anyway | {"at"}}, set())
+    assert ([n.op_type for n in chain], source.name if source else None) == expected
 
 
 def test_a_broadcast_chain_keeps_the_input_of_its_topmost_expand():
-    prod = _graph([helper.make_node("MatMul", ["x", "w"], ["k"], name="mm"),
-                   helper.make_node("Unsqueeze", ["k", "axes"], ["k1"], name="u"),
-                   helper.make_node("Expand", ["k1", "shape"], ["ke"], name="e"),
-                   helper.make_node("Reshape", ["ke", "shape2"], ["kr"], name="r"),
-                   helper.make_node("Transpose", ["kr"], ["kt"], name="t")])
-    chain, source = find_chain("kt", prod, {"kt": []}, set())
-    assert [n.op_type for n in chain] == ["Expand", "Reshape", "Transpose"] and source == "k1"
+    values = _graph(("MatMul", ["x", "w"], "k"), ("Unsqueeze", ["k", "axes"], "k1"), ("Expand", ["k1", "shape"], "ke"),
+                    ("Reshape", ["ke", "shape2"], "kr"), ("Transpose", ["kr"], "kt"))
+    chain, source = find_chain(values["kt"], {values["kt"]: []}, set())
+    assert [n.op_type for n in chain] == ["Expand", "Reshape", "Transpose"] and source.name == "k1"
 
 
 def test_runs_after_layer_recompute():

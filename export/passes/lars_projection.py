@@ -25,22 +25,14 @@ import logging
 import numpy as np
 
 from ._base import GraphPass, PassContext, PassReport
-from ._ir import new_initializer
+from ._ir import new_initializer, values_by_name
 
 log = logging.getLogger(__name__)
 
 
-def _values(graph) -> dict:
-    """Every value of the graph by name: its inputs, initializers and node outputs."""
-    out = {v.name: v for v in graph.inputs}
-    out.update(graph.initializers)
-    out.update((v.name, v) for node in graph for v in node.outputs)
-    return out
-
-
 def find(graph, context: PassContext):
     """For each trainable lora_A: (name, forward input x, gradient Transpose, its Gemm, Reshape(x) feeding it)."""
-    values = _values(graph)
+    values = values_by_name(graph)
     for name in sorted(context.trainable):
         if ".lora_A." not in name:
             continue
