@@ -253,3 +253,27 @@ def gate_waits_for(opener) -> set:
         else:
             stack.extend(v for v in node.inputs if v is not None and v.producer() is not None)
     return afters
+
+
+def ancestors(values, within: set | None = None) -> set:
+    """_base.ancestors on onnx_ir: the nodes that make `values`, transitively, entering only nodes in `within`
+    (None: any)."""
+    found, stack = set(), [v for v in values if v is not None]
+    while stack:
+        node = stack.pop().producer()
+        if node is None or node in found or (within is not None and node not in within):
+            continue
+        found.add(node)
+        stack.extend(v for v in node.inputs if v is not None)
+    return found
+
+
+def insert_groups(graph, groups: list) -> None:
+    """Insert each (stored index, nodes) group right before the node that was at that index when the groups were
+    planned. Several groups for one index go the last planned first (the order the protobuf passes stored them in,
+    inserting from the end of the node list)."""
+    nodes = list(graph)
+    ahead: dict = {}  # stored index -> the node now first at that place
+    for at, new in sorted(groups, key=lambda group: -group[0]):
+        graph.insert_before(ahead.get(at, nodes[at]), new)
+        ahead[at] = new[0]

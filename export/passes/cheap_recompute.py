@@ -30,8 +30,8 @@ from __future__ import annotations
 import logging
 
 from ._base import GraphPass, PassContext, PassReport
-from ._ir import (backward_nodes, clone_node, gate_all, gate_of, gate_waits_for, run_order, saved_for_backward,
-                  view_chain)
+from ._ir import (backward_nodes, clone_node, gate_all, gate_of, gate_waits_for, insert_groups, run_order,
+                  saved_for_backward, view_chain)
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,8 @@ def apply(model, context: PassContext) -> PassReport:
         kind = "+".join(node.op_type for node in chain)
         kinds[kind] = kinds.get(kind, 0) + 1
         report.changed += 1
-    # Stored right before the first stored reader (the tensors the gate waits for exist by then); several before one
-    # node go the last found first, as this pass has always stored them (bundles stay byte-identical).
-    ahead = {}  # stored index -> the node now first at that place
-    nodes = list(graph)
-    for at, new in sorted(inserts, key=lambda item: -item[0]):
-        graph.insert_before(ahead.get(at, nodes[at]), new)
-        ahead[at] = new[0]
+    # Stored right before the first stored reader (the tensors the gate waits for exist by then).
+    insert_groups(graph, inserts)
     report.details = {"chains": kinds, "frees": "per layer: the MLP activation, [batch, T, intermediate]; K and V "
                                                 "repeated to all heads, less the K and V before the repeat"}
     return report

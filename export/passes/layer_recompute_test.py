@@ -95,13 +95,20 @@ def test_recomputed_blocks_give_autograd_gradients_and_keep_only_block_inputs(tm
 def test_a_copy_gates_only_the_inputs_it_would_not_otherwise_wait_for():
     """The residual stream is gated; a shared tensor read beside a waiting one (the mask next to the scores) is not;
     one read alone (the rotary table unsqueezed before it meets Q) is."""
-    from onnx import helper
+    import onnx_ir as ir
 
     from lars_export.passes.layer_recompute import _to_gate
 
-    nodes = [helper.make_node("Add", ["residual", "bias"], ["h"]),
-             helper.make_node("Add", ["h", "mask"], ["scores"]),
-             helper.make_node("Unsqueeze", ["cos", "axes"], ["cos4"]),
-             helper.make_node("Mul", ["scores", "cos4"], ["out"])]
-    assert _to_gate(nodes, {"residual", "mask", "cos"}) == ["cos", "residual"]
-    assert _to_gate(nodes[1:2], {"h", "mask"}) == ["h", "mask"]  # nothing waits yet: all of the node's externals
+    values = {}
+
+    def node(op, inputs, output):
+        made = ir.node(op, [values.setdefault(i, ir.Value(name=i)) for i in inputs], outputs=[ir.Value(name=output)])
+        values[output] = made.outputs[0]
+        return made
+
+    nodes = [node("Add", ["residual", "bias"], "h"), node("Add", ["h", "mask"], "scores"),
+             node("Unsqueeze", ["cos", "axes"], "cos4"), node("Mul", ["scores", "cos4"], "out")]
+    names = lambda gated: [v.name for v in gated]  # noqa: E731
+    assert names(_to_gate(nodes, {values[t] for t in ("residual", "mask", "cos")})) == ["cos", "residual"]
+    # nothing waits yet: all of the node's externals
+    assert names(_to_gate(nodes[1:2], {values["h"], values["mask"]})) == ["h", "mask"]
