@@ -38,3 +38,21 @@ def kept_for_backward(model) -> set[str]:
     prod = producers(model)
     saved = saved_for_backward(model)
     return {t for t in dequantized_weights(model) if view_chain(t, prod)[-1] in saved}
+
+
+def is_dequantized(value) -> bool:
+    """Whether an onnx_ir value is a dequantized frozen matrix: dequantized_weights' test, on one value (the last
+    node of a dequantization of stored `.int8` / `.int4` tensors, with a gate's Size above it)."""
+    node = value.producer()
+    if node is None or not ((node.op_type == "DequantizeLinear" and node.inputs[0].name.endswith(INT8))
+                            or (node.op_type == "Reshape" and node.inputs[1].name.endswith(f"{INT4}.shape"))):
+        return False
+    seen, stack = set(), [node]
+    while stack:
+        up = stack.pop()
+        if up.op_type == "Size":
+            return True
+        if up not in seen:
+            seen.add(up)
+            stack.extend(v.producer() for v in up.inputs if v is not None and v.producer() is not None)
+    return False

@@ -22,6 +22,8 @@ summation order (with dloss = 1, the runtime's seed, the scale is the same 1 / K
 Chunk i + 1 starts once chunk i's u exists (a gate on its rows of h), so ORT cannot run two chunks' [c, vocab]
 tensors at once; forward-only graphs (export/zo_step.forward_of) drop the u's and order the chunks on their
 log-probabilities instead.
+
+Written on onnx_ir (passes/_ir.py): find (the loss block ORT built), build the forward and the backward, splice.
 """
 
 from __future__ import annotations
@@ -32,58 +34,78 @@ import numpy as np
 
 from lars_artifacts import LOGITS
 
-from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_after, initializer_map, producers
-from ._dequantized import dequantized_weights
+from ._base import GraphPass, PassContext, PassReport
+from ._dequantized import is_dequantized
+from ._ir import gate_all
 
 log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
 
 
-def find(model, context: PassContext):
-    """(sce, sce_grad, lm_head MatMul, logits Reshape, nodes of the old gradient tail) or (None, why not)."""
-    prod, cons = producers(model), consumers(model)
-    inits = initializer_map(model)
-    frozen = (set(inits) - context.trainable) | set(dequantized_weights(model))
-    sce = [n for n in model.graph.node if n.op_type == "SoftmaxCrossEntropyLoss"]
+def find(graph, context: PassContext):
+    """(sce, sce_grad, lm_head MatMul, logits Reshape, the node making dh) or (None, why not)."""
+    sce = [n for n in graph if n.op_type == "SoftmaxCrossEntropyLoss"]
     if len(sce) != 1:
         return None, f"{len(sce)} SoftmaxCrossEntropyLoss nodes (expected the one loss)"
     sce = sce[0]
-    reshape = prod.get(sce.input[0])
-    matmul = prod.get(reshape.input[0]) if reshape is not None and reshape.op_type == "Reshape" else None
-    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in frozen:
+    reshape = sce.inputs[0].producer()
+    matmul = reshape.inputs[0].producer() if reshape is not None and reshape.op_type == "Reshape" else None
+    w_t = matmul.inputs[1] if matmul is not None and matmul.op_type == "MatMul" else None
+    frozen = w_t is not None and ((w_t.is_initializer() and w_t.name not in context.trainable) or is_dequantized(w_t))
+    if not frozen:
         return None, "the logits are not Reshape(MatMul(h, frozen Wᵀ))"
-    if len(sce.output) < 2:
+    if len(sce.outputs) < 2:
         return None, "the loss saves no log-probabilities (no backward to rewrite)"
-    grads = [n for n in cons.get(sce.output[1], []) if n.op_type == "SoftmaxCrossEntropyLossGrad"]
-    h_grad = f"{matmul.input[0]}_grad"
-    tail = [n for n in model.graph.node if h_grad in n.output]
+    grads = [u.node for u in sce.outputs[1].uses() if u.node.op_type == "SoftmaxCrossEntropyLossGrad"]
+    h_grad = f"{matmul.inputs[0].name}_grad"
+    tail = [n for n in graph if any(v.name == h_grad for v in n.outputs)]
     if len(grads) != 1 or len(tail) != 1:
         return None, "no SoftmaxCrossEntropyLossGrad -> dh path to replace"
     return (sce, grads[0], matmul, reshape, tail[0]), None
 
 
-def apply(model, context: PassContext) -> PassReport:
-    from onnx import TensorProto, helper, numpy_helper
+class _Nodes:
+    """Nodes of one rewrite with named outputs; inputs given by name (a value this rewrite made, or a constant of
+    it) or as values. Attributes are stored sorted by name, as onnx.helper.make_node stores them."""
 
+    def __init__(self, constants: dict):
+        import onnx_ir as ir
+
+        self.values = {name: ir.Value(name=name, shape=ir.Shape(a.shape), type=ir.TensorType(
+            ir.DataType.from_numpy(a.dtype)), const_value=ir.tensor(a, name=name)) for name, a in constants.items()}
+
+    def __call__(self, op: str, inputs: list, outputs: list[str], name: str, domain: str = "", **attributes):
+        import onnx_ir as ir
+
+        made = [ir.Value(name=o) for o in outputs]
+        self.values.update((v.name, v) for v in made)
+        return ir.node(op, [self.values[i] if isinstance(i, str) else i for i in inputs],
+                       dict(sorted(attributes.items())), domain=domain, name=name, outputs=made)
+
+
+def apply(model, context: PassContext) -> PassReport:
+    import onnx_ir as ir
+
+    graph = model.graph
     report = PassReport("chunked_loss")
     chunks = context.loss_chunks
     if chunks < 2:
         report.skipped.append(f"--loss-chunks {chunks}: the loss runs whole")
         return report
-    found, why_not = find(model, context)
+    found, why_not = find(graph, context)
     if found is None:
         report.skipped.append(why_not)
         return report
     sce, sce_grad, matmul, reshape, old_dh = found
-    h, w_t = matmul.input  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
-    labels, loss = sce.input[1], sce.output[0]
-    ignore = int(attr(sce, "ignore_index", -100))
-    if (attr(sce, "reduction", b"mean") or b"mean") not in (b"mean", "mean"):
+    h, w_t = matmul.inputs  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
+    labels, loss = sce.inputs[1], sce.outputs[0]
+    ignore = sce.attributes.get_int("ignore_index", -100)
+    if (sce.attributes.get_string("reduction", "mean") or "mean") != "mean":
         report.skipped.append("the loss reduction is not mean")
         return report
-    loss_grad = sce_grad.input[0]
-    h_grad = old_dh.output[0]
+    loss_grad = sce_grad.inputs[0]
+    h_grad = old_dh.outputs[0]
     p = "/ChunkedLoss"
     n = lambda s: f"{p}/{s}"  # noqa: E731
     consts = {
@@ -92,114 +114,116 @@ def apply(model, context: PassContext) -> PassReport:
         n("ignore"): np.array(ignore, np.int64),
         n("h_shape_end"): np.array([np.iinfo(np.int64).max], np.int64),
     }
+    node = _Nodes(consts)
     nodes = [
-        helper.make_node("Shape", [h], [n("h_shape")], name=n("HShape")),
-        helper.make_node("Slice", [n("h_shape"), n("minus_one"), n("h_shape_end")], [n("d")], name=n("HiddenDim")),
-        helper.make_node("Concat", [n("minus_one"), n("d")], [n("rows_by_d")], name=n("RowsByD"), axis=0),
-        helper.make_node("Reshape", [h, n("rows_by_d")], [n("h_rows")], name=n("Flatten")),
+        node("Shape", [h], [n("h_shape")], n("HShape")),
+        node("Slice", [n("h_shape"), n("minus_one"), n("h_shape_end")], [n("d")], n("HiddenDim")),
+        node("Concat", [n("minus_one"), n("d")], [n("rows_by_d")], n("RowsByD"), axis=0),
+        node("Reshape", [h, n("rows_by_d")], [n("h_rows")], n("Flatten")),
         # only the K rows that carry a label: prompt and padding rows never reach the vocabulary projection
-        helper.make_node("Equal", [labels, n("ignore")], [n("ignored")], name=n("Ignored")),
-        helper.make_node("Not", [n("ignored")], [n("kept")], name=n("Kept")),
-        helper.make_node("NonZero", [n("kept")], [n("kept_at")], name=n("KeptAt")),
-        helper.make_node("Reshape", [n("kept_at"), n("minus_one")], [n("rows")], name=n("KeptRows")),
-        helper.make_node("Gather", [n("h_rows"), n("rows")], [n("h_kept")], name=n("GatherH"), axis=0),
-        helper.make_node("Gather", [labels, n("rows")], [n("l_kept")], name=n("GatherLabels"), axis=0),
+        node("Equal", [labels, n("ignore")], [n("ignored")], n("Ignored")),
+        node("Not", [n("ignored")], [n("kept")], n("Kept")),
+        node("NonZero", [n("kept")], [n("kept_at")], n("KeptAt")),
+        node("Reshape", [n("kept_at"), n("minus_one")], [n("rows")], n("KeptRows")),
+        node("Gather", [n("h_rows"), n("rows")], [n("h_kept")], n("GatherH"), axis=0),
+        node("Gather", [labels, n("rows")], [n("l_kept")], n("GatherLabels"), axis=0),
         # K rows, chunk c = ceil(K / C), padding C·c - K rows (ignored labels, zero hidden states)
-        helper.make_node("Shape", [n("l_kept")], [n("M")], name=n("LabelledRows")),
-        helper.make_node("Add", [n("M"), n("C_minus_1")], [n("M_up")], name=n("RoundUp")),
-        helper.make_node("Div", [n("M_up"), n("C")], [n("c")], name=n("ChunkRows")),
-        helper.make_node("Mul", [n("c"), n("C")], [n("M_pad")], name=n("PaddedRows")),
-        helper.make_node("Sub", [n("M_pad"), n("M")], [n("pad")], name=n("PadRows")),
-        helper.make_node("Concat", [n("zero_i"), n("zero_i"), n("pad"), n("zero_i")], [n("h_pads")],
-                         name=n("HPads"), axis=0),
-        helper.make_node("Pad", [n("h_kept"), n("h_pads")], [n("h_pad")], name=n("PadH")),
-        helper.make_node("Concat", [n("zero_i"), n("pad")], [n("l_pads")], name=n("LPads"), axis=0),
-        helper.make_node("Pad", [n("l_kept"), n("l_pads"), n("ignore")], [n("l_pad")], name=n("PadLabels")),
-        helper.make_node("Expand", [n("c"), n("C")], [n("sizes")], name=n("Sizes")),
-        helper.make_node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)],
-                         name=n("SplitH"), axis=0),
-        helper.make_node("Split", [n("l_pad"), n("sizes")], [n(f"labels_chunk{i}") for i in range(chunks)],
-                         name=n("SplitLabels"), axis=0),
+        node("Shape", [n("l_kept")], [n("M")], n("LabelledRows")),
+        node("Add", [n("M"), n("C_minus_1")], [n("M_up")], n("RoundUp")),
+        node("Div", [n("M_up"), n("C")], [n("c")], n("ChunkRows")),
+        node("Mul", [n("c"), n("C")], [n("M_pad")], n("PaddedRows")),
+        node("Sub", [n("M_pad"), n("M")], [n("pad")], n("PadRows")),
+        node("Concat", [n("zero_i"), n("zero_i"), n("pad"), n("zero_i")], [n("h_pads")], n("HPads"), axis=0),
+        node("Pad", [n("h_kept"), n("h_pads")], [n("h_pad")], n("PadH")),
+        node("Concat", [n("zero_i"), n("pad")], [n("l_pads")], n("LPads"), axis=0),
+        node("Pad", [n("l_kept"), n("l_pads"), n("ignore")], [n("l_pad")], n("PadLabels")),
+        node("Expand", [n("c"), n("C")], [n("sizes")], n("Sizes")),
+        node("Split", [n("h_pad"), n("sizes")], [n(f"h_chunk{i}") for i in range(chunks)], n("SplitH"), axis=0),
+        node("Split", [n("l_pad"), n("sizes")], [n(f"labels_chunk{i}") for i in range(chunks)], n("SplitLabels"),
+             axis=0),
         # count of labelled tokens, as ORT's mean reduction divides by it
-        helper.make_node("Cast", [n("M")], [n("count_1")], name=n("CountFloat"), to=TensorProto.FLOAT),
-        helper.make_node("Squeeze", [n("count_1")], [n("count")], name=n("Count")),
+        node("Cast", [n("M")], [n("count_1")], n("CountFloat"), to=int(ir.DataType.FLOAT)),
+        node("Squeeze", [n("count_1")], [n("count")], n("Count")),
     ]
     # forward: one chunk after another (chunk i waits for chunk i-1's u through a gate), each chunk's loss and
     # its unit-seed gradient u_i = dCE_i/dh_i while its log-probabilities exist
-    nodes.append(helper.make_node("Reciprocal", [n("count")], [n("unit_dce")], name=n("UnitDCE")))
+    nodes.append(node("Reciprocal", [n("count")], [n("unit_dce")], n("UnitDCE")))
     sums, us = [], []
     for i in range(chunks):
-        h_i = n(f"h_chunk{i}")
+        h_i = node.values[n(f"h_chunk{i}")]
         if us:
-            gate, h_i = gate_after(model, n(f"fwd{i}"), h_i, us[-1])
+            gate, (h_i,) = gate_all(graph, n(f"fwd{i}"), [h_i], [us[-1]])
             nodes += gate
-        z, logp, dz, u = n(f"z_chunk{i}"), n(f"logp_chunk{i}"), n(f"dz_chunk{i}"), n(f"u_chunk{i}")
+        logp, u = n(f"logp_chunk{i}"), n(f"u_chunk{i}")
         nodes += [
-            helper.make_node("MatMul", [h_i, w_t], [z], name=n(f"Logits{i}")),
-            helper.make_node("SoftmaxCrossEntropyLoss", [z, n(f"labels_chunk{i}")], [n(f"ce_chunk{i}"), logp],
-                             name=n(f"CE{i}"), reduction="sum", ignore_index=ignore),
-            helper.make_node("SoftmaxCrossEntropyLossGrad", [n("unit_dce"), logp, n(f"labels_chunk{i}")], [dz],
-                             name=n(f"CEGrad{i}"), domain=MS, reduction="sum", ignore_index=ignore),
-            helper.make_node("FusedMatMul", [dz, w_t], [u], name=n(f"dH{i}"), domain=MS, transA=0, transB=1,
-                             alpha=1.0),
+            node("MatMul", [h_i, w_t], [n(f"z_chunk{i}")], n(f"Logits{i}")),
+            node("SoftmaxCrossEntropyLoss", [n(f"z_chunk{i}"), n(f"labels_chunk{i}")], [n(f"ce_chunk{i}"), logp],
+                 n(f"CE{i}"), reduction="sum", ignore_index=ignore),
+            node("SoftmaxCrossEntropyLossGrad", [n("unit_dce"), logp, n(f"labels_chunk{i}")], [n(f"dz_chunk{i}")],
+                 n(f"CEGrad{i}"), domain=MS, reduction="sum", ignore_index=ignore),
+            node("FusedMatMul", [n(f"dz_chunk{i}"), w_t], [u], n(f"dH{i}"), domain=MS, transA=0, transB=1,
+                 alpha=1.0),
         ]
         sums.append(n(f"ce_chunk{i}"))
-        us.append(u)
-    nodes += [helper.make_node("Sum", sums, [n("ce_sum")], name=n("SumCE")),
-              helper.make_node("Div", [n("ce_sum"), n("count")], [loss], name=n("MeanCE"))]
+        us.append(node.values[u])
+    nodes += [node("Sum", sums, [n("ce_sum")], n("SumCE")),
+              node("Div", [n("ce_sum"), n("count")], [loss.name], n("MeanCE"))]
     forward = nodes
 
     # backward: the seed times the forward's unit gradients, back to every row (zeros where there was no label).
     # The zeros wait for the gradient (a gate on dh_kept): their shape is known in the forward, where ORT would
     # otherwise make them and keep a [T, hidden] tensor through the whole backward.
-    zeros_gate, rows_shape = gate_after(model, n("ZerosAfter"), n("h_rows_shape"), n("dh_kept"))
+    concat_u = node("Concat", us, [n("u_pad")], n("ConcatU"), axis=0)
+    scale = node("Mul", [n("u_pad"), loss_grad], [n("dh_pad")], n("dH"))
+    unpad = node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], n("Unpad"))
+    rows_shape = node("Shape", [n("h_rows")], [n("h_rows_shape")], n("RowsShape"))
+    zeros_gate, (gated_shape,) = gate_all(graph, n("ZerosAfter"), [rows_shape.outputs[0]], [unpad.outputs[0]])
     backward = [
-        helper.make_node("Concat", us, [n("u_pad")], name=n("ConcatU"), axis=0),
-        helper.make_node("Mul", [n("u_pad"), loss_grad], [n("dh_pad")], name=n("dH")),
-        helper.make_node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], name=n("Unpad")),
-        helper.make_node("Shape", [n("h_rows")], [n("h_rows_shape")], name=n("RowsShape")),
-        *zeros_gate,
-        helper.make_node("ConstantOfShape", [rows_shape], [n("dh_zeros")], name=n("Zeros"),
-                         value=numpy_helper.from_array(np.zeros(1, np.float32))),
-        helper.make_node("Unsqueeze", [n("rows"), n("minus_one")], [n("rows_nd")], name=n("RowIndices")),
-        helper.make_node("ScatterND", [n("dh_zeros"), n("rows_nd"), n("dh_kept")], [n("dh_rows")], name=n("Scatter")),
-        helper.make_node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad], name=n("UnflattenDH")),
+        concat_u, scale, unpad, rows_shape, *zeros_gate,
+        node("ConstantOfShape", [gated_shape], [n("dh_zeros")], n("Zeros"), value=ir.tensor(np.zeros(1, np.float32))),
+        node("Unsqueeze", [n("rows"), n("minus_one")], [n("rows_nd")], n("RowIndices")),
+        node("ScatterND", [n("dh_zeros"), n("rows_nd"), n("dh_kept")], [n("dh_rows")], n("Scatter")),
+        node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad.name], n("UnflattenDH")),
     ]
 
     # Drop the old tail: logits, the whole-vocabulary loss, its gradient and the logits' shape bookkeeping.
-    old = {id(x) for x in (sce, sce_grad, matmul, reshape, old_dh)}
-    logits_grad_path = set()
-    frontier = list(sce_grad.output)
-    cons = consumers(model)
+    old = {sce, sce_grad, matmul, reshape, old_dh}
+    frontier = list(sce_grad.outputs)
     while frontier:  # logits_grad -> Reshape -> dY -> (old_dh): remove those in between too
-        for node in cons.get(frontier.pop(), []):
-            if id(node) not in old and id(node) not in logits_grad_path and h_grad not in node.output:
-                logits_grad_path.add(id(node))
-                frontier.extend(node.output)
-    old |= logits_grad_path
-    removed_outputs = {o for x in model.graph.node if id(x) in old for o in x.output}
+        for use in frontier.pop().uses():
+            if use.node not in old and h_grad not in use.node.outputs:
+                old.add(use.node)
+                frontier.extend(use.node.outputs)
+    removed_outputs = {v for x in graph if x in old for v in x.outputs}
     # Shape bookkeeping of the removed tensors (ORT's Reshape gradient measures the logits) goes with them.
-    old |= {id(x) for x in model.graph.node if x.op_type == "Shape" and x.input[0] in removed_outputs}
-    kept = [x for x in model.graph.node if id(x) not in old]
-    at_fwd = next(i for i, x in enumerate(model.graph.node) if x is matmul)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    old |= {x for x in graph if x.op_type == "Shape" and x.inputs[0] in removed_outputs}
+    stored = list(graph)
+    kept = [x for x in stored if x not in old]
+    at_fwd = stored.index(matmul)  # the lm_head's place before the removal, in the list after it
+    graph.remove([x for x in stored if x in old], safe=False)
+    # The new loss and dh take the old ones' names, places among the outputs and readers.
+    new_loss, new_h_grad = forward[-1].outputs[0], backward[-1].outputs[0]
+    new_loss.type, new_loss.shape = loss.type, loss.shape  # as the graph output declared it
+    graph.outputs[:] = [new_loss if v is loss else new_h_grad if v is h_grad else v
+                        for v in graph.outputs if v.name != LOGITS]
+    for before, after in ((loss, new_loss), (h_grad, new_h_grad)):
+        ir.convenience.replace_all_uses_with(before, after)
     # Insert forward where the lm_head was, backward before the first reader of dh.
-    for offset, node in enumerate(forward):
-        model.graph.node.insert(min(at_fwd, len(model.graph.node)) + offset, node)
-    readers = [i for i, x in enumerate(model.graph.node) if h_grad in x.input]
-    at_bwd = min(readers) if readers else len(model.graph.node)
-    for offset, node in enumerate(backward):
-        model.graph.node.insert(at_bwd + offset, node)
-    for name, value in consts.items():
-        model.graph.initializer.append(numpy_helper.from_array(value, name))
-    outputs = [o for o in model.graph.output if o.name != LOGITS]
-    del model.graph.output[:]
-    model.graph.output.extend(outputs)
+    if at_fwd < len(kept):
+        graph.insert_before(kept[at_fwd], forward)
+    else:
+        graph.extend(forward)
+    reader = next((x for x in graph if new_h_grad in x.inputs), None)
+    if reader is not None:
+        graph.insert_before(reader, backward)
+    else:
+        graph.extend(backward)
+    for name in consts:
+        graph.register_initializer(node.values[name])
     report.changed = 1
     report.details = {"chunks": chunks, "frees": "three [tokens, vocab] float32 tensors at the turn, less one chunk's",
                       "logits_output_dropped": True, "gradient_in_forward": True}
     return report
 
 
-CHUNKED_LOSS = GraphPass("chunked_loss", "training", apply, switch="loss_chunks")
+CHUNKED_LOSS = GraphPass("chunked_loss", "training", apply, switch="loss_chunks", ir=True)
