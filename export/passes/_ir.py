@@ -22,6 +22,28 @@ import numpy as np
 from ._base import PASS_WEIGHTS, PassContext
 
 
+class Nodes:
+    """A maker of one rewrite's nodes, with named outputs: `nodes(op, inputs, outputs, name, domain, **attributes)`.
+    Inputs are given by name (a value it made, or one of its `constants`: Values holding them, registered by the
+    caller) or as Values. Attributes are stored sorted by name, as onnx.helper.make_node stores them."""
+
+    def __init__(self, constants: dict | None = None):
+        import onnx_ir as ir
+
+        self.values = {name: ir.Value(name=name, shape=ir.Shape(a.shape),
+                                      type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
+                                      const_value=ir.tensor(a, name=name))
+                       for name, a in (constants or {}).items()}
+
+    def __call__(self, op: str, inputs: list, outputs: list[str], name: str, domain: str = "", **attributes):
+        import onnx_ir as ir
+
+        made = [ir.Value(name=o) for o in outputs]
+        self.values.update((v.name, v) for v in made)
+        return ir.node(op, [self.values[i] if isinstance(i, str) else i for i in inputs],
+                       dict(sorted(attributes.items())), domain=domain, name=name, outputs=made)
+
+
 def to_ir(model, weights_dir: str | None):
     """The onnx_ir Model of a ModelProto whose external-data initializers live under `weights_dir`."""
     import onnx_ir as ir
@@ -255,16 +277,19 @@ def gate_waits_for(opener) -> set:
     return afters
 
 
-def ancestors(values, within: set | None = None) -> set:
-    """_base.ancestors on onnx_ir: the nodes that make `values`, transitively, entering only nodes in `within`
-    (None: any)."""
-    found, stack = set(), [v for v in values if v is not None]
+def ancestors(values, within: set | None = None, through=None) -> dict:
+    """_base.ancestors on onnx_ir: the nodes that make `values`, transitively, in the order a depth-first walk finds
+    them (a dict used as an ordered set), entering only nodes in `within` (None: any) and not walking past a node for
+    which `through(node)` is False (the node itself is included)."""
+    found, stack = {}, list(values)
     while stack:
-        node = stack.pop().producer()
+        value = stack.pop()
+        node = value.producer() if value is not None else None
         if node is None or node in found or (within is not None and node not in within):
             continue
-        found.add(node)
-        stack.extend(v for v in node.inputs if v is not None)
+        found[node] = None
+        if through is None or through(node):
+            stack.extend(node.inputs)
     return found
 
 

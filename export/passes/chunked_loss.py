@@ -36,7 +36,7 @@ from lars_artifacts import LOGITS
 
 from ._base import GraphPass, PassContext, PassReport
 from ._dequantized import is_dequantized
-from ._ir import gate_all
+from ._ir import Nodes, gate_all
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +63,6 @@ def find(graph, context: PassContext):
     if len(grads) != 1 or len(tail) != 1:
         return None, "no SoftmaxCrossEntropyLossGrad -> dh path to replace"
     return (sce, grads[0], matmul, reshape, tail[0]), None
-
-
-class _Nodes:
-    """Nodes of one rewrite with named outputs; inputs given by name (a value this rewrite made, or a constant of
-    it) or as values. Attributes are stored sorted by name, as onnx.helper.make_node stores them."""
-
-    def __init__(self, constants: dict):
-        import onnx_ir as ir
-
-        self.values = {name: ir.Value(name=name, shape=ir.Shape(a.shape), type=ir.TensorType(
-            ir.DataType.from_numpy(a.dtype)), const_value=ir.tensor(a, name=name)) for name, a in constants.items()}
-
-    def __call__(self, op: str, inputs: list, outputs: list[str], name: str, domain: str = "", **attributes):
-        import onnx_ir as ir
-
-        made = [ir.Value(name=o) for o in outputs]
-        self.values.update((v.name, v) for v in made)
-        return ir.node(op, [self.values[i] if isinstance(i, str) else i for i in inputs],
-                       dict(sorted(attributes.items())), domain=domain, name=name, outputs=made)
 
 
 def apply(model, context: PassContext) -> PassReport:
@@ -114,7 +95,7 @@ def apply(model, context: PassContext) -> PassReport:
         n("ignore"): np.array(ignore, np.int64),
         n("h_shape_end"): np.array([np.iinfo(np.int64).max], np.int64),
     }
-    node = _Nodes(consts)
+    node = Nodes(consts)
     nodes = [
         node("Shape", [h], [n("h_shape")], n("HShape")),
         node("Slice", [n("h_shape"), n("minus_one"), n("h_shape_end")], [n("d")], n("HiddenDim")),
@@ -200,7 +181,6 @@ def apply(model, context: PassContext) -> PassReport:
     stored = list(graph)
     kept = [x for x in stored if x not in old]
     at_fwd = stored.index(matmul)  # the lm_head's place before the removal, in the list after it
-    graph.remove([x for x in stored if x in old], safe=False)
     # The new loss and dh take the old ones' names, places among the outputs and readers.
     new_loss, new_h_grad = forward[-1].outputs[0], backward[-1].outputs[0]
     new_loss.type, new_loss.shape = loss.type, loss.shape  # as the graph output declared it
@@ -208,6 +188,7 @@ def apply(model, context: PassContext) -> PassReport:
                         for v in graph.outputs if v.name != LOGITS]
     for before, after in ((loss, new_loss), (h_grad, new_h_grad)):
         ir.convenience.replace_all_uses_with(before, after)
+    graph.remove([x for x in stored if x in old], safe=True)  # checks that nothing left reads what they made
     # Insert forward where the lm_head was, backward before the first reader of dh.
     if at_fwd < len(kept):
         graph.insert_before(kept[at_fwd], forward)
