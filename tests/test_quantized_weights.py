@@ -53,14 +53,13 @@ def test_quantized_bundle_matches_peft_on_dequantized_weights(arch, scheme, tiny
 def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp_path):
     """With layer recompute, a recomputed layer's forward and backward readers of a matrix each get their own float32
     copy (the layer's whole backward runs between them): in the order plain onnxruntime actually runs the step
-    (its profiler's kernel events), one dequantized matrix exists at a time, as passes._base.run_order predicts."""
+    (its profiler's kernel events), one dequantized matrix exists at a time, as passes._ir.run_order predicts."""
     import json
     from pathlib import Path
 
     import onnx
 
     from lars_artifacts import load_bundle
-    from lars_export.passes._base import consumers
     from lars_export.passes.dequantize_at_use import most_alive
     from lars_export.passes._dequantized import dequantized_weights
     from lars_ort.data import Batch
@@ -80,12 +79,11 @@ def test_one_dequantized_matrix_at_a_time_in_the_order_ort_runs(tiny_models, tmp
         at.setdefault(name, k)
 
     step = onnx.load(bundle.file(engine.spec.training), load_external_data=False)
-    readers = consumers(step)
     spans = []
-    for name, (chain, _) in dequantized_weights(step).items():
+    for value, (chain, _) in dequantized_weights(step).items():
         made = [n.name for n in chain if n.op_type == "DequantizeLinear"]
-        read = [r.name for r in readers.get(name, [])]
-        assert made and read and all(n in at for n in made + read), (name, made, read)  # ran under its own name
+        read = [use.node.name for use in value.uses()]
+        assert made and read and all(n in at for n in made + read), (value.name, made, read)  # ran under its name
         spans.append((at[made[0]], max(at[r] for r in read)))
     assert len(spans) > 2 * 7  # the forward's, the recomputed forward's and the backward's copies
     alive = [sum(1 for s, e in spans if s <= k < e) for k in range(len(ran))]

@@ -141,38 +141,6 @@ def backward_nodes(model) -> list:
     return [n for n in model.graph.node if id(n) in seen]
 
 
-def run_order(model) -> list:
-    """The graph's nodes in the order ORT runs them with the priority-based execution order the runtime sets: ORT's
-    GraphViewer sorts by Kahn's algorithm and, among the nodes ready to run, takes Shape and Size first, then the
-    lowest node index (the stored position; our graphs carry no backward-pass or priority attributes). Raises
-    ValueError on a cycle."""
-    import heapq
-
-    nodes = list(model.graph.node)
-    made_by = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    users: list[list[int]] = [[] for _ in nodes]
-    waiting = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        for before in {made_by[t] for t in node.input if t in made_by}:
-            users[before].append(i)
-            waiting[i] += 1
-    key = [(n.op_type not in SHAPE_OPS, i) for i, n in enumerate(nodes)]
-    ready = [key[i] for i in range(len(nodes)) if not waiting[i]]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for user in users[i]:
-            waiting[user] -= 1
-            if not waiting[user]:
-                heapq.heappush(ready, key[user])
-    if len(order) != len(nodes):
-        stuck = next(n for i, n in enumerate(nodes) if waiting[i])
-        raise ValueError(f"the graph has a cycle through {stuck.op_type} {stuck.name}")
-    return order
-
-
 # Ops whose output is a view of their input in ORT (same buffer): reading the view keeps the input alive.
 VIEW_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 

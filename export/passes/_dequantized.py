@@ -2,57 +2,65 @@
 
 quantize_frozen writes a matrix W as `<W>.int8` (+ `.scale`) or `<W>.int4` (+ `.scale`, `.min`, `.blocks`, `.shape`)
 and dequantizes it in front of each reader, gated on the reader's activation. The passes that come after it
-(chunked_loss, dequantize_in_slices, dequantize_at_use) and their tests find those dequantizations here.
+(chunked_loss, dequantize_in_slices, dequantize_at_use) and their tests find those dequantizations here. On onnx_ir
+graphs; a ModelProto (a test's, a bundle's file) is converted first.
 """
 
 from __future__ import annotations
 
-from ._base import ancestors, producers, saved_for_backward, view_chain
+from ._ir import ancestors, backward_nodes, saved_for_backward, view_chain
 
 INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
 
 
-def dequantized_weights(model) -> dict[str, tuple[list, str]]:
-    """Every tensor that is a dequantized frozen matrix (made by quantize_frozen, or a copy of such a computation
-    made by a later pass): name -> (the nodes computing it from the stored tensors, in stored order; the tensor its gate
+def ir_graph(model):
+    """The onnx_ir Graph of `model`: an onnx_ir Graph or Model as it is, a ModelProto converted (its weights are
+    never read)."""
+    import onnx_ir as ir
+
+    from ._ir import to_ir
+
+    if isinstance(model, ir.Graph):
+        return model
+    return model.graph if isinstance(model, ir.Model) else to_ir(model, None).graph
+
+
+def _last_step(node) -> bool:
+    """Whether `node` makes a dequantized matrix from stored tensors: INT8's DequantizeLinear, INT4's final Reshape."""
+    return ((node.op_type == "DequantizeLinear" and node.inputs[0].name.endswith(INT8))
+            or (node.op_type == "Reshape" and node.inputs[1] is not None
+                and node.inputs[1].name.endswith(f"{INT4}.shape")))
+
+
+def dequantized_weights(model) -> dict:
+    """Every value that is a dequantized frozen matrix (made by quantize_frozen, or a copy of such a computation made
+    by a later pass): value -> (the nodes computing it from the stored tensors, in stored order; the value its gate
     waits for)."""
-    prod = producers(model)
-    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    graph = ir_graph(model)
+    order = {node: i for i, node in enumerate(graph)}
     out = {}
-    for node in model.graph.node:
-        last = ((node.op_type == "DequantizeLinear" and node.input[0].endswith(INT8))
-                or (node.op_type == "Reshape" and node.input[1].endswith(f"{INT4}.shape")))
-        if not last:
+    for node in graph:
+        if not _last_step(node):
             continue
         # Up to the gate's Size: what it measures is the activation the gate waits for, not part of the computation.
-        chain = ancestors(node.output, prod, through=lambda up: up.op_type != "Size")
-        gate_on = [up.input[0] for up in chain.values() if up.op_type == "Size"]
+        chain = ancestors(node.outputs, through=lambda up: up.op_type != "Size")
+        gate_on = [up.inputs[0] for up in chain if up.op_type == "Size"]
         if gate_on:
-            out[node.output[0]] = (sorted(chain.values(), key=lambda n: order[id(n)]), gate_on[-1])
+            out[node.outputs[0]] = (sorted(chain, key=order.__getitem__), gate_on[-1])
     return out
 
 
-def kept_for_backward(model) -> set[str]:
-    """Dequantized matrices the backward reads from the forward (each outlives the forward: what
-    dequantize_at_use removes). A matrix counts through its views (INT4's last step is a Reshape)."""
-    prod = producers(model)
-    saved = saved_for_backward(model)
-    return {t for t in dequantized_weights(model) if view_chain(t, prod)[-1] in saved}
-
-
 def is_dequantized(value) -> bool:
-    """Whether an onnx_ir value is a dequantized frozen matrix: dequantized_weights' test, on one value (the last
-    node of a dequantization of stored `.int8` / `.int4` tensors, with a gate's Size above it)."""
+    """Whether an onnx_ir value is a dequantized frozen matrix: dequantized_weights' test, on one value."""
     node = value.producer()
-    if node is None or not ((node.op_type == "DequantizeLinear" and node.inputs[0].name.endswith(INT8))
-                            or (node.op_type == "Reshape" and node.inputs[1].name.endswith(f"{INT4}.shape"))):
+    if node is None or not _last_step(node):
         return False
-    seen, stack = set(), [node]
-    while stack:
-        up = stack.pop()
-        if up.op_type == "Size":
-            return True
-        if up not in seen:
-            seen.add(up)
-            stack.extend(v.producer() for v in up.inputs if v is not None and v.producer() is not None)
-    return False
+    return any(up.op_type == "Size" for up in ancestors(node.outputs, through=lambda up: up.op_type != "Size"))
+
+
+def kept_for_backward(model) -> set[str]:
+    """Names of the dequantized matrices the backward reads from the forward (each outlives the forward: what
+    dequantize_at_use removes). A matrix counts through its views (INT4's last step is a Reshape)."""
+    graph = ir_graph(model)
+    saved = saved_for_backward(graph, backward_nodes(graph))
+    return {value.name for value in dequantized_weights(graph) if view_chain(value)[-1] in saved}

@@ -7,12 +7,12 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import backward_nodes, consumers, producers, run_order
+from lars_export.passes._ir import backward_nodes, run_order
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
-from lars_export.passes._dequantized import dequantized_weights, kept_for_backward
+from lars_export.passes._dequantized import dequantized_weights, ir_graph, kept_for_backward
 from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN
 
 
@@ -45,12 +45,11 @@ def test_backward_readers_get_their_own_copies(tmp_path, scheme):
     assert report.changed == 5 and report.skipped == []
     assert kept_for_backward(training) == set()
     # Each copy waits for a tensor the backward makes (a gradient), so ORT cannot run it during the forward.
-    backward_list = backward_nodes(training)  # held: protobuf node ids are only stable while the nodes are alive
-    backward = {id(n) for n in backward_list}
-    prod, cons = producers(training), consumers(training)
-    copies = {t: gate for t, (_, gate) in dequantized_weights(training).items()
-              if any(id(r) in backward for r in cons.get(t, []))}
-    assert len(copies) == 5 and all(id(prod[gate]) in backward for gate in copies.values())
+    graph = ir_graph(training)
+    backward = set(backward_nodes(graph))
+    copies = {t: gate for t, (_, gate) in dequantized_weights(graph).items()
+              if any(use.node in backward for use in t.uses())}
+    assert len(copies) == 5 and all(gate.producer() in backward for gate in copies.values())
 
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     loss_after, grads_after = _step(tmp_path, ids, labels)
@@ -82,7 +81,7 @@ def test_run_order_follows_ort_priority_and_finds_cycles():
          helper.make_node("Add", ["a", "b"], ["y"], name="fourth")],
         "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
     model = helper.make_model(graph)
-    assert [n.name for n in run_order(model)] == ["first", "second", "third", "fourth"]
+    assert [n.name for n in run_order(ir_graph(model))] == ["first", "second", "third", "fourth"]
     model.graph.node[0].input[0] = "y"  # first <- fourth <- first
     with pytest.raises(ValueError, match="cycle through"):
-        run_order(model)
+        run_order(ir_graph(model))

@@ -16,6 +16,8 @@ whole dequantization (reported). Runs after the passes that add readers (chunked
 dequantize_at_use, which then finds no whole copy left for these readers.
 
 Logits are unchanged; dh changes by float summation order only (a sum over slices).
+
+Written on onnx_ir (passes/_ir.py).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import numpy as np
 
 from lars_artifacts.memory_model import DEQUANTIZED_SLICE_BYTES, dequantized_slices
 
-from ._base import GraphPass, PassContext, PassReport, attr, consumers, gate_all, initializer_map, shared_initializer
+from ._base import GraphPass, PassContext, PassReport
 from ._dequantized import INT8, dequantized_weights
+from ._ir import Nodes, gate_all, shared_initializer
 
 log = logging.getLogger(__name__)
 
@@ -36,111 +39,111 @@ MS = "com.microsoft"
 SLICE_BYTES = DEQUANTIZED_SLICE_BYTES  # float32 bytes of one slice: the largest dequantized matrix this pass lets exist
 
 
-def reader_kind(node, weight: str) -> str | None:
+def reader_kind(node, weight) -> str | None:
     """"matmul" for MatMul(x, W), "matmul_bt" for FusedMatMul(dz, W) with W transposed; None for any other reader."""
-    if len(node.input) != 2 or node.input[1] != weight or node.input[0] == weight:
+    if len(node.inputs) != 2 or node.inputs[1] is not weight or node.inputs[0] is weight:
         return None
-    if node.op_type == "MatMul" and (node.domain or "") == "":
+    if node.op_type == "MatMul" and node.domain == "":
         return "matmul"
-    if node.op_type == "FusedMatMul" and node.domain == MS and (attr(node, "transA", 0), attr(node, "transB", 0),
-                                                                attr(node, "alpha", 1.0)) == (0, 1, 1.0) \
-            and not attr(node, "transBatchA", 0) and not attr(node, "transBatchB", 0):
+    a = node.attributes
+    if node.op_type == "FusedMatMul" and node.domain == MS and (a.get_int("transA", 0), a.get_int("transB", 0),
+                                                                a.get_float("alpha", 1.0)) == (0, 1, 1.0) \
+            and not a.get_int("transBatchA", 0) and not a.get_int("transBatchB", 0):
         return "matmul_bt"
     return None
 
 
-def find(model):
-    """(dequantized tensor, its stored weight name, [K, N], slices, its computation's nodes) of every INT8
+def find(graph):
+    """(dequantized value, its stored weight name, [K, N], slices, its computation's nodes) of every INT8
     per-column matrix whose float32 copy exceeds SLICE_BYTES."""
-    inits = initializer_map(model)
-    for name, (chain, _gate) in dequantized_weights(model).items():
-        last = next(n for n in chain if name in n.output)
-        if last.op_type != "DequantizeLinear" or attr(last, "axis", 1) != 1:
+    for value, (chain, _gate) in dequantized_weights(graph).items():
+        last = value.producer()
+        if last.op_type != "DequantizeLinear" or last.attributes.get_int("axis", 1) != 1:
             continue  # INT4 blocks run along K: they are not sliced by column
-        weight = last.input[0].removesuffix(INT8)
-        stored = inits.get(last.input[0])
-        if stored is None or len(stored.dims) != 2 or f"{weight}{INT8}.scale" not in inits:
+        weight = last.inputs[0].name.removesuffix(INT8)
+        stored = graph.initializers.get(last.inputs[0].name)
+        if stored is None or len(stored.shape) != 2 or f"{weight}{INT8}.scale" not in graph.initializers:
             continue
-        k, n = stored.dims
+        k, n = stored.shape.numpy()
         slices = dequantized_slices(k, n, SLICE_BYTES)
         if slices > 1:
-            yield name, weight, (k, n), slices, chain
+            yield value, weight, (k, n), slices, chain
 
 
-def sliced(model, reader, kind: str, weight: str, n: int, slices: int) -> list:
+def sliced(graph, reader, kind: str, weight: str, n: int, slices: int) -> list:
     """The nodes replacing `reader` (a MatMul or FusedMatMul reading the dequantized weight): one gated slice at a
-    time, writing the reader's own output."""
-    from onnx import helper
-
+    time, the last writing a value named as the reader's output."""
     width = math.ceil(n / slices)
-    axis1 = shared_initializer(model, "passes.slices.axis1", np.array([1], np.int64))
-    axis0 = shared_initializer(model, "passes.slices.axis0", np.array([0], np.int64))
-    last_axis = shared_initializer(model, "passes.slices.last_axis", np.array([-1], np.int64))
-    prefix = f"{reader.name or reader.output[0]}/Slices"
-    nodes, parts, after = [], [], reader.input[0]
+    axis1 = shared_initializer(graph, "passes.slices.axis1", np.array([1], np.int64))
+    axis0 = shared_initializer(graph, "passes.slices.axis0", np.array([0], np.int64))
+    last_axis = shared_initializer(graph, "passes.slices.last_axis", np.array([-1], np.int64))
+    q, scale = graph.initializers[f"{weight}{INT8}"], graph.initializers[f"{weight}{INT8}.scale"]
+    x, out = reader.inputs[0], reader.outputs[0].name
+    prefix = f"{reader.name or out}/Slices"
+    node = Nodes()
+    nodes, parts, after = [], [], x
     for j in range(slices):
         p = f"{prefix}/{j}"
-        start = shared_initializer(model, f"{weight}/slice{j}.start", np.array([j * width], np.int64))
-        end = shared_initializer(model, f"{weight}/slice{j}.end", np.array([min(n, (j + 1) * width)], np.int64))
-        gate, (gated_start,) = gate_all(model, p, [start], after)
+        start = shared_initializer(graph, f"{weight}/slice{j}.start", np.array([j * width], np.int64))
+        end = shared_initializer(graph, f"{weight}/slice{j}.end", np.array([min(n, (j + 1) * width)], np.int64))
+        gate, (gated_start,) = gate_all(graph, p, [start], [after])
         nodes += gate + [
-            helper.make_node("Slice", [f"{weight}{INT8}", gated_start, end, axis1], [f"{p}/q"], name=f"{p}/SliceQ"),
-            helper.make_node("Slice", [f"{weight}{INT8}.scale", gated_start, end, axis0], [f"{p}/scale"],
-                             name=f"{p}/SliceScale"),
-            helper.make_node("DequantizeLinear", [f"{p}/q", f"{p}/scale"], [f"{p}/weight"],
-                             name=f"{p}/DequantizeLinear", axis=1),
+            node("Slice", [q, gated_start, end, axis1], [f"{p}/q"], f"{p}/SliceQ"),
+            node("Slice", [scale, gated_start, end, axis0], [f"{p}/scale"], f"{p}/SliceScale"),
+            node("DequantizeLinear", [f"{p}/q", f"{p}/scale"], [f"{p}/weight"], f"{p}/DequantizeLinear", axis=1),
         ]
         part = f"{p}/part"
         if kind == "matmul":
-            nodes.append(helper.make_node("MatMul", [reader.input[0], f"{p}/weight"], [part], name=f"{p}/MatMul"))
+            nodes.append(node("MatMul", [x, f"{p}/weight"], [part], f"{p}/MatMul"))
         else:
             nodes += [
-                helper.make_node("Slice", [reader.input[0], start, end, last_axis], [f"{p}/dz"], name=f"{p}/SliceDz"),
-                helper.make_node("FusedMatMul", [f"{p}/dz", f"{p}/weight"], [part], name=f"{p}/FusedMatMul",
-                                 domain=MS, transA=0, transB=1, alpha=1.0),
+                node("Slice", [x, start, end, last_axis], [f"{p}/dz"], f"{p}/SliceDz"),
+                node("FusedMatMul", [f"{p}/dz", f"{p}/weight"], [part], f"{p}/FusedMatMul", domain=MS, transA=0,
+                     transB=1, alpha=1.0),
             ]
             if parts:  # a running sum: each part dies once added
-                total = reader.output[0] if j == slices - 1 else f"{p}/sum"
-                nodes.append(helper.make_node("Add", [parts[-1], part], [total], name=f"{p}/Add"))
+                total = out if j == slices - 1 else f"{p}/sum"
+                nodes.append(node("Add", [parts[-1], part], [total], f"{p}/Add"))
                 part = total
         parts.append(part)
-        after = part
+        after = node.values[part]
     if kind == "matmul":
-        nodes.append(helper.make_node("Concat", parts, [reader.output[0]], name=f"{prefix}/Concat", axis=-1))
+        nodes.append(node("Concat", parts, [out], f"{prefix}/Concat", axis=-1))
     return nodes
 
 
-def _drop_unused(model, chain: list) -> int:
+def _drop_unused(graph, chain: list) -> int:
     """Remove the nodes of `chain` whose outputs nothing reads any more (the whole dequantization once no reader
     is left); returns how many."""
-    removed, outputs, cons = 0, {o.name for o in model.graph.output}, consumers(model)
-    for node in reversed(chain):  # readers first: a node's inputs lose it as a reader once it goes
-        if not any(cons.get(o) or o in outputs for o in node.output if o):
-            model.graph.node.remove(node)
-            for i in node.input:
-                cons[i] = [c for c in cons.get(i, []) if c != node]  # by value: protobuf ids are unstable
+    removed = 0
+    for node in reversed(chain):  # readers first: a removed node stops reading its inputs
+        if not any(v.uses() or v.is_graph_output() for v in node.outputs):
+            graph.remove(node, safe=True)
             removed += 1
     return removed
 
 
 def apply(model, context: PassContext) -> PassReport:
+    import onnx_ir as ir
+
+    graph = model.graph
     report = PassReport("dequantize_in_slices")
     matrices = []
-    for name, weight, (k, n), slices, chain in list(find(model)):
-        readers = consumers(model).get(name, [])
+    for value, weight, (k, n), slices, chain in list(find(graph)):
+        position = {node: i for i, node in enumerate(graph)}
+        readers = sorted({u.node for u in value.uses()}, key=position.__getitem__)
         done = 0
         for reader in readers:
-            kind = reader_kind(reader, name)
+            kind = reader_kind(reader, value)
             if kind is None:
                 report.skipped.append(f"{weight}: read whole by {reader.op_type} {reader.name}")
                 continue
-            at = list(model.graph.node).index(reader)
-            new = sliced(model, reader, kind, weight, n, slices)
-            model.graph.node.remove(reader)
-            for offset, node in enumerate(new):
-                model.graph.node.insert(at + offset, node)
+            new = sliced(graph, reader, kind, weight, n, slices)
+            graph.insert_before(reader, new)
+            ir.convenience.replace_all_uses_with(reader.outputs[0], new[-1].outputs[0], replace_graph_outputs=True)
+            graph.remove(reader, safe=True)
             done += 1
-        _drop_unused(model, chain)
+        _drop_unused(graph, chain)
         if done:
             matrices.append({"weight": weight, "shape": [k, n], "slices": slices, "readers": done})
             report.changed += 1
@@ -152,5 +155,4 @@ def apply(model, context: PassContext) -> PassReport:
     return report
 
 
-DEQUANTIZE_IN_SLICES = GraphPass("dequantize_in_slices", "training", apply,
-                                 switch="quantize_weights")
+DEQUANTIZE_IN_SLICES = GraphPass("dequantize_in_slices", "training", apply, switch="quantize_weights", ir=True)

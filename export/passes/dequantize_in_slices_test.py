@@ -39,7 +39,7 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     labels[3] = -100
     loss_before, grads_before = ort_train_step(tmp_path, [ids, labels])
 
-    whole = [t for t in dequantized_weights(training) if "lm_head" in t]
+    whole = [t for t in dequantized_weights(training) if "lm_head" in t.name]
     assert len(whole) == 1
     # the projection's 200 columns of 32 float32 (25,600 bytes) in slices of at most 10,240: 3 of 67, 67 and 66
     # columns; the layers' matrices (8,192 bytes) stay whole
@@ -51,7 +51,7 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     # per chunk: the logits and dh = dz·Wᵀ (both in the forward: the chunked loss recomputes nothing)
     assert matrix["shape"] == [D, OUT] and matrix["slices"] == 3 and matrix["readers"] == 2 * CHUNKS
     # no whole float32 copy of the projection is left: only slice dequantizations
-    assert not [t for t in dequantized_weights(training) if "lm_head" in t]
+    assert not [t for t in dequantized_weights(training) if "lm_head" in t.name]
     deq = [n for n in training.graph.node if n.op_type == "DequantizeLinear" and "/Slices/" in n.name]
     assert len(deq) == 3 * 2 * CHUNKS
     # slice j+1 of a reader waits for slice j's product (its Slice start is gated on it)

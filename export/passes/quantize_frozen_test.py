@@ -105,7 +105,8 @@ def test_quantized_bundle_trains_like_autograd_on_dequantized_weights(tmp_path, 
         # The loss' chunks run one after the other, each reading the projection twice (its logits and its dh, both
         # in the forward): one dequantized output projection for all of them, not one per read (3 chunks x 2).
         head = [t for t, (chain, _) in dequantized_weights(stored).items()
-                if any(i.startswith("/lm_head/Transpose_output_0") for n in chain for i in n.input)]
+                if any(i is not None and i.name.startswith("/lm_head/Transpose_output_0")
+                       for n in chain for i in n.inputs)]
         assert len(head) == 1, head
     for graph in (stored, optimized):
         assert kept_for_backward(graph) == set()
