@@ -1,4 +1,5 @@
-"""The machinery every pass shares: its context, its report, and the initializer helpers."""
+"""The machinery every pass shares: its context, its report, how it runs; and the protobuf walks and gates that
+zo_step, the tools and the tests use on ModelProtos (the passes' own, on onnx_ir, are in _ir.py)."""
 
 from __future__ import annotations
 
@@ -68,10 +69,6 @@ def attr(node, name: str, default=None):
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
-def initializer_map(model) -> dict:
-    return {init.name: init for init in model.graph.initializer}
-
-
 PASS_WEIGHTS = "passes.onnx_data"  # where forward passes put the large tensors they make (under weights_dir)
 
 
@@ -95,21 +92,6 @@ def consumers(model) -> dict[str, list]:
         for name in node.input:
             out.setdefault(name, []).append(node)
     return out
-
-
-def ancestors(tensors, prod: dict, within: set | None = None, through=None) -> dict:
-    """The nodes that make `tensors`, transitively (id -> node): the walk follows producers, enters only nodes whose
-    id is in `within` (None: any), and does not walk past a node for which `through(node)` is False (the node itself
-    is included). Node ids are only stable while the nodes are referenced: hold `prod` meanwhile."""
-    found, stack = {}, list(tensors)
-    while stack:
-        node = prod.get(stack.pop())
-        if node is None or id(node) in found or (within is not None and id(node) not in within):
-            continue
-        found[id(node)] = node
-        if through is None or through(node):
-            stack.extend(node.input)
-    return found
 
 
 def descendants(tensors, cons: dict, within: set | None = None, stop: set | None = None) -> dict:
@@ -170,18 +152,6 @@ def saved_for_backward(model) -> dict[str, list]:
             if name in before_turn:
                 out.setdefault(view_chain(name, producer, backward_ids)[-1], []).append(node)
     return out
-
-
-def clone_node(node, renamed: dict, suffix: str, name: str):
-    """A copy of `node` named `name` that reads renamed.get(input, input) and writes output + suffix; records each
-    output's copy in `renamed`, so cloning a chain in order rewires it onto itself."""
-    from onnx import helper
-
-    copy = helper.make_node(node.op_type, [renamed.get(i, i) for i in node.input],
-                            [f"{o}{suffix}" if o else "" for o in node.output], name=name, domain=node.domain or None)
-    copy.attribute.extend(node.attribute)
-    renamed.update({o: c for o, c in zip(node.output, copy.output) if o})
-    return copy
 
 
 GATE_NO_AXES = "passes.gate.no_axes"  # int64 [0]: Size(t) · [] is an empty axes list (one shared initializer)

@@ -24,24 +24,38 @@ from ._base import PASS_WEIGHTS, PassContext
 
 class Nodes:
     """A maker of one rewrite's nodes, with named outputs: `nodes(op, inputs, outputs, name, domain, **attributes)`.
-    Inputs are given by name (a value it made, or one of its `constants`: Values holding them, registered by the
-    caller) or as Values. Attributes are stored sorted by name, as onnx.helper.make_node stores them."""
+    Inputs are given as Values or by name: a value it made, one of its `constants` (Values holding them, registered
+    by the caller), or, with a `graph`, one of its initializers or of the values it had when the maker was made.
+    Attributes are stored sorted by name, as onnx.helper.make_node stores them."""
 
-    def __init__(self, constants: dict | None = None):
+    def __init__(self, constants: dict | None = None, graph=None):
         import onnx_ir as ir
 
         self.values = {name: ir.Value(name=name, shape=ir.Shape(a.shape),
                                       type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                                       const_value=ir.tensor(a, name=name))
                        for name, a in (constants or {}).items()}
+        self.graph = graph
+        self._existing = values_by_name(graph) if graph is not None else {}
+
+    def value(self, x):
+        """The Value `x` names (x itself if it is one)."""
+        if not isinstance(x, str):
+            return x
+        if x in self.values:
+            return self.values[x]
+        if self.graph is not None and x in self.graph.initializers:
+            return self.graph.initializers[x]
+        return self._existing[x]
 
     def __call__(self, op: str, inputs: list, outputs: list[str], name: str, domain: str = "", **attributes):
         import onnx_ir as ir
 
         made = [ir.Value(name=o) for o in outputs]
+        node = ir.node(op, [self.value(i) for i in inputs], dict(sorted(attributes.items())), domain=domain,
+                       name=name, outputs=made)
         self.values.update((v.name, v) for v in made)
-        return ir.node(op, [self.values[i] if isinstance(i, str) else i for i in inputs],
-                       dict(sorted(attributes.items())), domain=domain, name=name, outputs=made)
+        return node
 
 
 def to_ir(model, weights_dir: str | None):
@@ -128,8 +142,12 @@ def shared_initializer(graph, name: str, value: np.ndarray):
 
 
 def gate_all(graph, prefix: str, tensors: list, after: list) -> tuple[list, list]:
-    """_base.gate_all on onnx_ir Values (the same nodes and names): nodes computing Unsqueeze(t, axes=Size(after) · [])
-    for each of `tensors`, which alias them once every tensor in `after` exists; and the gated Values."""
+    """Nodes computing Unsqueeze(t, axes=Size(after) · []) for each of `tensors` (the same values, any dtype; no axis
+    is inserted and ORT's Unsqueeze aliases its input: nothing is copied), available only once every value in
+    `after` exists; and the gated Values. Recompute passes gate a copy's input on a value of the backward so ORT
+    cannot run the copy early and its common-subexpression elimination cannot merge it into the forward twin; it
+    also keeps constant folding off a computation on initializers. `after` must have a dynamic shape (ORT folds Size
+    of a static one). The same nodes and names as _base.gate_all, its protobuf twin."""
     import onnx_ir as ir
 
     from ._base import GATE_NO_AXES
@@ -208,8 +226,10 @@ def saved_for_backward(graph, backward: list | None = None) -> dict:
 
 
 def run_order(graph) -> list:
-    """_base.run_order on onnx_ir: the nodes in the order ORT's priority-based execution order runs them (Kahn's
-    algorithm; among the ready nodes Shape and Size first, then the lowest stored position)."""
+    """The graph's nodes in the order ORT runs them with the priority-based execution order the runtime sets: ORT's
+    GraphViewer sorts by Kahn's algorithm and, among the nodes ready to run, takes Shape and Size first, then the
+    lowest node index (the stored position; our graphs carry no backward-pass or priority attributes). Raises
+    ValueError on a cycle."""
     import heapq
 
     from ._base import SHAPE_OPS
@@ -240,8 +260,8 @@ def run_order(graph) -> list:
 
 
 def clone_node(node, renamed: dict, suffix: str, name: str):
-    """_base.clone_node on onnx_ir: a copy of `node` named `name` reading renamed.get(input, input) and writing
-    values named output + suffix; records each output's copy in `renamed` (keyed by value)."""
+    """A copy of `node` named `name` reading renamed.get(input, input) and writing values named output + suffix;
+    records each output's copy in `renamed` (keyed by value), so cloning a chain in order rewires it onto itself."""
     import onnx_ir as ir
 
     attributes = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
@@ -250,6 +270,14 @@ def clone_node(node, renamed: dict, suffix: str, name: str):
                    outputs=outputs, name=name, overload=node.overload)
     renamed.update({o: c for o, c in zip(node.outputs, copy.outputs) if o.name})
     return copy
+
+
+def redirect(readers, renamed: dict, which) -> None:
+    """Point every input of `readers` that is one of the values `which` at its copy, renamed[value]."""
+    for reader in readers:
+        for k, value in enumerate(reader.inputs):
+            if value in which:
+                reader.replace_input_with(k, renamed[value])
 
 
 def gate_of(value):
@@ -278,9 +306,9 @@ def gate_waits_for(opener) -> set:
 
 
 def ancestors(values, within: set | None = None, through=None) -> dict:
-    """_base.ancestors on onnx_ir: the nodes that make `values`, transitively, in the order a depth-first walk finds
-    them (a dict used as an ordered set), entering only nodes in `within` (None: any) and not walking past a node for
-    which `through(node)` is False (the node itself is included)."""
+    """The nodes that make `values`, transitively, in the order a depth-first walk finds them (a dict used as an
+    ordered set), entering only nodes in `within` (None: any) and not walking past a node for which `through(node)`
+    is False (the node itself is included)."""
     found, stack = {}, list(values)
     while stack:
         value = stack.pop()
@@ -290,6 +318,20 @@ def ancestors(values, within: set | None = None, through=None) -> dict:
         found[node] = None
         if through is None or through(node):
             stack.extend(node.inputs)
+    return found
+
+
+def descendants(values, within: set | None = None, stop: set | None = None) -> dict:
+    """_base.descendants on onnx_ir: the nodes that read `values`, transitively (an ordered set), entering only nodes
+    in `within` (None: any) and not walking past the values in `stop`."""
+    found, stack = {}, list(values)
+    while stack:
+        for use in stack.pop().uses():
+            node = use.node
+            if node in found or (within is not None and node not in within):
+                continue
+            found[node] = None
+            stack.extend(v for v in node.outputs if not stop or v not in stop)
     return found
 
 

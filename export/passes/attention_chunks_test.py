@@ -151,6 +151,25 @@ def _core_chain() -> list:
             helper.make_node("Softmax", ["sm"], ["p"], name="Softmax", axis=-1)]
 
 
+def _with_chunked_core(model, **options):
+    """`model` (graph inputs q, kt, v, mask; initializer scale; output o) computing o by chunked_core from
+    _core_chain(), built on onnx_ir as the pass builds it."""
+    import onnx_ir as ir
+
+    from lars_export.passes._ir import Nodes
+    from lars_export.passes.attention_chunks import chunked_core
+
+    model.graph.node.extend(_core_chain())
+    ir_model = ir.serde.deserialize_model(model)
+    graph = ir_model.graph
+    chain = list(graph)
+    nodes = chunked_core(Nodes(graph=graph), chain, 2, H, "core", "q", "kt", "v", {"o": "o"}, **options)
+    graph.remove(chain, safe=True)
+    graph.extend(nodes)
+    graph.outputs[:] = [next(v for n in nodes for v in n.outputs if v.name == "o")]
+    return ir.serde.serialize_model(ir_model)
+
+
 @pytest.mark.parametrize("mask_rows", [T, 1])  # a causal mask, and one row broadcast to every query row
 def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
     """The chunked forward on a hand-built core (onnx's reference evaluator): the mask's rows are sliced with the
@@ -158,10 +177,7 @@ def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    from lars_export.passes.attention_chunks import chunked_core
-
     hd, scale = 3, 0.5
-    chain = _core_chain()
     graph = helper.make_graph([], "core", [
         helper.make_tensor_value_info("q", TensorProto.FLOAT, [H, "T", hd]),
         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [H, hd, "T"]),
@@ -169,8 +185,7 @@ def test_row_chunks_slice_the_mask_rows_or_keep_a_broadcast_row(mask_rows):
         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [None, "T"])],
         [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.array(scale, np.float32), "scale")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.graph.node.extend(chunked_core(model, chain, 2, H, "core", "q", "kt", "v", {"o": "o"}, rows=4))
+    model = _with_chunked_core(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), rows=4)
 
     rng = np.random.default_rng(mask_rows)
     q, v = rng.normal(size=(2, H, T, hd)).astype(np.float32)
@@ -190,10 +205,7 @@ def test_causal_row_chunks_read_only_the_keys_before_their_end(rows):
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    from lars_export.passes.attention_chunks import chunked_core
-
     hd, scale = 3, 0.5
-    chain = _core_chain()
     graph = helper.make_graph([], "core", [
         helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, H, "T", hd]),
         helper.make_tensor_value_info("kt", TensorProto.FLOAT, [1, H, hd, "T"]),
@@ -201,9 +213,8 @@ def test_causal_row_chunks_read_only_the_keys_before_their_end(rows):
         helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, "T", "T"])],
         [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.array(scale, np.float32), "scale")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.graph.node.extend(chunked_core(model, chain, 2, H, "core", "q", "kt", "v", {"o": "o"}, rows=rows,
-                                         causal=True))
+    model = _with_chunked_core(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), rows=rows,
+                               causal=True)
     model.graph.output.extend(helper.make_tensor_value_info(f"core/r{j}g0/scores", TensorProto.FLOAT, None)
                               for j in range(rows))
 

@@ -17,14 +17,16 @@ Two things would undo it, and the pass guards against both:
 - ORT's common-subexpression elimination would merge a copy with identical inputs back into the forward. The gated
   Q makes every node of the copy differ from its forward twin.
 A test checks both on the graph ORT optimises and runs, not only on the stored one.
+
+Written on onnx_ir (passes/_ir.py).
 """
 
 from __future__ import annotations
 
 import logging
 
-from ._base import (GraphPass, PassContext, PassReport, clone_node, consumers, gate_after, producers,
-                    saved_for_backward)
+from ._base import GraphPass, PassContext, PassReport
+from ._ir import clone_node, gate_all, redirect, saved_for_backward
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +37,16 @@ _MAX_CHAIN = 6
 
 
 def _scope(name: str) -> str:
-    return name.rsplit("/", 1)[0]
+    return (name or "").rsplit("/", 1)[0]
 
 
-def find_chain(softmax, prod) -> tuple[list, str | None]:
+def find_chain(softmax) -> tuple[list, str | None]:
     """The nodes from the score MatMul up to the Softmax (bottom first), or ([], why not)."""
     chain, node, scope = [softmax], softmax, _scope(softmax.name)
     while len(chain) <= _MAX_CHAIN:
         # The chain input is the one produced in the same module (the mask and the scale come from elsewhere).
-        ups = [prod[i] for i in node.input if i in prod and _scope(prod[i].name) == scope]
+        ups = [v.producer() for v in node.inputs
+               if v is not None and v.producer() is not None and _scope(v.producer().name) == scope]
         if len(ups) != 1:
             return [], f"{len(ups)} inputs of {node.name} come from the attention module (expected 1)"
         node = ups[0]
@@ -56,22 +59,22 @@ def find_chain(softmax, prod) -> tuple[list, str | None]:
 
 
 def apply(model, context: PassContext) -> PassReport:
+    graph = model.graph
     report = PassReport("attention_recompute")
-    prod, cons = producers(model), consumers(model)
-    saved = saved_for_backward(model)
-    graph_names = {o for n in model.graph.node for o in n.output}
-    for softmax in [n for n in model.graph.node if n.op_type == "Softmax"]:
-        probs = softmax.output[0]
+    saved = saved_for_backward(graph)
+    made = {v.name: v for node in graph for v in node.outputs}
+    for softmax in [n for n in graph if n.op_type == "Softmax"]:
+        probs = softmax.outputs[0]
         readers = saved.get(probs, [])
         if not readers:
             continue  # nothing in the backward keeps it (e.g. the eval graph, or already recomputed)
-        chain, why_not = find_chain(softmax, prod)
-        forward_users = [n for n in cons.get(probs, []) if n not in readers]
+        chain, why_not = find_chain(softmax)
+        forward_users = [u.node for u in probs.uses() if u.node not in readers]
         if not why_not and len(forward_users) != 1:
             why_not = f"{len(forward_users)} forward readers of the probabilities (expected the P·V MatMul)"
         if not why_not:
-            d_out = f"{forward_users[0].output[0]}_grad"  # ORT names the gradient of tensor t "t_grad"
-            if d_out not in graph_names:
+            d_out = f"{forward_users[0].outputs[0].name}_grad"  # ORT names the gradient of tensor t "t_grad"
+            if d_out not in made:
                 why_not = f"no gradient tensor {d_out} to gate the recompute on"
         if why_not:
             log.info("attention_recompute: leaving %s: %s", softmax.name, why_not)
@@ -80,26 +83,21 @@ def apply(model, context: PassContext) -> PassReport:
 
         prefix = _scope(softmax.name) + "/Recompute"
         matmul = chain[0]
-        gate, q_gated = gate_after(model, prefix, matmul.input[0], d_out)
-        renamed = {matmul.input[0]: q_gated}
+        q = matmul.inputs[0]
+        gate, (q_gated,) = gate_all(graph, prefix, [q], [made[d_out]])
+        renamed = {q: q_gated}
         copies = [clone_node(node, renamed, ".recompute", f"{prefix}/{node.name.rsplit('/', 1)[-1]}")
                   for node in chain]
         # Every backward reader of a chain tensor (the probabilities, and any intermediate the backward reads)
         # takes the recomputed copy instead.
-        redirected = {id(r): r for t in renamed if t in saved and t != matmul.input[0] for r in saved[t]}
-        for reader in redirected.values():
-            for k, name in enumerate(reader.input):
-                if name in renamed and name != matmul.input[0]:
-                    reader.input[k] = renamed[name]
+        redirected = {r: None for t in renamed if t in saved and t is not q for r in saved[t]}
+        redirect(redirected, renamed, renamed.keys() - {q})
         # Stored before the first reader so the node list stays topologically sorted (dO exists by then).
-        at = min(list(model.graph.node).index(r) for r in redirected.values())
-        for offset, node in enumerate(gate + copies):
-            model.graph.node.insert(at + offset, node)
+        graph.insert_before(next(n for n in graph if n in redirected), gate + copies)
         report.changed += 1
     # What it frees depends on batch, heads and length: record per layer and let the caller scale it.
     report.details = {"layers": report.changed, "frees": "one [batch, heads, T, T] float32 tensor per layer"}
     return report
 
 
-ATTENTION_RECOMPUTE = GraphPass("attention_recompute", "training", apply,
-                                switch="recompute_attention")
+ATTENTION_RECOMPUTE = GraphPass("attention_recompute", "training", apply, switch="recompute_attention", ir=True)

@@ -14,7 +14,7 @@ A chain is walked up from the kept tensor through CHEAP_OPS (one activation inpu
 shapes or axes) to the first tensor the backward keeps anyway, or else to the input of the chain's topmost
 Expand. A chain without either would keep a tensor as large as the one it frees: it is left alone.
 
-As in the other recompute passes, the copy's input goes through a gate (_base.gate_after) on a tensor of the
+As in the other recompute passes, the copy's input goes through a gate (_ir.gate_all) on a tensor of the
 backward that the first reader waits for, so ORT runs the copy right before its reader (not with the forward), and
 its common-subexpression elimination cannot merge the copy into the forward twin. The gradients are exact: the
 copy runs the same kernels on the same values.

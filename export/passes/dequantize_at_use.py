@@ -26,7 +26,7 @@ import logging
 
 from ._base import VIEW_OPS, GraphPass, PassContext, PassReport
 from ._dequantized import dequantized_weights, ir_graph
-from ._ir import backward_nodes, clone_node, insert_groups, run_order
+from ._ir import backward_nodes, clone_node, insert_groups, redirect, run_order
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +118,7 @@ def apply(model, context: PassContext) -> PassReport:
         suffix = f".use{report.changed}"  # unique per copy: ORT's CSE may have merged gates, so chains share nodes
         renamed = {gate_on: after}
         copies = [clone_node(node, renamed, suffix, f"{node.name}{suffix}") for node in chain]
-        for reader in group:
-            for k, value in enumerate(reader.inputs):
-                if value is weight:
-                    reader.replace_input_with(k, renamed[weight])
+        redirect(group, renamed, {weight})
         inserts.append((min(position[r] for r in group), copies))
         report.changed += 1
 

@@ -25,7 +25,7 @@ import logging
 import re
 
 from ._base import SHAPE_OPS, GraphPass, PassContext, PassReport
-from ._ir import ancestors, backward_nodes, clone_node, gate_all, insert_groups
+from ._ir import ancestors, backward_nodes, clone_node, gate_all, insert_groups, redirect
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def apply(model, context: PassContext) -> PassReport:
             renamed[value] = gated
         new_nodes += [clone_node(node, renamed, ".layer_recompute", f"{prefix}/{node.name}") for node in copy_nodes]
         readers = [n for n in backward_list if n.op_type not in SHAPE_OPS and any(v in read for v in n.inputs)]
-        for reader in readers:
-            for k, value in enumerate(reader.inputs):
-                if value in read:
-                    reader.replace_input_with(k, renamed[value])
+        redirect(readers, renamed, read)
         inserts.append((min(position[r] for r in readers), new_nodes))
         report.changed += 1
     insert_groups(graph, inserts)

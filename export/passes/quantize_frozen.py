@@ -14,7 +14,7 @@ so a float32 copy of a matrix exists only while its reader runs. Two things woul
 guard against both:
 - ORT constant-folds a computation on initializers into a new float32 initializer (generate_artifacts does it at
   export, the session at load: measured). The dequantization's inputs go through a gate on the reader's
-  activation (passes._base.gate_all: an aliasing Unsqueeze whose axes wait for x), so they depend on the step's
+  activation (passes._ir.gate_all: an aliasing Unsqueeze whose axes wait for x), so they depend on the step's
   data and cannot be folded; nor can the dequantization run before x exists.
 - ORT's backward reads the forward's dequantized tensor (the input gradient dx = dy·W), which would keep every
   float32 matrix alive from the forward to the backward. The training-stage pass dequantize_at_use gives each
