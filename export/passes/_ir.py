@@ -1,10 +1,11 @@
-"""What passes written on onnx_ir share: the conversion around them and the initializer helpers.
+"""What the passes share, on onnx_ir: the conversion around them, the walks of a training graph, the gates, a maker
+of named nodes and the initializer helpers.
 
 Why onnx_ir: its nodes are stable objects that know their inputs' producers and their outputs' uses, and a graph
-inserts and removes nodes in place; the protobuf passes track nodes by id(), insert by list index and find readers by
-scanning every node. A pass declares `ir=True` (GraphPass) and run_passes hands it an `onnx_ir.Model`, converting
-from and back to the ModelProto around consecutive IR passes, so passes of both kinds run in one list while the
-passes move over one by one.
+inserts and removes nodes in place (protobuf passes had to track nodes by id(), insert by list index and find readers
+by scanning every node). A pass declares `ir=True` (GraphPass) and run_passes hands it an `onnx_ir.Model`, converting
+from and back to the ModelProto once around consecutive IR passes (every pass is one now; a protobuf pass would still
+run in the same list).
 
 The round trip keeps the graph: nodes, initializers (external ones stay references to their files, never read),
 inputs and outputs serialize byte-identical. onnx_ir rewrites value_info (an entry for every initializer, none for
@@ -35,6 +36,7 @@ class Nodes:
                                       type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                                       const_value=ir.tensor(a, name=name))
                        for name, a in (constants or {}).items()}
+        self.constants = list(self.values.values())  # for the caller to register (graph.register_initializer)
         self.graph = graph
         self._existing = values_by_name(graph) if graph is not None else {}
 

@@ -65,28 +65,11 @@ def find(graph, context: PassContext):
     return (sce, grads[0], matmul, reshape, tail[0]), None
 
 
-def apply(model, context: PassContext) -> PassReport:
+def _forward(graph, h, w_t, labels, loss: str, ignore: int, chunks: int):
+    """The forward's nodes (the labelled rows of h in chunks, each chunk's loss and unit-seed gradient u_i, the mean
+    loss named `loss`), the maker holding their values and constants, and the u_i."""
     import onnx_ir as ir
 
-    graph = model.graph
-    report = PassReport("chunked_loss")
-    chunks = context.loss_chunks
-    if chunks < 2:
-        report.skipped.append(f"--loss-chunks {chunks}: the loss runs whole")
-        return report
-    found, why_not = find(graph, context)
-    if found is None:
-        report.skipped.append(why_not)
-        return report
-    sce, sce_grad, matmul, reshape, old_dh = found
-    h, w_t = matmul.inputs  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
-    labels, loss = sce.inputs[1], sce.outputs[0]
-    ignore = sce.attributes.get_int("ignore_index", -100)
-    if (sce.attributes.get_string("reduction", "mean") or "mean") != "mean":
-        report.skipped.append("the loss reduction is not mean")
-        return report
-    loss_grad = sce_grad.inputs[0]
-    h_grad = old_dh.outputs[0]
     p = "/ChunkedLoss"
     n = lambda s: f"{p}/{s}"  # noqa: E731
     consts = {
@@ -148,10 +131,16 @@ def apply(model, context: PassContext) -> PassReport:
         sums.append(n(f"ce_chunk{i}"))
         us.append(node.values[u])
     nodes += [node("Sum", sums, [n("ce_sum")], n("SumCE")),
-              node("Div", [n("ce_sum"), n("count")], [loss.name], n("MeanCE"))]
-    forward = nodes
+              node("Div", [n("ce_sum"), n("count")], [loss], n("MeanCE"))]
+    return node, nodes, us
 
-    # backward: the seed times the forward's unit gradients, back to every row (zeros where there was no label).
+
+def _backward(graph, node: Nodes, us: list, loss_grad, h_grad) -> list:
+    """The backward's nodes: dh (named as `h_grad`) = the seed `loss_grad` times the forward's u_i, scattered back to
+    every row (zeros where there was no label)."""
+    import onnx_ir as ir
+
+    n = lambda s: f"/ChunkedLoss/{s}"  # noqa: E731
     # The zeros wait for the gradient (a gate on dh_kept): their shape is known in the forward, where ORT would
     # otherwise make them and keep a [T, hidden] tensor through the whole backward.
     concat_u = node("Concat", us, [n("u_pad")], n("ConcatU"), axis=0)
@@ -159,7 +148,7 @@ def apply(model, context: PassContext) -> PassReport:
     unpad = node("Slice", [n("dh_pad"), n("zero_i"), n("M"), n("zero_i")], [n("dh_kept")], n("Unpad"))
     rows_shape = node("Shape", [n("h_rows")], [n("h_rows_shape")], n("RowsShape"))
     zeros_gate, (gated_shape,) = gate_all(graph, n("ZerosAfter"), [rows_shape.outputs[0]], [unpad.outputs[0]])
-    backward = [
+    return [
         concat_u, scale, unpad, rows_shape, *zeros_gate,
         node("ConstantOfShape", [gated_shape], [n("dh_zeros")], n("Zeros"), value=ir.tensor(np.zeros(1, np.float32))),
         node("Unsqueeze", [n("rows"), n("minus_one")], [n("rows_nd")], n("RowIndices")),
@@ -167,6 +156,14 @@ def apply(model, context: PassContext) -> PassReport:
         node("Reshape", [n("dh_rows"), n("h_shape")], [h_grad.name], n("UnflattenDH")),
     ]
 
+
+def _splice(graph, found: tuple, forward: list, backward: list) -> None:
+    """Replace the old tail (`found`) with `forward` (where the lm_head was) and `backward` (before the first reader of
+    dh); the new loss and dh take the old ones' places among the outputs and readers."""
+    import onnx_ir as ir
+
+    sce, sce_grad, matmul, reshape, old_dh = found
+    loss, h_grad = sce.outputs[0], old_dh.outputs[0]
     # Drop the old tail: logits, the whole-vocabulary loss, its gradient and the logits' shape bookkeeping.
     old = {sce, sce_grad, matmul, reshape, old_dh}
     frontier = list(sce_grad.outputs)
@@ -181,7 +178,6 @@ def apply(model, context: PassContext) -> PassReport:
     stored = list(graph)
     kept = [x for x in stored if x not in old]
     at_fwd = stored.index(matmul)  # the lm_head's place before the removal, in the list after it
-    # The new loss and dh take the old ones' names, places among the outputs and readers.
     new_loss, new_h_grad = forward[-1].outputs[0], backward[-1].outputs[0]
     new_loss.type, new_loss.shape = loss.type, loss.shape  # as the graph output declared it
     graph.outputs[:] = [new_loss if v is loss else new_h_grad if v is h_grad else v
@@ -199,8 +195,31 @@ def apply(model, context: PassContext) -> PassReport:
         graph.insert_before(reader, backward)
     else:
         graph.extend(backward)
-    for name in consts:
-        graph.register_initializer(node.values[name])
+
+
+def apply(model, context: PassContext) -> PassReport:
+    graph = model.graph
+    report = PassReport("chunked_loss")
+    chunks = context.loss_chunks
+    if chunks < 2:
+        report.skipped.append(f"--loss-chunks {chunks}: the loss runs whole")
+        return report
+    found, why_not = find(graph, context)
+    if found is None:
+        report.skipped.append(why_not)
+        return report
+    sce, sce_grad, matmul, _reshape, old_dh = found
+    h, w_t = matmul.inputs  # h [.., d]; w_t [d, vocab], a frozen initializer or its dequantization
+    labels, loss = sce.inputs[1], sce.outputs[0]
+    ignore = sce.attributes.get_int("ignore_index", -100)
+    if (sce.attributes.get_string("reduction", "mean") or "mean") != "mean":
+        report.skipped.append("the loss reduction is not mean")
+        return report
+    node, forward, us = _forward(graph, h, w_t, labels, loss.name, ignore, chunks)
+    backward = _backward(graph, node, us, sce_grad.inputs[0], old_dh.outputs[0])
+    _splice(graph, found, forward, backward)
+    for constant in node.constants:
+        graph.register_initializer(constant)
     report.changed = 1
     report.details = {"chunks": chunks, "frees": "three [tokens, vocab] float32 tensors at the turn, less one chunk's",
                       "logits_output_dropped": True, "gradient_in_forward": True}
