@@ -7,7 +7,7 @@ import logging
 import sys
 from dataclasses import MISSING, fields
 
-from lars_artifacts import LarsError
+from lars_artifacts.errors import cli_exit_code
 
 from .config import ExportConfig
 
@@ -49,15 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: lars-export needs the export extra ({e.name} is missing); "
               f"install it with `pip install 'lars[export]'`", file=sys.stderr)
         return 2
-    try:
+    def export() -> None:
         pipeline.run(ExportConfig(**values))
-    except LarsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no bundle was written", file=sys.stderr)
-        return 130
-    return 0
+
+    # (a full disk is the likely OSError: an export stages about three times the model's float32 size)
+    return cli_exit_code(export, "error: interrupted; no bundle was written", rerun="export again")
 
 
 if __name__ == "__main__":

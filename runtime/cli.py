@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import sys
 from dataclasses import MISSING, fields
 
 from lars_artifacts import LarsError
+from lars_artifacts.errors import cli_exit_code
 
 from .config import BACKENDS, TrainingArgs, check_output_directory, flag, load_config_file, option_problem
 
@@ -76,62 +76,45 @@ def check_flags(ns: argparse.Namespace, names: tuple[str, ...]) -> None:
             raise LarsError(f"{flag(name)} {problem}")
 
 
-def os_error_line(e: OSError) -> str:
-    """One line for an OSError no check foresaw: the path, the OS's reason and, where the cause is known, the fix."""
-    path = e.filename if e.filename is None or e.filename2 is None else f"{e.filename} -> {e.filename2}"
-    reason = e.strerror or (str(e).splitlines() or [type(e).__name__])[0]
-    line = f"{path}: {reason}" if path is not None else reason
-    if e.errno == errno.ENOSPC:
-        line += "; free disk space and run again (train --resume continues from the last checkpoint)"
-    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        line += "; fix its permissions or choose another path"
-    return line
-
-
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    try:
-        from . import commands, loop
+    # Ctrl-C outside the training loop's own handling (start-up, eval, export) half-wrote nothing: the run directory
+    # only changes by atomic renames.
+    return cli_exit_code(lambda: _command(ns), "interrupted; the run directory is consistent: continue with --resume",
+                         rerun="run again (train --resume continues from the last checkpoint)")
 
-        if ns.command == "train":
-            args = training_args(ns)
-            summary = loop.train(ns.bundle, args)
-            losses = summary["losses"]
-            if losses:
-                print(f"trained steps {summary['start_step']}..{summary['step']}: loss {losses[0]:.4f} -> "
-                      f"{losses[-1]:.4f}", file=sys.stderr)
-            if "final_eval" in summary:
-                print(f"eval loss {summary['final_eval']['eval_loss']:.4f}", file=sys.stderr)
-            if summary.get("skipped_steps"):
-                print(f"skipped {summary['skipped_steps']} steps with a NaN/inf loss or gradient", file=sys.stderr)
-            if "interrupted" in summary:
-                where = (f"checkpoint: {summary['checkpoint']}" if "checkpoint" in summary
-                         else "no checkpoint yet: --resume starts again from step 0")
-                print(f"stopped by {summary['interrupted']} after step {summary['step']}; {where}; continue with "
-                      f"--resume", file=sys.stderr)
-                return summary["exit_code"]
-            print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
-        elif ns.command == "eval":
-            check_flags(ns, ("batch_size", "seq_len", "threads"))
-            result = commands.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len,
-                                             threads=ns.threads, backend=ns.backend)
-            print(json.dumps(result))
-        elif ns.command == "export-adapter":
-            check_output_directory(ns.out, "--out")  # before the bundle's files are hashed
-            out = commands.export_run_adapter(ns.run, ns.out, ns.bundle)
-            print(f"PEFT adapter written to {out}", file=sys.stderr)
-    except LarsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a safety net (a full disk, a permission changed mid-run): the checks above name the fix
-        print(f"error: {os_error_line(e)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Raised outside the training loop's own handling (start-up, eval, export): nothing was half-written, as
-        # the run directory only changes by atomic renames.
-        print("interrupted; the run directory is consistent: continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+
+def _command(ns: argparse.Namespace) -> int | None:
+    """Run the parsed command; its exit code if it is not 0."""
+    from . import commands, loop
+
+    if ns.command == "train":
+        args = training_args(ns)
+        summary = loop.train(ns.bundle, args)
+        losses = summary["losses"]
+        if losses:
+            print(f"trained steps {summary['start_step']}..{summary['step']}: loss {losses[0]:.4f} -> "
+                  f"{losses[-1]:.4f}", file=sys.stderr)
+        if "final_eval" in summary:
+            print(f"eval loss {summary['final_eval']['eval_loss']:.4f}", file=sys.stderr)
+        if summary.get("skipped_steps"):
+            print(f"skipped {summary['skipped_steps']} steps with a NaN/inf loss or gradient", file=sys.stderr)
+        if "interrupted" in summary:
+            where = (f"checkpoint: {summary['checkpoint']}" if "checkpoint" in summary
+                     else "no checkpoint yet: --resume starts again from step 0")
+            print(f"stopped by {summary['interrupted']} after step {summary['step']}; {where}; continue with "
+                  f"--resume", file=sys.stderr)
+            return summary["exit_code"]
+        print(f"checkpoint: {summary['checkpoint']}", file=sys.stderr)
+    elif ns.command == "eval":
+        check_flags(ns, ("batch_size", "seq_len", "threads"))
+        result = commands.evaluate_file(ns.bundle, ns.data, ns.run, ns.batch_size, ns.seq_len,
+                                         threads=ns.threads, backend=ns.backend)
+        print(json.dumps(result))
+    elif ns.command == "export-adapter":
+        check_output_directory(ns.out, "--out")  # before the bundle's files are hashed
+        out = commands.export_run_adapter(ns.run, ns.out, ns.bundle)
+        print(f"PEFT adapter written to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

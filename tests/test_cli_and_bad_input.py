@@ -410,6 +410,18 @@ def test_os_errors_are_one_line(error, needles, capsys, monkeypatch, tmp_path):
     one_line_error(*run_ort(capsys, "export-adapter", tmp_path / "r", "--out", tmp_path / "a"), *needles)
 
 
+def test_an_export_that_fills_the_disk_says_so_in_one_line(capsys, monkeypatch, tmp_path):
+    from lars_export import cli, pipeline
+
+    def full_disk(config):
+        raise OSError(28, "No space left on device", str(tmp_path / "o" / "weights.onnx_data"))
+
+    monkeypatch.setattr(pipeline, "run", full_disk)
+    code = cli.main(["--out", str(tmp_path / "o")])
+    one_line_error(code, capsys.readouterr().err, f"{tmp_path / 'o' / 'weights.onnx_data'}: No space left on device",
+                   "free disk space and export again")
+
+
 # --- Windows: lars_artifacts.measure without `resource` ----------------------------------------------------------
 
 def test_metrics_import_without_the_resource_module():
