@@ -65,3 +65,20 @@ def peft_config_dict(lora, base_model_name_or_path: str) -> dict:
         elif hasattr(value, "value"):
             cfg[key] = value.value
     return cfg
+
+
+def peft_reference(model, manifest, adapters: dict):
+    """PyTorch + PEFT LoRA on `model` (a transformers causal LM) as a bundle's manifest describes it, its adapter
+    tensors set to `adapters` ({graph name: array}, e.g. a checkpoint's): the reference that tests and tools compare
+    lars against."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    config = manifest.adapter["peft_config"]
+    peft_model = get_peft_model(model, LoraConfig(r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=0.0,
+                                                  target_modules=config["target_modules"], task_type="CAUSAL_LM"))
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for p in manifest.adapter["parameters"]:
+            params[p["onnx_name"].removeprefix(GRAPH_PREFIX)].copy_(torch.from_numpy(adapters[p["onnx_name"]]))
+    return peft_model

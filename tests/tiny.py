@@ -104,21 +104,16 @@ def peft_step(model_dir, bundle, adapters, batch, dequantize=None):
     """(loss, {onnx name: gradient}) of PyTorch + PEFT on the model folder with the bundle's adapters set to
     `adapters` (eager attention, float32)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from lars_export.adapters import peft_reference
 
     manifest = bundle.manifest
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     if dequantize:
         dequantize(model)
-    peft_cfg = manifest.adapter["peft_config"]
-    lora = LoraConfig(r=peft_cfg["r"], lora_alpha=peft_cfg["lora_alpha"], target_modules=peft_cfg["target_modules"],
-                      lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    peft_model = peft_reference(model, manifest, adapters)
     params = dict(peft_model.named_parameters())
-    with torch.no_grad():
-        for p in manifest.adapter["parameters"]:
-            params[p["onnx_name"].removeprefix("model.")].copy_(torch.from_numpy(adapters[p["onnx_name"]]))
     logits = peft_model(input_ids=torch.from_numpy(batch.input_ids),
                         attention_mask=torch.from_numpy(batch.attention_mask)).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

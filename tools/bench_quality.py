@@ -93,20 +93,13 @@ def run_mode(mode: str, a, model_dir: Path, bundle_path: Path, train_file: Path,
         step_fn = lambda batch, lr: trainer.step(batch, lr)  # noqa: E731
     else:
         import torch
-        from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
+
+        from lars_export.adapters import peft_reference
 
         torch.set_num_threads(a.threads)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-        cfg = bundle.manifest.adapter
-        model = get_peft_model(base, LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
-                                                target_modules=cfg["target_modules"], task_type="CAUSAL_LM"))
-        initial = read_checkpoint(bundle.file("checkpoint")).parameters
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for p in cfg["parameters"]:
-                params[p["onnx_name"].removeprefix("model.")].copy_(
-                    torch.from_numpy(initial[p["onnx_name"]]))
+        model = peft_reference(base, bundle.manifest, read_checkpoint(bundle.file("checkpoint")).parameters)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0)
 
