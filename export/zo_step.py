@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lars_artifacts import EVAL_MODEL, IGNORE_INDEX, LABELS, ZO_FORWARD, ZO_STEP, LarsError, ZoModels
 
-from .passes._base import attr, consumers, gate_all, gate_of, gate_waits_for, producers
+from .passes import _ir
 
 LOSSES = "zo_losses"            # output: [P] mean token loss per adapter setting
 SETTINGS = "zo_settings"        # the symbolic leading axis of every adapter input
@@ -38,90 +38,92 @@ class ZoStepUnsupported(LarsError):
 
 def build_zo_step(model, adapter_names: list[str]):
     """Rewrite `model` (the eval ModelProto, weights external) in place into the zo step; returns it."""
-    from onnx import TensorProto, helper, numpy_helper
+    ir_model = _ir.to_ir(model, None)
+    _zo_step(ir_model.graph, adapter_names)
+    _ir.into_proto(ir_model, model)
+    del model.graph.value_info[:]  # shapes of the rewritten values changed; ORT infers them again
+    return model
+
+
+def _zo_step(graph, adapter_names: list[str]) -> None:
+    import onnx_ir as ir
 
     import numpy as np
 
-    graph = model.graph
-    readers_of = consumers(model)
-    inputs = {i.name: i for i in graph.input}
-    missing = [n for n in adapter_names if n not in inputs]
-    if missing:
-        raise ZoStepUnsupported(f"the eval graph does not take adapter tensor {missing[0]} as an input")
-
-    # the first output of each MatMul -> the nodes that replace it, in order (keyed by name: protobuf wrappers'
-    # ids are not stable)
-    new_nodes: dict[str, list] = {}
-    inits = [numpy_helper.from_array(np.array([-1], np.int64), "zo/minus_one")]
-    first = adapter_names[0]
-    head = [helper.make_node("Shape", [first], ["zo/settings"], name="zo/settings", start=0, end=1)]
-    for k, name in enumerate(adapter_names):
-        dims = inputs[name].type.tensor_type.shape.dim
-        if len(dims) != 2 or not all(d.HasField("dim_value") for d in dims):
+    inputs = {v.name: v for v in graph.inputs}
+    matmuls = []  # (adapter input, its Transpose, the MatMul reading it), all checked before anything changes
+    for name in adapter_names:
+        adapter = inputs.get(name)
+        if adapter is None:
+            raise ZoStepUnsupported(f"the eval graph does not take adapter tensor {name} as an input")
+        if adapter.shape is None or len(adapter.shape) != 2 or not adapter.shape.is_static():
             raise ZoStepUnsupported(f"adapter input {name} is not a 2-D tensor of fixed shape")
-        width = dims[1].dim_value
-        readers = readers_of.get(name, [])
-        if len(readers) != 1 or readers[0].op_type != "Transpose" or list(attr(readers[0], "perm", [])) != [1, 0]:
+        readers = [use.node for use in adapter.uses()]
+        if (len(readers) != 1 or readers[0].op_type != "Transpose"
+                or list(readers[0].attributes.get_ints("perm", [])) != [1, 0]):
             raise ZoStepUnsupported(f"adapter tensor {name} is not read by one Transpose(perm [1, 0])")
-        transpose = readers[0]
-        products = readers_of.get(transpose.output[0], [])
-        if len(products) != 1 or products[0].op_type != "MatMul" or products[0].input[1] != transpose.output[0]:
+        products = list(readers[0].outputs[0].uses())
+        if len(products) != 1 or products[0].node.op_type != "MatMul" or products[0].idx != 1:
             raise ZoStepUnsupported(f"the transposed adapter tensor {name} is not the right operand of one MatMul")
-        matmul = products[0]
-        _set_attr(transpose, "perm", [0, 2, 1])
-        settings = type(dims[0])()
-        settings.dim_param = SETTINGS
-        dims.insert(0, settings)
-        h, y, p = matmul.input[0], matmul.output[0], f"zo/{k}"
-        inits.append(numpy_helper.from_array(np.array([width], np.int64), f"{p}/width"))
-        new_nodes[matmul.output[0]] = [
-            helper.make_node("Concat", ["zo/settings", "zo/minus_one", f"{p}/width"], [f"{p}/shape_in"], axis=0),
-            helper.make_node("Reshape", [h, f"{p}/shape_in"], [f"{p}/h"]),
-            helper.make_node("MatMul", [f"{p}/h", transpose.output[0]], [f"{p}/y"]),
-            helper.make_node("Shape", [h], [f"{p}/lead"], start=0, end=-1),
-            helper.make_node("Concat", [f"{p}/lead", "zo/minus_one"], [f"{p}/shape_out"], axis=0),
-            helper.make_node("Reshape", [f"{p}/y", f"{p}/shape_out"], [y]),
-        ]
-
-    loss_name = graph.output[0].name
-    losses = [n for n in graph.node if n.op_type == "SoftmaxCrossEntropyLoss" and n.output[0] == loss_name]
+        matmuls.append((adapter, readers[0], products[0].node))
+    loss_name = graph.outputs[0].name
+    losses = [n for n in graph if n.op_type == "SoftmaxCrossEntropyLoss" and n.outputs[0].name == loss_name]
     if len(losses) != 1:
         raise ZoStepUnsupported("the eval graph's loss is not one SoftmaxCrossEntropyLoss")
     loss = losses[0]
-    if loss.input[1] != LABELS or attr(loss, "reduction", b"mean") != b"mean" or len(loss.input) > 2:
+    if (len(loss.inputs) > 2 or loss.inputs[1].name != LABELS
+            or loss.attributes.get_string("reduction", "mean") != "mean"):
         raise ZoStepUnsupported("the eval graph's loss is not a mean over the labels input without weights")
-    ignore = attr(loss, "ignore_index")
+    ignore = loss.attributes.get_int("ignore_index")
     if ignore != IGNORE_INDEX:
         raise ZoStepUnsupported(f"the eval graph's loss ignores label {ignore}, not {IGNORE_INDEX}")
-    _set_attr(loss, "reduction", "none")
-    del loss.output[1:]  # log_prob: nobody reads it, and it is a [tokens, vocab] float32 tensor
-    per_token = loss_name
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "zo/axis1"))
-    inits.append(numpy_helper.from_array(np.array(IGNORE_INDEX, np.int64), "zo/ignore"))
-    tail = [
-        helper.make_node("Concat", ["zo/settings", "zo/minus_one"], ["zo/by_setting"], axis=0),
-        helper.make_node("Reshape", [per_token, "zo/by_setting"], ["zo/token_losses"]),
-        helper.make_node("ReduceSum", ["zo/token_losses", "zo/axis1"], ["zo/loss_sums"], keepdims=0),
-        helper.make_node("Equal", [LABELS, "zo/ignore"], ["zo/ignored"]),
-        helper.make_node("Not", ["zo/ignored"], ["zo/counted"]),
-        helper.make_node("Cast", ["zo/counted"], ["zo/counted_f"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["zo/counted_f", "zo/by_setting"], ["zo/counted_by_setting"]),
-        helper.make_node("ReduceSum", ["zo/counted_by_setting", "zo/axis1"], ["zo/counts"], keepdims=0),
-        helper.make_node("Div", ["zo/loss_sums", "zo/counts"], [LOSSES]),
-    ]
 
-    nodes = list(head)
-    for node in graph.node:
-        nodes.extend(new_nodes.get(node.output[0], [node]))
-        if node.output[0] == loss_name:
-            nodes.extend(tail)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(LOSSES, TensorProto.FLOAT, [SETTINGS]))
-    del graph.value_info[:]  # shapes of the rewritten tensors changed; ORT infers them again
-    return model
+    constants = {"zo/minus_one": np.array([-1], np.int64), "zo/axis1": np.array([1], np.int64),
+                 "zo/ignore": np.array(IGNORE_INDEX, np.int64)}
+    constants.update((f"zo/{k}/width", np.array([adapter.shape[1]], np.int64))
+                     for k, (adapter, _, _) in enumerate(matmuls))
+    nodes = _ir.Nodes(constants, graph)
+    for value in nodes.constants:
+        graph.register_initializer(value)
+    graph.insert_before(graph.node(0), [nodes("Shape", [adapter_names[0]], ["zo/settings"], "zo/settings",
+                                              start=0, end=1)])
+    for k, (adapter, transpose, matmul) in enumerate(matmuls):
+        transpose.attributes["perm"] = ir.AttrInt64s("perm", [0, 2, 1])
+        adapter.shape = ir.Shape([SETTINGS, *adapter.shape.dims])
+        # h [N, T, in] -> [P, N·T/P, in] · W^T [P, in, out] -> [N, T, out]: each setting's rows through its adapter
+        h, y, p = matmul.inputs[0], matmul.outputs[0], f"zo/{k}"
+        batched = [
+            nodes("Concat", ["zo/settings", "zo/minus_one", f"{p}/width"], [f"{p}/shape_in"], f"{p}/ShapeIn", axis=0),
+            nodes("Reshape", [h, f"{p}/shape_in"], [f"{p}/h"], f"{p}/ReshapeIn"),
+            nodes("MatMul", [f"{p}/h", transpose.outputs[0]], [f"{p}/y"], f"{p}/MatMul"),
+            nodes("Shape", [h], [f"{p}/lead"], f"{p}/Lead", start=0, end=-1),
+            nodes("Concat", [f"{p}/lead", "zo/minus_one"], [f"{p}/shape_out"], f"{p}/ShapeOut", axis=0),
+            nodes("Reshape", [f"{p}/y", f"{p}/shape_out"], [f"{p}/out"], f"{p}/ReshapeOut"),
+        ]
+        graph.insert_before(matmul, batched)
+        y.replace_all_uses_with(batched[-1].outputs[0])
+        graph.remove(matmul, safe=True)
+        batched[-1].outputs[0].name = y.name  # the graph's readers keep the name they knew
+
+    loss.attributes.pop("reduction", None)
+    loss.attributes["reduction"] = ir.AttrString("reduction", "none")
+    graph.outputs.clear()  # the per-token losses are no output any more: LOSSES, one per setting, is
+    loss.resize_outputs(1)  # log_prob: nobody reads it, and it is a [tokens, vocab] float32 tensor
+    tail = [
+        nodes("Concat", ["zo/settings", "zo/minus_one"], ["zo/by_setting"], "zo/BySetting", axis=0),
+        nodes("Reshape", [loss.outputs[0], "zo/by_setting"], ["zo/token_losses"], "zo/TokenLosses"),
+        nodes("ReduceSum", ["zo/token_losses", "zo/axis1"], ["zo/loss_sums"], "zo/LossSums", keepdims=0),
+        nodes("Equal", [LABELS, "zo/ignore"], ["zo/ignored"], "zo/Ignored"),
+        nodes("Not", ["zo/ignored"], ["zo/counted"], "zo/Counted"),
+        nodes("Cast", ["zo/counted"], ["zo/counted_f"], "zo/CountedF", to=int(ir.DataType.FLOAT)),
+        nodes("Reshape", ["zo/counted_f", "zo/by_setting"], ["zo/counted_by_setting"], "zo/CountedBySetting"),
+        nodes("ReduceSum", ["zo/counted_by_setting", "zo/axis1"], ["zo/counts"], "zo/Counts", keepdims=0),
+        nodes("Div", ["zo/loss_sums", "zo/counts"], [LOSSES], "zo/Losses"),
+    ]
+    graph.insert_after(loss, tail)
+    losses = tail[-1].outputs[0]
+    losses.type, losses.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([SETTINGS])
+    graph.outputs.append(losses)
 
 
 def forward_of(model, output: str):
@@ -129,73 +131,81 @@ def forward_of(model, output: str):
     forward, with every memory pass' forward part (attention in causal row chunks, the chunked loss) and none of
     the backward.
 
-    A gate (passes._base.gate_all) only orders its tensor after others: where those are not themselves needed (the
+    A gate (passes._ir.gate_all) only orders its value after others: where those are not themselves needed (the
     chunked loss' forward gradients, which order its chunks in the training step), the gate waits instead for the
-    nearest tensors they were computed from that the forward does compute (a chunk's log-probabilities), rather
+    nearest values they were computed from that the forward does compute (a chunk's log-probabilities), rather
     than pulling that work in."""
-    from onnx import helper
+    ir_model = _ir.to_ir(model, None)
+    _forward_of(ir_model.graph, output)
+    _ir.into_proto(ir_model, model)
+    del model.graph.value_info[:]
+    return model
 
-    producer = producers(model)
-    gates = {}  # gated tensor -> (its gate's axes input, the tensors the gate waits for)
-    for node in model.graph.node:
-        opener = gate_of(producer, node.output[0])
+
+def _forward_of(graph, output: str) -> None:
+    import onnx_ir as ir
+
+    gates = {}  # gated value -> (its gate's axes input, the values the gate waits for)
+    for node in graph:
+        opener = _ir.gate_of(node.outputs[0])
         if opener is not None:
-            gates[node.output[0]] = (node.input[1], gate_waits_for(producer, opener))
+            gates[node.outputs[0]] = (node.inputs[1], _ir.gate_waits_for(opener))
 
-    def add_ancestors(needed: set[str], stack: list[str]) -> None:
-        while stack:  # what these depend on; a gated tensor through its data input only
-            name = stack.pop()
-            node = producer.get(name)
-            for i in (node.input[:1] if name in gates else node.input) if node is not None else ():
-                if i and i not in needed:
-                    needed.add(i)
-                    stack.append(i)
+    def add_ancestors(needed: set, stack: list) -> None:
+        while stack:  # what these depend on; a gated value through its data input only
+            value = stack.pop()
+            node = value.producer()
+            for v in (node.inputs[:1] if value in gates else node.inputs) if node is not None else ():
+                if v is not None and v not in needed:
+                    needed.add(v)
+                    stack.append(v)
 
-    needed = {output}
-    add_ancestors(needed, [output])
+    (out,) = [v for v in graph.outputs if v.name == output]
+    needed = {out}
+    add_ancestors(needed, [out])
     open_gates = {g for g in gates if g in needed and gates[g][1] <= needed}
     axes = [gates[g][0] for g in open_gates]  # an open gate's own nodes (Size, Mul) stay
     needed |= set(axes)
     add_ancestors(needed, axes)
-    graph = model.graph
-    made = {o for node in graph.node if any(o in needed for o in node.output) for o in node.output}
-    constant = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-    nodes = []
-    for node in graph.node:
-        if not any(o in needed for o in node.output):
+    computed = {v for node in graph if any(o in needed for o in node.outputs) for v in node.outputs}
+    graph.outputs[:] = [out]
+    for node in list(graph):
+        gated = node.outputs[0]
+        if gated not in needed or gated not in gates or gated in open_gates:
             continue
-        if node.output[0] in gates and node.output[0] not in open_gates:  # re-gate on what the forward makes
-            afters = _nearest(producer, gates[node.output[0]][1], made - constant)
-            gated, regate = node.input[0], []
-            if afters:  # else what it waited for comes from the inputs alone: nothing to order
-                regate, (gated,) = gate_all(model, f"{node.name}/forward", [gated], sorted(afters))
-            nodes += [*regate, helper.make_node("Identity", [gated], [node.output[0]], name=node.name)]
-            continue
-        nodes.append(node)
-    needed |= {i for node in nodes for i in node.input}  # the new gates' inputs too
-    inits = [i for i in graph.initializer if i.name in needed]
-    inputs = [i for i in graph.input if i.name in needed]
-    outputs = [o for o in graph.output if o.name == output]
-    for field, values in ((graph.node, nodes), (graph.initializer, inits), (graph.input, inputs),
-                          (graph.output, outputs)):
-        del field[:]
-        field.extend(values)
-    del graph.value_info[:]
-    return model
+        # re-gate on what the forward makes
+        afters = _nearest(gates[gated][1], computed)
+        data, regate = node.inputs[0], []
+        if afters:  # else what it waited for comes from the inputs alone: nothing to order
+            regate, (data,) = _ir.gate_all(graph, f"{node.name}/forward", [data], sorted(afters, key=_by_name))
+        identity = ir.node("Identity", [data], name=node.name, outputs=[ir.Value(name=f"{gated.name}/forward")])
+        graph.insert_before(node, [*regate, identity])
+        gated.replace_all_uses_with(identity.outputs[0], replace_graph_outputs=True)
+        needed |= {*identity.outputs, *(v for n in regate for v in (*n.inputs, *n.outputs))}
+        graph.remove(node, safe=True)
+        identity.outputs[0].name = gated.name
+    graph.remove([node for node in graph if not any(o in needed for o in node.outputs)])
+    for name in [name for name, value in graph.initializers.items() if value not in needed]:
+        graph.initializers.pop(name)
+    graph.inputs[:] = [v for v in graph.inputs if v in needed]
 
 
-def _nearest(producer: dict, tensors: set[str], available: set[str]) -> set[str]:
-    """The available tensors closest above `tensors` (each path upward stops at the first one)."""
-    found, seen, stack = set(), set(), list(tensors)
+def _by_name(value) -> str:
+    return value.name
+
+
+def _nearest(values: set, available: set) -> set:
+    """The available values closest above `values` (each path upward stops at the first one)."""
+    found, seen, stack = set(), set(), list(values)
     while stack:
-        name = stack.pop()
-        if name in seen:
+        value = stack.pop()
+        if value in seen:
             continue
-        seen.add(name)
-        if name in available:
-            found.add(name)
-        elif name in producer:
-            stack.extend(i for i in producer[name].input if i)
+        seen.add(value)
+        if value in available:
+            found.add(value)
+        elif value.producer() is not None:
+            stack.extend(v for v in value.producer().inputs if v is not None)
     return found
 
 
@@ -218,10 +228,3 @@ def write_zo_step(out_dir: Path, adapter_names: list[str], training_step: str, l
     onnx.save_model(model, str(out_dir / ZO_STEP))
     return ZoModels(forward=ZO_FORWARD, loss=loss, file=ZO_STEP, losses=LOSSES, settings_axis=SETTINGS)
 
-
-def _set_attr(node, name: str, value) -> None:
-    from onnx import helper
-
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend([*kept, helper.make_attribute(name, value)])

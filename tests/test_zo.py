@@ -100,7 +100,9 @@ def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from lars_export.passes._base import gate_after, gate_of, gate_waits_for, producers
+    import onnx_ir as ir
+
+    from lars_export.passes import _ir
     from lars_export.zo_step import forward_of
 
     def graph(after: str):
@@ -108,11 +110,16 @@ def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
             [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "a"], ["s"]),
              helper.make_node("Neg", ["x"], ["n"]), helper.make_node("Sigmoid", ["a"], ["b"])], "g",
             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T"])],
-            [helper.make_tensor_value_info("loss", TensorProto.FLOAT, []),
-             helper.make_tensor_value_info("s", TensorProto.FLOAT, ["T"])]),
+            [helper.make_tensor_value_info("s", TensorProto.FLOAT, ["T"])]),
             opset_imports=[helper.make_opsetid("", 17)])
-        gate, gated = gate_after(model, "/g", "b", after)
-        model.graph.node.extend([*gate, helper.make_node("ReduceSum", [gated], ["loss"], keepdims=0)])
+        ir_model = _ir.to_ir(model, None)
+        values = _ir.values_by_name(ir_model.graph)
+        gate, (gated,) = _ir.gate_all(ir_model.graph, "/g", [values["b"]], [values[after]])
+        loss = ir.node("ReduceSum", [gated], {"keepdims": 0}, outputs=[ir.Value(name="loss")])
+        loss.outputs[0].type, loss.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([])
+        ir_model.graph.extend([*gate, loss])
+        ir_model.graph.outputs.insert(0, loss.outputs[0])
+        _ir.into_proto(ir_model, model)
         return model
 
     x = np.array([-1.0, 0.5, 2.0], np.float32)
@@ -122,16 +129,50 @@ def test_forward_of_keeps_gates_it_needs_and_regates_the_others():
         onnx.checker.check_model(model)
         names = {o for n in model.graph.node for o in n.output}
         assert "s" not in names and ("n" not in names or after == "a")
-        prod = producers(model)
-        out = prod["/g/gated"]  # the gate itself, or an Identity of the re-gated (or ungated) tensor
-        opener = gate_of(prod, out.input[0] if out.op_type == "Identity" else out.output[0])
+        out = _ir.values_by_name(_ir.to_ir(model, None).graph)["/g/gated"].producer()
+        # the gate itself, or an Identity of the re-gated (or ungated) value
+        opener = _ir.gate_of(out.inputs[0] if out.op_type == "Identity" else out.outputs[0])
         if waits_for:
             assert (out.op_type == "Identity") == (after != "a")
-            assert gate_waits_for(prod, opener) == waits_for, after
+            assert {v.name for v in _ir.gate_waits_for(opener)} == waits_for, after
         else:
-            assert prod["/g/gated"].op_type == "Identity" and prod["/g/gated"].input[0] == "b"
+            assert out.op_type == "Identity" and out.inputs[0].name == "b"
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         assert session.run(None, {"x": x})[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_zo_step_refuses_an_eval_graph_it_cannot_batch_and_leaves_it_as_it_was(tiny_bundles):
+    """build_zo_step checks every adapter and the loss before it changes anything: a graph it cannot rewrite raises
+    ZoStepUnsupported naming what is wrong (the bundle is then written without zo_step.onnx) and stays intact."""
+    import copy
+
+    import onnx
+    from onnx import helper
+
+    from lars_artifacts import EVAL_MODEL
+    from lars_export.zo_step import ZoStepUnsupported, build_zo_step
+
+    bundle = tiny_bundles["llama"]
+    names = [p.onnx_name for p in load_bundle(bundle).manifest.adapter_parameters]
+    model = onnx.load(str(bundle / EVAL_MODEL), load_external_data=False)
+    assert len(build_zo_step(copy.deepcopy(model), names).graph.input) == len(model.graph.input)  # the original works
+
+    def last_adapter_read_twice(m):  # a second reader of the last adapter, after the others were checked
+        m.graph.node.append(helper.make_node("Identity", [names[-1]], ["extra"]))
+
+    def loss_summed(m):
+        loss = next(n for n in m.graph.node if n.op_type == "SoftmaxCrossEntropyLoss")
+        next(a for a in loss.attribute if a.name == "reduction").s = b"sum"
+
+    for damage, message in ((last_adapter_read_twice, f"adapter tensor {names[-1]} is not read by one Transpose"),
+                            (loss_summed, "the eval graph's loss is not a mean over the labels input"),
+                            (lambda m: None, "does not take adapter tensor nope as an input")):
+        damaged = copy.deepcopy(model)
+        damage(damaged)
+        before = damaged.SerializeToString()
+        with pytest.raises(ZoStepUnsupported, match=message):
+            build_zo_step(damaged, names + ["nope"] if message.endswith("nope as an input") else names)
+        assert damaged.SerializeToString() == before
 
 
 def test_two_sided_difference_is_the_directional_derivative(setup):

@@ -9,7 +9,7 @@ all alive at the turn from forward to backward, which is where a LoRA step peaks
 runs in onnxruntime at two probe lengths with every saved tensor as an extra output, and each dimension, taken as
 linear in the length (the length itself, a constant, or a chunk's share of it), is then scaled to the requested
 lengths. Views (Reshape, Squeeze, Unsqueeze, Identity) share their input's buffer in ORT and are counted once. The
-definitions (backward, saved, views) are the passes' own, from lars_export.passes._base.
+definitions (backward, saved, views) are the passes' own, from lars_export.passes._ir.
 """
 
 from __future__ import annotations
@@ -43,22 +43,23 @@ KINDS = [
 
 def saved_tensors(model) -> dict[str, tuple[str, set[str]]]:
     """Saved buffer -> (op type of its producer, every name it is read by: views share their input's buffer)."""
-    from lars_export.passes._base import backward_nodes, producers, saved_for_backward, view_chain
+    from lars_export.passes._ir import backward_nodes, ir_graph, saved_for_backward, view_chain
 
-    producer = producers(model)
-    backward = {id(n) for n in backward_nodes(model)}
+    graph = ir_graph(model)
+    backward_list = backward_nodes(graph)
+    backward = set(backward_list)
     out: dict[str, tuple[str, set[str]]] = {}
-    for root, readers in saved_for_backward(model).items():
-        op = producer[root].op_type
+    for root, readers in saved_for_backward(graph, backward_list).items():
+        op = root.producer().op_type
         if op in {"Shape", "Size"}:
             continue
-        aliases = {root}
+        aliases = {root.name}
         for reader in readers:
-            for name in reader.input:
-                chain = view_chain(name, producer, backward)
-                if chain[-1] == root:
-                    aliases.update(chain)
-        out[root] = (op, aliases)
+            for value in reader.inputs:
+                chain = view_chain(value, backward) if value is not None else []
+                if chain and chain[-1] is root:
+                    aliases.update(v.name for v in chain)
+        out[root.name] = (op, aliases)
     return out
 
 

@@ -3,26 +3,14 @@
 quantize_frozen writes a matrix W as `<W>.int8` (+ `.scale`) or `<W>.int4` (+ `.scale`, `.min`, `.blocks`, `.shape`)
 and dequantizes it in front of each reader, gated on the reader's activation. The passes that come after it
 (chunked_loss, dequantize_in_slices, dequantize_at_use) and their tests find those dequantizations here. On onnx_ir
-graphs; a ModelProto (a test's, a bundle's file) is converted first.
+graphs; a ModelProto (a test's, a bundle's file) is converted first (_ir.ir_graph).
 """
 
 from __future__ import annotations
 
-from ._ir import ancestors, backward_nodes, saved_for_backward, view_chain
+from ._ir import ancestors, backward_nodes, ir_graph, saved_for_backward, view_chain
 
 INT8, INT4 = ".int8", ".int4"  # suffixes of the stored initializers: `<weight>.int8`, `<weight>.int4.scale`, ...
-
-
-def ir_graph(model):
-    """The onnx_ir Graph of `model`: an onnx_ir Graph or Model as it is, a ModelProto converted (its weights are
-    never read)."""
-    import onnx_ir as ir
-
-    from ._ir import to_ir
-
-    if isinstance(model, ir.Graph):
-        return model
-    return model.graph if isinstance(model, ir.Model) else to_ir(model, None).graph
 
 
 def _last_step(node) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._base import PASS_WEIGHTS, PassContext
+from ._base import GATE_NO_AXES, PASS_WEIGHTS, SHAPE_OPS, VIEW_OPS, PassContext
 
 
 class Nodes:
@@ -58,6 +58,16 @@ class Nodes:
                        name=name, outputs=made)
         self.values.update((v.name, v) for v in made)
         return node
+
+
+def ir_graph(model):
+    """The onnx_ir Graph of `model`: an onnx_ir Graph or Model as it is, a ModelProto converted (its weights are
+    never read)."""
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Graph):
+        return model
+    return model.graph if isinstance(model, ir.Model) else to_ir(model, None).graph
 
 
 def to_ir(model, weights_dir: str | None):
@@ -149,10 +159,8 @@ def gate_all(graph, prefix: str, tensors: list, after: list) -> tuple[list, list
     `after` exists; and the gated Values. Recompute passes gate a copy's input on a value of the backward so ORT
     cannot run the copy early and its common-subexpression elimination cannot merge it into the forward twin; it
     also keeps constant folding off a computation on initializers. `after` must have a dynamic shape (ORT folds Size
-    of a static one). The same nodes and names as _base.gate_all, its protobuf twin."""
+    of a static one)."""
     import onnx_ir as ir
-
-    from ._base import GATE_NO_AXES
 
     no_axes = shared_initializer(graph, GATE_NO_AXES, np.zeros(0, np.int64))
     out = lambda name: [ir.Value(name=name)]  # noqa: E731
@@ -174,7 +182,7 @@ def gate_all(graph, prefix: str, tensors: list, after: list) -> tuple[list, list
     return [*nodes, opener, *gates], [g.outputs[0] for g in gates]
 
 
-# -- walks over an onnx_ir graph (the protobuf passes' twins are in _base, until those passes move over) -----------
+# -- walks over an onnx_ir graph ------------------------------------------------------------------------------------
 
 def values_by_name(graph) -> dict:
     """Every value of the graph by name: its inputs, initializers and node outputs."""
@@ -185,8 +193,10 @@ def values_by_name(graph) -> dict:
 
 
 def backward_nodes(graph) -> list:
-    """_base.backward_nodes on onnx_ir: the nodes of an ORT training graph downstream of the loss gradient's seed
-    (the initializer "<loss>_grad"), in stored order."""
+    """The nodes of an ORT training graph that run after the turn: everything downstream of the loss gradient's seed
+    (ORT seeds the backward with an initializer "<loss>_grad"), in stored order. Nodes that neither need that seed
+    nor are needed by it (Shape nodes, the LARS projection x·P) can run during the forward and are not counted. The
+    training graph is not stored in topological order, so this walks uses from the seed."""
     seed = values_by_name(graph).get(f"{graph.outputs[0].name}_grad")
     seen, stack = set(), [seed] if seed is not None else []
     while stack:
@@ -198,10 +208,8 @@ def backward_nodes(graph) -> list:
 
 
 def view_chain(value, stop: set | None = None) -> list:
-    """_base.view_chain on onnx_ir: [value, its view source, ..., the value that owns the buffer]; `stop` holds
-    nodes not to walk into."""
-    from ._base import VIEW_OPS
-
+    """[value, its view source, ..., the value that owns the buffer] (VIEW_OPS share their input's buffer in ORT);
+    `stop` holds nodes not to walk into."""
     chain, node = [value], value.producer()
     while node is not None and node.op_type in VIEW_OPS and (stop is None or node not in stop):
         chain.append(node.inputs[0])
@@ -210,10 +218,8 @@ def view_chain(value, stop: set | None = None) -> list:
 
 
 def saved_for_backward(graph, backward: list | None = None) -> dict:
-    """_base.saved_for_backward on onnx_ir: value made before the turn -> the backward nodes that read it (or a view
-    of it), ignoring readers that only take its shape."""
-    from ._base import SHAPE_OPS
-
+    """Value made before the turn -> the backward nodes that read it (or a view of it), ignoring readers that only
+    take its shape (SHAPE_OPS). These are the values alive at the turn from forward to backward."""
     backward = backward_nodes(graph) if backward is None else backward
     after_turn = set(backward)
     out: dict = {}
@@ -233,8 +239,6 @@ def run_order(graph) -> list:
     lowest node index (the stored position; our graphs carry no backward-pass or priority attributes). Raises
     ValueError on a cycle."""
     import heapq
-
-    from ._base import SHAPE_OPS
 
     nodes = list(graph)
     index = {node: i for i, node in enumerate(nodes)}
@@ -283,9 +287,8 @@ def redirect(readers, renamed: dict, which) -> None:
 
 
 def gate_of(value):
-    """_base.gate_of on onnx_ir: the node that opens the gate which made `value`, or None if it is not gated."""
-    from ._base import GATE_NO_AXES
-
+    """The node that opens the gate which made `value` (gate_all's Mul: its input 0 is the Size, or the sum of the
+    Sizes, of what the gate waits for), or None if `value` is not gated."""
     alias = value.producer()
     if alias is None or alias.op_type != "Unsqueeze" or len(alias.inputs) < 2 or alias.inputs[1] is None:
         return None
@@ -294,7 +297,7 @@ def gate_of(value):
 
 
 def gate_waits_for(opener) -> set:
-    """_base.gate_waits_for on onnx_ir: the values a gate (gate_of's opener) waits for."""
+    """The values a gate (gate_of's opener) waits for: the inputs of the Size nodes above it."""
     afters, stack = set(), [opener.inputs[0]]
     while stack:
         node = stack.pop().producer()
@@ -324,7 +327,7 @@ def ancestors(values, within: set | None = None, through=None) -> dict:
 
 
 def descendants(values, within: set | None = None, stop: set | None = None) -> dict:
-    """_base.descendants on onnx_ir: the nodes that read `values`, transitively (an ordered set), entering only nodes
+    """The nodes that read `values`, transitively (an ordered set), entering only nodes
     in `within` (None: any) and not walking past the values in `stop`."""
     found, stack = {}, list(values)
     while stack:

@@ -21,6 +21,14 @@ def lora_linear(d_in: int, d_out: int, rank: int, scale: float = 2.0):
     return LoraLinear()
 
 
+def saved(model) -> dict:
+    """Name of each value a training graph (ModelProto or onnx_ir) keeps for the backward -> the onnx_ir node that
+    makes it (the walk the passes use: _ir.saved_for_backward)."""
+    from ._ir import ir_graph, saved_for_backward
+
+    return {value.name: value.producer() for value in saved_for_backward(ir_graph(model))}
+
+
 def ort_train_step(directory, feeds, optimized_to=None, priority_order: bool = True):
     """(loss, {trainable: gradient}) of one training step of ORT's own artifacts in `directory` on `feeds` (arrays in
     the order of the graph's user inputs), run by onnxruntime-training 1.19.2 in a child process

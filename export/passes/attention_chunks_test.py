@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import gate_of, producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_train_step, training_artifacts
+from lars_export.passes._ir import gate_of, ir_graph, values_by_name
+from lars_export.passes._testing import attention_lm, ort_train_step, saved, training_artifacts
 from lars_export.passes.attention_chunks import ATTENTION_CHUNKS
 
 D, H, R, V, T = 16, 4, 2, 11, 6
@@ -34,8 +34,7 @@ def _grads(directory, ids, labels):
 
 
 def _saved_softmax(model) -> list[str]:
-    prod = producers(model)
-    return sorted(t for t in saved_for_backward(model) if prod[t].op_type == "Softmax")
+    return sorted(name for name, made_by in saved(model).items() if made_by.op_type == "Softmax")
 
 
 @pytest.mark.parametrize("groups, rows, causal", [(2, 0, False), (3, 0, False), (H, 0, False), (1, 4, False),
@@ -84,19 +83,19 @@ def test_chunked_attention_gives_autograd_gradients(exact, tmp_path, groups, row
             if j:
                 assert gate_input(f"{stage}/{r}/bounds").endswith(f"{stage}/r{j - 1}g{groups - 1}/{last}")
     # A backward piece's dP = dO·Vᵀ reads gated rows of dO (else ORT computes every piece's dP at once).
-    producer = producers(training)
+    values = values_by_name(ir_graph(training))
     for j in range(max(rows, 1)):
         r = f"r{j}" if rows >= 2 else ""
         for g in range(1, groups):
             dp = next(n for n in training.graph.node if n.name.endswith(f"AttentionChunks/bwd/{r}g{g}/dP"))
-            assert gate_of(producer, dp.input[0]) is not None, dp.input[0]
+            assert gate_of(values[dp.input[0]]) is not None, dp.input[0]
     # And dQ, which the next piece waits for, comes after the piece's dKᵀ and dV (else ORT may defer them).
     for dq in [n for n in training.graph.node if n.name.endswith("/dQ") and "AttentionChunks/bwd/" in n.name]:
-        gate = gate_of(producer, dq.input[1])
+        gate = gate_of(values[dq.input[1]])
         assert gate is not None
-        sizes = producer[gate.input[0]]
-        assert sizes.op_type == "Add" and len(sizes.input) == 2
-        assert sorted(producer[t].input[0].rsplit("/", 1)[1] for t in sizes.input) == ["dkt", "dv"]
+        sizes = gate.inputs[0].producer()
+        assert sizes.op_type == "Add" and len(sizes.inputs) == 2
+        assert sorted(v.producer().inputs[0].name.rsplit("/", 1)[1] for v in sizes.inputs) == ["dkt", "dv"]
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     loss, grads = _grads(tmp_path, ids, labels)
 

@@ -7,8 +7,7 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import attention_lm, ort_train_step, training_artifacts
+from lars_export.passes._testing import attention_lm, ort_train_step, saved, training_artifacts
 from lars_export.passes.attention_recompute import ATTENTION_RECOMPUTE
 
 D, H, R, V, T = 8, 2, 2, 11, 6
@@ -30,8 +29,7 @@ def _grads(directory, ids, labels):
 
 
 def _saved_softmax(model) -> list[str]:
-    prod = producers(model)
-    return sorted(t for t in saved_for_backward(model) if prod[t].op_type == "Softmax")
+    return sorted(name for name, made_by in saved(model).items() if made_by.op_type == "Softmax")
 
 
 def test_recomputed_attention_gives_autograd_gradients_and_frees_the_probabilities(tmp_path):

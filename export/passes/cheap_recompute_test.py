@@ -8,8 +8,8 @@ import onnx
 import pytest
 
 from lars_export.passes import PASSES, PassContext
-from lars_export.passes._base import gate_of, producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_train_step, training_artifacts
+from lars_export.passes._ir import gate_of, ir_graph, values_by_name
+from lars_export.passes._testing import lora_linear, ort_train_step, saved, training_artifacts
 from lars_export.passes.cheap_recompute import CHEAP_RECOMPUTE, find_chain
 
 D, H, KV, F, R, V, T = 16, 4, 2, 24, 2, 11, 6
@@ -61,9 +61,7 @@ def _model(rng):
 
 def _kept(model) -> list[str]:
     """Op types of the tensors the backward keeps whose chains the pass recomputes."""
-    prod = producers(model)
-    return sorted(prod[t].op_type for t in saved_for_backward(model)
-                  if t in prod and prod[t].op_type in ("QuickGelu", "Expand"))
+    return sorted(made_by.op_type for made_by in saved(model).values() if made_by.op_type in ("QuickGelu", "Expand"))
 
 
 def test_recomputed_activation_and_repeated_kv_give_autograd_gradients(tmp_path):
@@ -84,11 +82,11 @@ def test_recomputed_activation_and_repeated_kv_give_autograd_gradients(tmp_path)
     assert report.details["chains"] == {"QuickGelu": 1, "Expand": 1, "Expand+Reshape+Transpose": 1}
     assert _kept(training) == []
     # Every copy starts from a gated tensor: it cannot run with the forward.
-    prod = producers(training)
+    values = values_by_name(ir_graph(training))
     copies = [n for n in training.graph.node if ".recompute" in n.output[0]]
     starts = [n for n in copies if ".recompute" not in n.input[0]]
     assert len(copies) == 6 and len(starts) == 3  # QuickGelu; Expand (+ the Reshape view); Expand, Reshape, Transpose
-    assert all(gate_of(prod, n.input[0]) is not None for n in starts)
+    assert all(gate_of(values[n.input[0]]) is not None for n in starts)
     onnx.save(training, str(tmp_path / "training_model.onnx"))
     loss, grads = ort_train_step(tmp_path, [ids, labels])
 

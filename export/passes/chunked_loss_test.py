@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_train_step
+from lars_export.passes._ir import ir_graph, values_by_name
+from lars_export.passes._testing import lora_linear, ort_train_step, saved
 from lars_export.passes.chunked_loss import CHUNKED_LOSS
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
 
@@ -63,11 +63,10 @@ def bundles(tmp_path_factory):
 
 def _vocab_sized_saved(model) -> list[str]:
     """Saved tensors made by the head MatMul, the loss or a log-softmax: the [tokens, vocab] ones."""
-    prod = producers(model)
     head = {n.output[0] for n in model.graph.node if n.op_type in ("MatMul", "FusedMatMul")
             and any("lm_head" in i for i in n.input)}
-    return sorted(t for t in saved_for_backward(model) if t in head
-                  or prod[t].op_type in ("SoftmaxCrossEntropyLoss", "LogSoftmax"))
+    return sorted(name for name, made_by in saved(model).items() if name in head
+                  or made_by.op_type in ("SoftmaxCrossEntropyLoss", "LogSoftmax"))
 
 
 @pytest.mark.parametrize("batch, length, prompt", [(1, 2, 1), (1, 3, 1), (2, 7, 1), (3, 11, 1), (3, 11, 25)])
@@ -114,10 +113,10 @@ def test_no_vocabulary_sized_tensor_is_saved_for_the_backward(bundles, tmp_path)
     projections = [n for n in optimized.graph.node if n.op_type in ("MatMul", "FusedMatMul")
                    and any("lm_head" in i for i in n.input)]
     assert len(projections) == 2 * CHUNKS
-    prod = producers(optimized)
+    values = values_by_name(ir_graph(optimized))
     for dh in [n for n in projections if n.op_type == "FusedMatMul"]:  # dz·W of the unit seed 1 / K, not of dloss
-        grad = prod[dh.input[0]]
-        assert grad.op_type == "SoftmaxCrossEntropyLossGrad" and prod[grad.input[0]].op_type == "Reciprocal"
+        grad = values[dh.input[0]].producer()
+        assert grad.op_type == "SoftmaxCrossEntropyLossGrad" and grad.inputs[0].producer().op_type == "Reciprocal"
     assert sum(n.op_type == "SoftmaxCrossEntropyLossGrad" for n in optimized.graph.node) == CHUNKS
     assert _vocab_sized_saved(optimized) == []
 

@@ -25,8 +25,8 @@ import bisect
 import logging
 
 from ._base import VIEW_OPS, GraphPass, PassContext, PassReport
-from ._dequantized import dequantized_weights, ir_graph
-from ._ir import backward_nodes, clone_node, insert_groups, redirect, run_order
+from ._dequantized import dequantized_weights
+from ._ir import backward_nodes, clone_node, insert_groups, ir_graph, redirect, run_order
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ import onnx
 import pytest
 
 from lars_export.passes import PassContext
-from lars_export.passes._ir import backward_nodes, run_order
+from lars_export.passes._ir import backward_nodes, ir_graph, run_order
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.dequantize_at_use import DEQUANTIZE_AT_USE
 from lars_export.passes.pretranspose_frozen import PRETRANSPOSE_FROZEN
-from lars_export.passes._dequantized import dequantized_weights, ir_graph, kept_for_backward
+from lars_export.passes._dequantized import dequantized_weights, kept_for_backward
 from lars_export.passes.quantize_frozen import QUANTIZE_FROZEN
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from lars_export.passes import PassContext
 from lars_export.passes import dequantize_in_slices as slices_pass
-from lars_export.passes._base import gate_of, producers
+from lars_export.passes._ir import gate_of, ir_graph, values_by_name
 from lars_export.passes._testing import TWO_BLOCK_TRAINABLE as TRAINABLE
 from lars_export.passes._testing import export_lm, ort_train_step, two_block_lm
 from lars_export.passes.chunked_loss import CHUNKED_LOSS
@@ -55,12 +55,12 @@ def test_output_projection_is_dequantized_one_slice_at_a_time(tmp_path, monkeypa
     deq = [n for n in training.graph.node if n.op_type == "DequantizeLinear" and "/Slices/" in n.name]
     assert len(deq) == 3 * 2 * CHUNKS
     # slice j+1 of a reader waits for slice j's product (its Slice start is gated on it)
-    prod = producers(training)
+    values = values_by_name(ir_graph(training))
     for node in deq:
         j = int(node.name.split("/Slices/")[1].split("/")[0])
-        start = gate_of(prod, prod[node.input[0]].input[1])  # SliceQ <- gated start
-        gate_size = prod[start.input[0]]  # the gate's axes <- Size(after)
-        after = gate_size.input[0]
+        start = gate_of(values[node.input[0]].producer().inputs[1])  # SliceQ <- gated start
+        gate_size = start.inputs[0].producer()  # the gate's axes <- Size(after)
+        after = gate_size.inputs[0].name
         assert after.endswith(f"/Slices/{j - 1}/part") or (j > 0 and after.endswith(f"/Slices/{j - 1}/sum")) \
             if j else "/Slices/" not in after, (node.name, after)
     DEQUANTIZE_AT_USE.run(training, context)

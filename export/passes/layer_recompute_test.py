@@ -6,8 +6,7 @@ import numpy as np
 import onnx
 
 from lars_export.passes import PassContext
-from lars_export.passes._base import producers, saved_for_backward
-from lars_export.passes._testing import lora_linear, ort_train_step, training_artifacts
+from lars_export.passes._testing import lora_linear, ort_train_step, saved, training_artifacts
 from lars_export.passes.layer_recompute import LAYER_RECOMPUTE, _layer_of
 
 D, F, R, V, T = 6, 10, 2, 9, 5
@@ -49,15 +48,14 @@ def _model(rng):
 
 def _kept_inside_blocks(model) -> list[str]:
     """Saved tensors made inside a block other than the block's output (what flows to the next block)."""
-    prod = producers(model)
     later_readers = {}
     for node in model.graph.node:
         for t in node.input:
             later_readers.setdefault(t, set()).add(_layer_of(node))
     out = []
-    for t in saved_for_backward(model):
-        layer = _layer_of(prod[t])
-        if layer is None or prod[t].op_type in ("Transpose",):  # weight transposes of the adapters: [d, r]
+    for t, made_by in saved(model).items():
+        layer = _layer_of(made_by)
+        if layer is None or made_by.op_type in ("Transpose",):  # weight transposes of the adapters: [d, r]
             continue
         if not any(other is None or other > layer for other in later_readers.get(t, ())):
             out.append(t)
