@@ -14,11 +14,11 @@ import pytest
 from lars_artifacts import LarsError, load_bundle
 from lars_artifacts.ort_checkpoint import read_checkpoint
 from lars_ort import Trainer
-from lars_ort.data import BatchStream, load_sequences
+from lars_ort.data import BatchStream, eval_batches, load_sequences
 from lars_ort.federated.aggregate import update_problem, weighted_mean
 from lars_ort.federated.local import LocalClient, LocalData
 from lars_ort.optimizer import AdamW
-from tiny import EVAL_TEXT, TRAIN_TEXT
+from tiny import EVAL_TEXT, TRAIN_TEXT, peft_step
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
@@ -76,7 +76,7 @@ def _local(bundle, state=None, data=TRAIN_TEXT, **kw):
     return LocalClient(bundle, LocalData(train=str(data), eval=str(EVAL_TEXT), seq_len=SEQ, **kw), state)
 
 
-def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tiny_bundles, tmp_path):
+def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tiny_bundles, tiny_models, tmp_path):
     bundle = load_bundle(tiny_bundles["llama"])
     client = _local(bundle, tmp_path / "state.json")
     start = client.trainer.adapter_tensors()
@@ -110,9 +110,14 @@ def test_a_local_round_is_adamw_from_the_global_adapter_and_resumes_its_data(tin
     # another data file: the position means nothing there
     other = _local(bundle, tmp_path / "state.json", data=EVAL_TEXT)
     assert (other.stream.epoch, other.stream.index) == (0, 0)
-    # the held-out loss of an adapter is the trainer's evaluation of it
+    # the held-out loss of an adapter: the token-weighted cross-entropy PyTorch + PEFT gives with it, batch by batch
     score = client.evaluate(start)
-    assert score["num-tokens"] > 0 and np.isfinite(score["eval_loss"])
+    total, tokens = 0.0, 0
+    for batch in eval_batches(client.held, 1, client.trainer.tokenizer.pad_id):
+        loss, _ = peft_step(tiny_models["llama"], bundle, start, batch)
+        total, tokens = total + loss * batch.label_tokens, tokens + batch.label_tokens
+    assert tokens > SEQ and score["num-tokens"] == tokens
+    assert score["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
 
 
 def test_two_devices_with_the_same_files_in_one_process_keep_their_own_data_positions(tiny_bundles):
