@@ -45,7 +45,7 @@ def session_options(ort, threads: int = 0, memory_arena: bool = True, memory_reu
         options.profile_file_prefix = profile_prefix
     # the arena, buffer reuse, execution order and config entries every runner of a bundle sets
     session_settings.apply(options, ort, memory_arena, memory_reuse, priority_order)
-    if memory_arena and arena_regions == "exact":
+    if arena_regions == "exact":  # with the arena (arena_problem refused it without)
         # A region per size asked for: the 3B full stack at 4096 tokens peaked 470 MB (7%) lower than with doubling
         # regions, the same loss to the last bit (docs/BENCHMARKS.md, "The arena with exact-size regions").
         register_exact_arena(ort)

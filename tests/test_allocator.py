@@ -47,42 +47,54 @@ def test_threshold_is_a_training_option():
     assert set_mmap_threshold(0) is False  # 0 leaves glibc's default alone
 
 
-ARENA_CHILD = textwrap.dedent("""
+# What the ORT children below share: the resident memory, a model of float32 inputs with one scalar output y, and
+# the run as the engine binds it (the inputs and the output in the caller's buffers: an output ORT allocated would
+# sit in an arena region and keep that region from being freed).
+ORT_CHILD = textwrap.dedent("""
     import sys
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
     from lars_ort.session import run_options, session_options
 
-    def rss_mb():
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+    def mb(field="VmRSS"):
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
 
+    def model(nodes, inputs, initializers):
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [f"{x}_length"])
+                                               for x in inputs],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], initializers)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    def bound(session, **feeds):
+        y = np.zeros((), np.float32)
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
+        return binding, y
+""")
+
+
+ARENA_CHILD = ORT_CHILD + textwrap.dedent("""
     # y = max((x * max(x) + 2) * 2): three [n] float32 temporaries of 256 MB, each dead before the next-but-one.
     # The arena's first region is never shrunk (ORT's rule for its default extend strategy), so, as in a training
     # step, a small tensor comes first and that region stays small.
     n = 64 << 20
-    graph = helper.make_graph(
+    graph = model(
         [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=0), helper.make_node("Mul", ["x", "m"], ["a"]),
          helper.make_node("Add", ["a", "two"], ["b"]),
          helper.make_node("Mul", ["b", "two"], ["c"]), helper.make_node("ReduceMax", ["c"], ["y"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+        ["x"], [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])])
     arena = sys.argv[1] in ("arena", "kept")
-    session = ort.InferenceSession(model, session_options(ort, threads=1, memory_arena=arena),
+    session = ort.InferenceSession(graph, session_options(ort, threads=1, memory_arena=arena),
                                    providers=["CPUExecutionProvider"])
-    x, y = np.ones(n, np.float32), np.zeros((), np.float32)
-    # As the engine binds them: the input and the output in the caller's buffers (an output ORT allocated would sit
-    # in an arena region and keep that region from being freed).
-    binding = session.io_binding()
-    binding.bind_cpu_input("x", x)
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
-    before = rss_mb()
+    binding, y = bound(session, x=np.ones(n, np.float32))
+    before = mb()
     for _ in range(3):
         session.run_with_iobinding(binding, run_options(ort, sys.argv[1] == "arena"))
     assert y == 6.0, y
-    print(rss_mb() - before)
+    print(mb() - before)
 """)
 
 
@@ -113,42 +125,25 @@ def test_the_arena_is_the_default_without_memory_patterns():
     assert not session_options(ort, memory_arena=False).enable_cpu_mem_arena
 
 
-EXACT_CHILD = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-    from lars_ort.session import run_options, session_options
-
-    def mb(field):
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
-
+EXACT_CHILD = ORT_CHILD + textwrap.dedent("""
     # a (256 MB) alive while b (300 MB) is made, then s (200 MB) while b lives and a is free. Doubling regions: b's
     # region is 512 MB and s goes in its untouched 212 MB tail (best fit), fresh pages beside a's freed 256 MB.
     # Exact regions: b's region is 300 MB and s reuses a's pages.
     M = 1 << 20
-    graph = helper.make_graph(
+    graph = model(
         [helper.make_node("Mul", ["x", "two"], ["a"]), helper.make_node("Concat", ["a", "e"], ["b"], axis=0),
          helper.make_node("Slice", ["b", "start", "stop"], ["s"]), helper.make_node("Mul", ["s", "two"], ["c"]),
          helper.make_node("ReduceMax", ["c"], ["y"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]),
-              helper.make_tensor_value_info("e", TensorProto.FLOAT, ["k"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-        [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
-         helper.make_tensor("start", TensorProto.INT64, [1], [0]),
-         helper.make_tensor("stop", TensorProto.INT64, [1], [50 * M])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    options = session_options(ort, threads=1, arena_regions=sys.argv[1])
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    x, e, y = np.ones(64 * M, np.float32), np.ones(11 * M, np.float32), np.zeros((), np.float32)
-    binding = session.io_binding()
-    binding.bind_cpu_input("x", x)
-    binding.bind_cpu_input("e", e)
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
-    before = mb("VmRSS")
+        ["x", "e"], [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+                     helper.make_tensor("start", TensorProto.INT64, [1], [0]),
+                     helper.make_tensor("stop", TensorProto.INT64, [1], [50 * M])])
+    session = ort.InferenceSession(graph, session_options(ort, threads=1, arena_regions=sys.argv[1]),
+                                   providers=["CPUExecutionProvider"])
+    binding, y = bound(session, x=np.ones(64 * M, np.float32), e=np.ones(11 * M, np.float32))
+    before = mb()
     session.run_with_iobinding(binding, run_options(ort))
     assert y == 4.0, y
-    print(ort.__version__, mb("VmHWM") - before, mb("VmRSS") - before)
+    print(ort.__version__, mb("VmHWM") - before, mb() - before)
 """)
 
 
@@ -177,16 +172,7 @@ def test_exact_arena_regions_leave_no_untouched_tail(build):
     assert kept < 64
 
 
-MEDIUM_CHILD = textwrap.dedent("""
-    import sys
-    import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-    from lars_ort.session import run_options, session_options
-
-    def rss_mb():
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-
+MEDIUM_CHILD = ORT_CHILD + textwrap.dedent("""
     block = np.ones((32 << 20) // 8)  # freed: glibc's dynamic mmap threshold rises to 32 MB, as a step raises it
     del block
     # 30 tensors of 8 MB alive at once (a region each with exact regions), summed
@@ -194,21 +180,15 @@ MEDIUM_CHILD = textwrap.dedent("""
     nodes = [helper.make_node("Mul", ["x", f"c{i}"], [f"a{i}"]) for i in range(k)]
     nodes += [helper.make_node("Sum", [f"a{i}" for i in range(k)], ["s"]),
               helper.make_node("ReduceMax", ["s"], ["y"], keepdims=0)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-                              [helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [float(i)]) for i in range(k)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    session = ort.InferenceSession(model, session_options(ort, threads=1, arena_regions=sys.argv[1]),
+    graph = model(nodes, ["x"], [helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [float(i)]) for i in range(k)])
+    session = ort.InferenceSession(graph, session_options(ort, threads=1, arena_regions=sys.argv[1]),
                                    providers=["CPUExecutionProvider"])
-    x, y = np.ones(n, np.float32), np.zeros((), np.float32)
-    binding = session.io_binding()
-    binding.bind_cpu_input("x", x)
-    binding.bind_ortvalue_output("y", ort.OrtValue.ortvalue_from_numpy(y))
-    before = rss_mb()
+    binding, y = bound(session, x=np.ones(n, np.float32))
+    before = mb()
     for _ in range(2):
         session.run_with_iobinding(binding, run_options(ort))
     assert y == sum(range(k)), y
-    print(rss_mb() - before)
+    print(mb() - before)
 """)
 
 
