@@ -38,9 +38,7 @@ class ZoStepUnsupported(LarsError):
 
 def build_zo_step(model, adapter_names: list[str]):
     """Rewrite `model` (the eval ModelProto, weights external) in place into the zo step; returns it."""
-    ir_model = _ir.to_ir(model, None)
-    _zo_step(ir_model.graph, adapter_names)
-    _ir.into_proto(ir_model, model)
+    _ir.edit_in_place(model, lambda ir_model: _zo_step(ir_model.graph, adapter_names))
     del model.graph.value_info[:]  # shapes of the rewritten values changed; ORT infers them again
     return model
 
@@ -135,9 +133,7 @@ def forward_of(model, output: str):
     chunked loss' forward gradients, which order its chunks in the training step), the gate waits instead for the
     nearest values they were computed from that the forward does compute (a chunk's log-probabilities), rather
     than pulling that work in."""
-    ir_model = _ir.to_ir(model, None)
-    _forward_of(ir_model.graph, output)
-    _ir.into_proto(ir_model, model)
+    _ir.edit_in_place(model, lambda ir_model: _forward_of(ir_model.graph, output))
     del model.graph.value_info[:]
     return model
 

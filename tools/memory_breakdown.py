@@ -43,6 +43,7 @@ KINDS = [
 
 def saved_tensors(model) -> dict[str, tuple[str, set[str]]]:
     """Saved buffer -> (op type of its producer, every name it is read by: views share their input's buffer)."""
+    from lars_export.passes._base import SHAPE_OPS
     from lars_export.passes._ir import backward_nodes, ir_graph, saved_for_backward, view_chain
 
     graph = ir_graph(model)
@@ -51,7 +52,7 @@ def saved_tensors(model) -> dict[str, tuple[str, set[str]]]:
     out: dict[str, tuple[str, set[str]]] = {}
     for root, readers in saved_for_backward(graph, backward_list).items():
         op = root.producer().op_type
-        if op in {"Shape", "Size"}:
+        if op in SHAPE_OPS:
             continue
         aliases = {root.name}
         for reader in readers:

@@ -54,10 +54,7 @@ class GraphPass:
             return self.apply(model, context)
         from . import _ir
 
-        ir_model = _ir.to_ir(model, context.weights_dir)
-        report = self.apply(ir_model, context)
-        _ir.into_proto(ir_model, model)
-        return report
+        return _ir.edit_in_place(model, lambda ir_model: self.apply(ir_model, context), context.weights_dir)
 
 
 PASS_WEIGHTS = "passes.onnx_data"  # where forward passes put the large tensors they make (under weights_dir)

@@ -79,6 +79,15 @@ def to_ir(model, weights_dir: str | None):
     return ir_model
 
 
+def edit_in_place(model, edit, weights_dir: str | None = None):
+    """Run `edit` (onnx_ir Model -> anything) on a ModelProto: converted, edited, written back into `model` in place;
+    returns what `edit` returned."""
+    ir_model = to_ir(model, weights_dir)
+    result = edit(ir_model)
+    into_proto(ir_model, model)
+    return result
+
+
 def into_proto(ir_model, model) -> None:
     """Write an onnx_ir Model back into the ModelProto it came from (in place: the pipeline holds `model`)."""
     import onnx_ir as ir
