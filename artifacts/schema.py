@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import BundleError
 from .memory_model import MemoryModel
+from .session_settings import ARENA_REGIONS
 
 _JSON_TYPES = {str: "a string", list: "a list", dict: "an object", bool: "true or false", int: "an integer"}
 
@@ -227,16 +228,19 @@ class SpecialTokens:
 class MemoryPlan:
     """What the bundle's memory was planned with: `model`, the memory model fitted to its stack (None in a bundle
     exported without one); `budget_bytes` and `max_seq_len`, the --memory-budget and the length it was planned for
-    (None without a budget); `plan`, the stack the budget chose and every candidate's predicted peak (a report)."""
+    (None without a budget); `plan`, the stack the budget chose and every candidate's predicted peak (a report);
+    `arena_regions`, how ORT's arena grows in the setting the budget was priced on (session_settings.ARENA_REGIONS;
+    None without a budget), which the runtime's --arena-regions auto runs with."""
 
     model: MemoryModel | None = None
     budget_bytes: int | None = None
     max_seq_len: int | None = None
     plan: dict[str, Any] | None = None
+    arena_regions: str | None = None
 
     def to_dict(self) -> dict:
         return {"model": None if self.model is None else self.model.to_dict(), "budget_bytes": self.budget_bytes,
-                "max_seq_len": self.max_seq_len, "plan": self.plan}
+                "max_seq_len": self.max_seq_len, "plan": self.plan, "arena_regions": self.arena_regions}
 
     def over_budget(self, batch: int, seq_len: int) -> str | None:
         """One line if a step of batch × seq_len tokens is predicted above the budget; None if it fits or the
@@ -260,7 +264,10 @@ class MemoryPlan:
                    if isinstance(fitted.get(k), bool) or not isinstance(fitted.get(k), (int, float))]
             if bad:
                 raise _damaged(f"{where}.model.{bad[0]} must be a number, got {fitted.get(bad[0])!r}")
+        regions = _field(data, "arena_regions", str, where, optional=True)  # (absent before it was recorded)
+        if regions is not None and regions not in ARENA_REGIONS:
+            raise _damaged(f"{where}.arena_regions must be one of {', '.join(ARENA_REGIONS)}, got {regions!r}")
         return cls(None if fitted is None else MemoryModel.from_dict(fitted),
                    _count(data, "budget_bytes", where, optional=True),
                    _count(data, "max_seq_len", where, optional=True),
-                   _field(data, "plan", dict, where, optional=True))
+                   _field(data, "plan", dict, where, optional=True), regions)

@@ -8,6 +8,12 @@ and config entries). Memory settings of the process (threads, the allocator, pro
 
 from __future__ import annotations
 
+# How ORT's CPU arena grows when no free block fits (lars_ort.session): "doubling", a session's own arena, each new
+# region twice the last (few regions, but up to half of the last one's tail unused); "exact", an arena in ORT's
+# environment extended by exactly the size asked for (kSameAsRequested). A bundle exported with --memory-budget
+# records the one its budget was priced on (manifest memory.arena_regions), which the runtime then runs with.
+ARENA_REGIONS = ("doubling", "exact")
+
 # Session config entries (SessionOptions.add_session_config_entry / AddConfigEntry in the C API):
 CONFIG_ENTRIES = {
     # Quantized bundles dequantize a frozen matrix once for several readers that run one after the other (the

@@ -21,6 +21,11 @@ from .stacks import STACKS
 # ORT's arena (the runtime's default) peaks up to 14% above the model, which was fitted to a malloc per tensor
 # (0.856 of the measured peak for whole attention at 2048 tokens, docs/bench/speed_2048_smollm2.json).
 MARGIN = 0.15
+# The arena setting a budget is priced on, recorded in the bundle for the runtime to run with (lars_ort's
+# --arena-regions auto): with exact-size regions every measured peak lies within MARGIN of its prediction, from
+# SmolLM2-135M to the 3B class; with doubling regions a 3B model's full stack at 4096 tokens peaked 25% above it
+# (0.800 predicted / measured against 0.869 with exact regions; docs/BENCHMARKS.md, tests/test_memory_model.py).
+ARENA_REGIONS = "exact"
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from lars_artifacts import LarsError
+from lars_artifacts.session_settings import ARENA_REGIONS
 
 from .schedule import learning_rate
 
 
-# How ORT's CPU arena grows when no free block fits (lars_ort.session): "doubling", a session's own arena, each new
-# region twice the last (few regions, but up to half of the last one's tail unused); "exact", an arena in ORT's
-# environment extended by exactly the size asked for (kSameAsRequested).
-ARENA_REGIONS = ("doubling", "exact")
+# --arena-regions: how ORT's CPU arena grows (lars_artifacts.session_settings.ARENA_REGIONS), or "auto": the one the
+# bundle's memory budget was priced on (exact regions), doubling for a bundle without a budget.
+ARENA_CHOICES = ("auto", *ARENA_REGIONS)
 # The runtime's backends (lars_ort.engine): auto picks plain onnxruntime.
 BACKENDS = ("auto", "ort", "ort-training")
 # Training methods (lars_ort.engine): gradients by backpropagation, or zeroth-order estimates from forwards (zo.py).
@@ -88,11 +88,13 @@ class TrainingArgs:
                                     "the step reuses its own freed blocks instead of page-faulting fresh memory "
                                     "(SmolLM2 at 1024 tokens: 1.9x faster, same peak; README, Runtime memory "
                                     "settings); --no-memory-arena: a malloc per tensor")
-    arena_regions: str = _opt("doubling", "how the arena grows: doubling (each new region twice the last) or exact "
-                                          "(a region of the size asked for, in an arena ORT's environment holds): "
-                                          "7% lower peak for a 3B model at 4096 tokens, none at SmolLM2's size "
-                                          "(docs/BENCHMARKS.md, The arena with exact-size regions)",
-                              choices=ARENA_REGIONS)
+    arena_regions: str = _opt("auto", "how the arena grows: doubling (each new region twice the last) or exact "
+                                      "(a region of the size asked for, in an arena ORT's environment holds): 8% "
+                                      "lower peak for a 3B model at 4096 tokens, 6% higher at 2048; auto: exact "
+                                      "for a bundle exported with --memory-budget (the setting its budget is "
+                                      "validated on), doubling otherwise (docs/BENCHMARKS.md, The arena with "
+                                      "exact-size regions)",
+                              choices=ARENA_CHOICES)
     memory_reuse: bool = _opt(False, "ORT's buffer reuse between tensors of one size: holds dead buffers until their "
                                      "reuse, ~0.6 GB more at 1024 tokens on SmolLM2 (README, Runtime memory settings)")
     mmap_threshold_mb: float = _opt(1.0, "with --no-memory-arena (or --arena-regions exact): tensors (arena "
@@ -192,9 +194,9 @@ def option_problem(name: str, value: Any) -> str | None:
 
 def arena_problem(memory_arena: bool, arena_regions: str) -> str | None:
     """Why the arena settings cannot go together, or None."""
-    if arena_regions not in ARENA_REGIONS:
-        return f"--arena-regions must be one of {', '.join(ARENA_REGIONS)}, got {_shown(arena_regions)}"
-    if arena_regions != "doubling" and not memory_arena:
+    if arena_regions not in ARENA_CHOICES:
+        return f"--arena-regions must be one of {', '.join(ARENA_CHOICES)}, got {_shown(arena_regions)}"
+    if arena_regions == "exact" and not memory_arena:
         return (f"--arena-regions {arena_regions} sets how ORT's arena grows, and --no-memory-arena turns it off; "
                 f"drop one")
     return None

@@ -23,6 +23,7 @@ from lars_artifacts import IGNORE_INDEX, Bundle, LarsError
 
 from .config import BACKENDS, method_problem
 from .data import Batch
+from .session import arena_regions_for
 
 
 class NonFiniteStep(LarsError):
@@ -43,6 +44,8 @@ def open_engine(bundle: Bundle, backend: str = "auto", checkpoint: str | os.Path
     problem = method_problem(method, backend)
     if problem:
         raise LarsError(problem)
+    options["arena_regions"] = arena_regions_for(bundle.manifest.memory_plan, options.get("memory_arena", True),
+                                                 options.get("arena_regions", "auto"))
     if method == "zo":
         from .zo import ZoEngine
 

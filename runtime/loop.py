@@ -24,6 +24,7 @@ from .health import TrainingHealth
 from .interrupt import StopOnSignal
 from .metrics import MetricsWriter, available_memory_bytes
 from .schedule import learning_rate
+from .session import arena_regions_warning
 from .trainer import Trainer, bundle_tokenizer
 
 Callback = Callable[[dict], None]
@@ -100,6 +101,9 @@ def _train_locked(bundle: Bundle, run: Path, resume: bool, args: TrainingArgs, c
     over = bundle.manifest.memory_plan.over_budget(args.batch_size, args.seq_len) if args.method != "zo" else None
     if over:
         print(f"warning: {over}", file=sys.stderr, flush=True)
+    regions = arena_regions_warning(bundle.manifest.memory_plan, args.memory_arena, args.arena_regions)
+    if regions:
+        print(f"warning: {regions}", file=sys.stderr, flush=True)
     _check_fits_in_memory(bundle, args.batch_size, args.seq_len, model=args.method != "zo")
     tok = bundle_tokenizer(bundle)
     run.mkdir(parents=True, exist_ok=True)  # the token store lives beside the checkpoints, not in a RAM /tmp

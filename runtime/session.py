@@ -29,6 +29,9 @@ def session_options(ort, threads: int = 0, memory_arena: bool = True, memory_reu
     problem = arena_problem(memory_arena, arena_regions)
     if problem:
         raise LarsError(problem)
+    if arena_regions not in session_settings.ARENA_REGIONS:  # "auto" is the bundle's: arena_regions_for
+        raise LarsError(f"arena_regions={arena_regions!r} must be resolved against the bundle first "
+                        f"(lars_ort.session.arena_regions_for)")
     # With the arena off every tensor is a malloc, and with exact regions every region one: the mmap threshold then
     # maps each large one on its own, so it leaves memory when freed. Without it glibc raises its threshold to the
     # largest block freed so far (up to 32 MB), puts smaller ones on its heap and keeps them resident: exact regions
@@ -51,6 +54,26 @@ def session_options(ort, threads: int = 0, memory_arena: bool = True, memory_reu
         register_exact_arena(ort)
         options.add_session_config_entry("session.use_env_allocators", "1")
     return options
+
+
+def arena_regions_for(plan, memory_arena: bool = True, arena_regions: str = "auto") -> str:
+    """The arena regions a session runs with: `arena_regions` as given, or for "auto" the ones the bundle's memory
+    plan (`plan`, manifest memory) was priced on: exact for a bundle exported with --memory-budget, whose margin
+    holds on exact regions at every measured point and not on doubling ones (a 3B model at 4096 tokens peaked 25%
+    above the prediction with doubling regions, 15% with exact ones; docs/BENCHMARKS.md), doubling otherwise."""
+    if arena_regions != "auto":
+        return arena_regions
+    return (plan.arena_regions if memory_arena and plan is not None else None) or "doubling"
+
+
+def arena_regions_warning(plan, memory_arena: bool, arena_regions: str) -> str | None:
+    """One line when the arena regions asked for are not the ones the bundle's memory budget was priced on."""
+    priced = plan.arena_regions if plan is not None else None
+    if not priced or not memory_arena or arena_regions in ("auto", priced):
+        return None
+    return (f"this bundle's memory budget is priced on {priced} arena regions; with {arena_regions} ones a step can "
+            f"peak above its prediction by more than the budget's margin (a 3B model at 4096 tokens: 25% with "
+            f"doubling regions); leave the arena regions on auto to run with {priced} ones")
 
 
 def register_exact_arena(ort) -> None:

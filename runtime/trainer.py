@@ -20,6 +20,7 @@ from .peft_adapter import write_peft_adapter
 from .config import ZoConfig
 from .data import Batch, TokenSequence, Tokenizer, collate
 from .engine import open_engine
+from .session import arena_regions_warning
 
 Callback = Callable[[dict], None]
 
@@ -59,7 +60,7 @@ class Trainer:
     """
 
     def __init__(self, bundle: str | os.PathLike | Bundle, *, checkpoint: str | os.PathLike | None = None,
-                 load_eval: bool = True, threads: int = 0, memory_arena: bool = True, arena_regions: str = "doubling",
+                 load_eval: bool = True, threads: int = 0, memory_arena: bool = True, arena_regions: str = "auto",
                  memory_reuse: bool = False, mmap_threshold_mb: float = 1.0, verify: bool = True,
                  warn_budget: bool = True, backend: str = "auto", method: str = "backprop", zo: ZoConfig | None = None,
                  training: bool = True, eval: bool | None = None) -> None:
@@ -67,6 +68,9 @@ class Trainer:
             warnings.warn("Trainer(eval=...) is deprecated; pass load_eval=...", DeprecationWarning, stacklevel=2)
             load_eval = eval
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
+        regions = arena_regions_warning(self.bundle.manifest.memory_plan, memory_arena, arena_regions)
+        if warn_budget and regions:
+            warnings.warn(regions, ResourceWarning, stacklevel=2)
         # training=False: evaluation only, no training session loaded (its memory saved; plain onnxruntime backend)
         only_eval = {} if training else {"training": False}
         self.engine = open_engine(self.bundle, backend, checkpoint=checkpoint, method=method, zo=zo,

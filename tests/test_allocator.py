@@ -209,14 +209,16 @@ def test_exact_arena_regions_are_a_session_setting_and_need_the_arena():
     from lars_ort.config import TrainingArgs
     from lars_ort.session import session_options
 
-    assert TrainingArgs().arena_regions == "doubling"
+    assert TrainingArgs().arena_regions == "auto"  # the bundle's: doubling unless its budget was priced on exact
     with pytest.raises(RuntimeError, match="does not have configuration with key"):  # unset: the session's own
         session_options(ort).get_session_config_entry("session.use_env_allocators")
     assert session_options(ort, arena_regions="exact").get_session_config_entry("session.use_env_allocators") == "1"
     with pytest.raises(LarsError, match="--no-memory-arena turns it off; drop one"):
         session_options(ort, memory_arena=False, arena_regions="exact")
-    with pytest.raises(LarsError, match="--arena-regions must be one of doubling, exact, got 'next'"):
+    with pytest.raises(LarsError, match="--arena-regions must be one of auto, doubling, exact, got 'next'"):
         session_options(ort, arena_regions="next")
+    with pytest.raises(LarsError, match="must be resolved against the bundle first"):  # a session never guesses
+        session_options(ort, arena_regions="auto")
 
 
 def test_threads_default_to_the_cores_the_process_may_use(monkeypatch):
@@ -237,6 +239,10 @@ def test_a_trainer_with_exact_arena_regions_trains_as_with_doubling_ones(tiny_bu
 
     from lars_ort import Trainer
 
+    default = Trainer(tiny_bundles["llama"], load_eval=False)  # auto, and the bundle has no budget: doubling regions
+    assert default.bundle.manifest.memory_plan.arena_regions is None
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        default.engine.session.get_session_options().get_session_config_entry("session.use_env_allocators")
     runs = {}
     for regions in ("doubling", "exact"):
         trainer = Trainer(tiny_bundles["llama"], load_eval=False, arena_regions=regions)

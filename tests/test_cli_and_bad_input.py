@@ -229,7 +229,7 @@ def test_damaged_run_checkpoint_is_an_error_not_a_crash(tiny_bundles, capsys, tm
     ({"seed": 1.0}, "--seed must be an integer"),
     ({"schedule": "cos"}, "--schedule must be one of cosine, linear, constant"),
     ({"backend": "cuda"}, "--backend must be one of auto, ort, ort-training"),
-    ({"arena_regions": "power-of-two"}, "--arena-regions must be one of doubling, exact"),
+    ({"arena_regions": "power-of-two"}, "--arena-regions must be one of auto, doubling, exact"),
     ({"arena_regions": "exact", "memory_arena": False},
      "--arena-regions exact sets how ORT's arena grows, and --no-memory-arena turns it off; drop one"),
     ({"progress": "no"}, "--progress must be true or false, got 'no'"),
@@ -507,6 +507,8 @@ def _edit_manifest(bundle, edit):
     (lambda m: m["memory"]["model"].update(saved_per_token="1e5"), ["memory.model.saved_per_token must be a number"]),
     (lambda m: m["memory"]["model"].pop("weights"), ["memory.model.weights must be a number, got None"]),
     (lambda m: m["memory"].update(budget_bytes=1.5), ["memory.budget_bytes must be an integer >= 0 or null, got 1.5"]),
+    (lambda m: m["memory"].update(arena_regions="power-of-two"),
+     ["memory.arena_regions must be one of doubling, exact, got 'power-of-two'"]),
 ])
 def test_malformed_manifest(edit, needles, bundle_copy, capsys, tmp_path):
     _edit_manifest(bundle_copy, edit)

@@ -99,6 +99,27 @@ def test_predictions_hold_on_peaks_measured_after_the_fit(tmp_path):
     assert off == [], off
 
 
+# Both arena settings side by side, one run per file, on the current exporter's bundles: SmolLM2-135M and the 1B and
+# 3B classes (full stack). budget.ARENA_REGIONS, the setting a budget is priced on, was chosen from these.
+ARENA_SETTINGS = [REPO / "docs" / "bench" / f for f in ("arena_regions_default_smollm2.json",
+                                                        "arena_regions_full_int8_causal_4096_smollm2.json",
+                                                        "arena_regions_llama_3.2_1b_2048.json",
+                                                        "train_llama_3.2_3b_with_peft.json")]
+
+
+def test_the_budget_holds_on_the_arena_regions_it_is_priced_on(tmp_path):
+    """A budgeted bundle runs on exact arena regions (lars_ort's --arena-regions auto): there every measured peak is
+    within the margin of its prediction, where doubling regions, the default of bundles without a budget, are not
+    (a 3B model at 4096 tokens)."""
+    rows = compare([r for path in ARENA_SETTINGS for r in json.loads(path.read_text())], tmp_path)
+    priced = [r for r in rows if r["mode"].endswith("@" + budget.ARENA_REGIONS)]
+    assert len(priced) == 6 and {r["seq_len"] for r in priced} == {1024, 2048, 4096}
+    off = [r for r in priced if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
+    assert off == [], off
+    doubling = [r for r in rows if "@" not in r["mode"]]
+    assert len(doubling) == 6 and min(r["ratio"] for r in doubling) < 1 - budget.MARGIN
+
+
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])  # an untied output projection, a tied one (stored once)
 def test_weight_bytes_match_the_bundles(tiny_models, tmp_path, scheme, arch):
@@ -221,7 +242,12 @@ def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_mode
     message = manifest.memory_plan.over_budget(8, 512)  # the runtime's ~170 MB dominate a tiny model's peak
     assert message and "above this bundle's memory budget" in message and "fits up to" in message
 
+    # the runtime runs it on the arena regions its budget was priced on (a bundle without a budget: doubling ones)
+    assert manifest.memory_plan.arena_regions == budget.ARENA_REGIONS == "exact"
     trainer = Trainer(out, load_eval=False)
+    assert trainer.engine.session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    with pytest.warns(ResourceWarning, match="priced on exact arena regions; with doubling ones a step can peak"):
+        Trainer(out, load_eval=False, arena_regions="doubling")
     ids = np.random.default_rng(0).integers(0, 300, size=(8, 512))
     with pytest.warns(ResourceWarning, match="batch 8 x 512 tokens is predicted to peak"):
         trainer.step(trainer.batch(ids), lr=1e-4)
@@ -239,17 +265,19 @@ def test_lars_ort_train_warns_before_a_step_over_the_budget(tiny_models, tmp_pat
     model = load_bundle(out).manifest.memory_plan.model
     assert model.peak_bytes(2, 32) < 220 * 2**20 < model.peak_bytes(8, 256)
 
-    def train(run, batch, seq):
+    def train(run, batch, seq, *flags):
         return subprocess.run([sys.executable, "-m", "lars_ort.cli", "train", str(out), "--data", str(TRAIN_TEXT),
                                "--out", str(tmp_path / run), "--steps", "1", "--batch-size", str(batch),
-                               "--seq-len", str(seq), "--no-progress"], capture_output=True, text=True, timeout=600)
+                               "--seq-len", str(seq), "--no-progress", *flags], capture_output=True, text=True,
+                              timeout=600)
 
     fits = train("run", 2, 32)
     assert fits.returncode == 0, fits.stderr
     assert "warning" not in fits.stderr
-    over = train("run2", 8, 256)
+    over = train("run2", 8, 256, "--arena-regions", "doubling")
     assert over.returncode == 0, over.stderr
     assert "warning: a step of batch 8 x 256 tokens is predicted to peak at" in over.stderr
+    assert "warning: this bundle's memory budget is priced on exact arena regions; with doubling ones" in over.stderr
 
 
 def test_the_budget_and_the_benchmarks_share_one_table_of_pass_combinations():

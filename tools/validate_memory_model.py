@@ -1,5 +1,6 @@
 """The memory model (lars_artifacts.memory_model) against measured peaks: predicted / measured for every bundle row
-of bench_memory JSON files, at the runtime's default settings.
+of bench_memory JSON files run with the runtime's default settings or with exact arena regions (MODE@exact: the
+regions a bundle exported with --memory-budget runs with).
 
     python tools/validate_memory_model.py docs/bench/memory_passes_smollm2.json [more.json ...]
 
@@ -24,7 +25,8 @@ ALL_TARGETS = "q,k,v,o,gate,up,down"
 
 
 def compare(rows: list[dict]) -> list[dict]:
-    """predicted vs measured peak (MB) for each bundle row measured with the runtime's defaults."""
+    """predicted vs measured peak (MB) for each bundle row measured with the runtime's defaults or exact arena
+    regions (the same model: the arena setting moves the peak, not what is alive)."""
     from bench_memory import BUNDLE_MODES, is_baseline, split_mode
 
     from lars_export.budget import model_for
@@ -34,7 +36,7 @@ def compare(rows: list[dict]) -> list[dict]:
     for r in rows:
         base, setting = split_mode(r["mode"])
         # (MODE~base rows ran an earlier exporter's bundle, which today's settings of the mode do not describe)
-        if base not in BUNDLE_MODES or setting or r["status"] != "ok" or is_baseline(r["mode"]):
+        if base not in BUNDLE_MODES or setting not in ("", "exact") or r["status"] != "ok" or is_baseline(r["mode"]):
             continue
         settings = dict(BUNDLE_MODES[base])
         if r.get("loss_chunks") is not None:  # bench_memory --loss-chunks overrode the mode's
