@@ -123,4 +123,5 @@ def describe(rows: list[dict], chosen: Candidate, budget: str, seq: int) -> str:
         mark = "->" if r["name"] == chosen.name else "  "  # noqa: E501
         lines.append(f"  {mark} {r['predicted_peak_bytes'] / 2**30:6.2f} GB  {'fits' if r['fits'] else '    '}  "
                      f"x{r['step_time']:.2f} time  {r['name']}")
+    lines.append(f"  (priced on ORT's arena with {ARENA_REGIONS} regions, which lars-ort runs this bundle with)")
     return "\n".join(lines)

@@ -217,7 +217,7 @@ def test_a_budget_nothing_fits_names_the_closest_and_how_far_it_goes():
     assert budget.parse_size("1.5G") == budget.parse_size("1536MB") == 3 * 2**29
 
 
-def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_models, tmp_path):
+def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_models, tmp_path, capsys):
     from lars_export import architectures, load
     from lars_ort import Trainer
 
@@ -234,6 +234,8 @@ def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_mode
     out = export(ExportConfig(**base, out=str(tmp_path / "b"), memory_budget=f"{need / 2**20 + 0.1:.1f}MB"))
     manifest = load_bundle(out).manifest
     assert manifest.memory_plan.plan["chosen"] == stack.name
+    printed = capsys.readouterr().err
+    assert f"-> {peaks[stack.name] / 2**30:6.2f} GB  fits" in printed  # the plan, as the export prints it
     assert manifest.exporter["config"]["recompute_layers"] is False
     assert manifest.exporter["config"]["attention_chunks"] == 4  # the tiny model's heads: one at a time
     assert [p["name"] for p in manifest.passes if p["changed"]] == ["pretranspose_frozen", "attention_chunks",
@@ -244,6 +246,7 @@ def test_export_with_a_budget_records_its_choice_and_the_runtime_warns(tiny_mode
 
     # the runtime runs it on the arena regions its budget was priced on (a bundle without a budget: doubling ones)
     assert manifest.memory_plan.arena_regions == budget.ARENA_REGIONS == "exact"
+    assert "(priced on ORT's arena with exact regions, which lars-ort runs this bundle with)" in printed
     trainer = Trainer(out, load_eval=False)
     assert trainer.engine.session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
     with pytest.warns(ResourceWarning, match="priced on exact arena regions; with doubling ones a step can peak"):
