@@ -93,6 +93,7 @@ SLOW = (
     "tests/test_tools.py::test_bench_data_memory_on_small_files",
     "tests/test_tools.py::test_bench_export_on_a_tiny_model",
     "tests/test_tools.py::test_bench_memory_on_a_tiny_model",
+    "tests/test_tools.py::test_bench_memory_measures_one_cold_step_and_the_validator_reads_exact_regions",
     "tests/test_tools.py::test_bench_memory_runs_a_baseline_bundle_beside_this_exporters",
     "tests/test_tools.py::test_bench_quality_on_a_tiny_model",
     "tests/test_tools.py::test_chaos_kills_damages_resumes_and_compares_bit_for_bit",

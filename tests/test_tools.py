@@ -42,6 +42,25 @@ def test_bench_memory_on_a_tiny_model(tiny_models, tmp_path):
     assert "| full | 32 |" in check.stdout and "predicted / measured from" in check.stdout
 
 
+def test_bench_memory_measures_one_cold_step_and_the_validator_reads_exact_regions(tiny_models, tmp_path):
+    def bench(*args):
+        return subprocess.run([sys.executable, str(REPO / "tools" / "bench_memory.py"), "--model",
+                               str(tiny_models["llama"]), "--seq-lens", "16", "--cache", str(tmp_path / "cache"),
+                               *args], capture_output=True, text=True, timeout=600)
+
+    bad = bench("--modes", "full", "--steps", "-1")
+    assert bad.returncode != 0 and "--steps must be at least 0, got -1" in bad.stderr
+    out = bench("--modes", "full,full@exact", "--steps", "0", "--json", str(tmp_path / "m.json"))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "m.json").read_text())
+    assert [(r["mode"], r["status"]) for r in rows] == [("full", "ok"), ("full@exact", "ok")]
+    assert all(r["step_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    check = subprocess.run([sys.executable, str(REPO / "tools" / "validate_memory_model.py"), str(tmp_path / "m.json")],
+                           capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0, check.stderr
+    assert "| full | 16 |" in check.stdout and "| full@exact | 16 |" in check.stdout  # the budget's arena setting
+
+
 def test_bench_memory_runs_a_baseline_bundle_beside_this_exporters(tiny_models, tmp_path):
     """MODE~base runs the bundle an earlier exporter left in --baseline-cache (never one exported now)."""
     def bench(*args):

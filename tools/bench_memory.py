@@ -43,8 +43,9 @@ and a backend after ":" (default: ort, the runtime's default):
   e.g. --modes default:ort,default:ort-training,full-int8:ort,full-int8:ort-training
 and "~base" after a bundle mode's name: the bundle an earlier exporter wrote into --baseline-cache (before / after
 an exporter change, side by side in one run), e.g. --modes peft,default~base,default --baseline-cache out/bench-old
-Each point runs in its own process: one warm-up step, then --steps measured steps (median time); the peak RSS is
-the OS's high-water mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
+Each point runs in its own process: one warm-up step, then --steps measured steps (median time; --steps 0: one cold
+step, for memory); the peak RSS is the OS's high-water mark for the whole process. A point over --mem-limit-mb is
+killed and recorded as "oom".
 The parent also samples the child's resident memory every 50 ms split as the kernel counts it (RssAnon: heap and
 arena, what the step allocates; RssFile: memory-mapped weights and libraries, clean pages the kernel can drop and
 re-read): the row's anon_peak_mb is the highest anonymous sample, file_at_peak_mb the file-backed part at the
@@ -179,7 +180,7 @@ def worker_peft(a) -> list[float]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return times[1:]
+    return times
 
 
 def worker_floor(a) -> list[float]:
@@ -194,7 +195,7 @@ def worker_floor(a) -> list[float]:
             t = time.perf_counter()
             model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
             times.append(time.perf_counter() - t)
-    return times[1:]
+    return times
 
 
 def worker_ort(a) -> list[float]:
@@ -221,7 +222,7 @@ def worker_ort(a) -> list[float]:
         t = time.perf_counter()
         run(batch)
         times.append(time.perf_counter() - t)
-    return times[1:]
+    return times
 
 
 WORKERS = {"peft": worker_peft, "floor": worker_floor, **{mode: worker_ort for mode in BUNDLE_MODES}}
@@ -229,7 +230,8 @@ WORKERS = {"peft": worker_peft, "floor": worker_floor, **{mode: worker_ort for m
 
 def run_worker(a) -> None:
     times = WORKERS[split_mode(a.worker)[0]](a)
-    print("RESULT " + json.dumps({"step_s": statistics.median(times), "peak_rss_mb": _peak_mb()}), flush=True)
+    measured = times[1:] or times  # after the warm-up step; with --steps 0 the one cold step
+    print("RESULT " + json.dumps({"step_s": statistics.median(measured), "peak_rss_mb": _peak_mb()}), flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- preparation
@@ -407,7 +409,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--seq-lens", default="256,512,1024,2048")
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="measured steps after the warm-up step")
+    p.add_argument("--steps", type=int, default=2,
+                   help="measured steps after the warm-up step (0: one cold step, no warm-up: the peak memory is "
+                        "the same, the time includes the first step's page faults)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q,k,v,o,gate,up,down")
@@ -433,6 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.steps < 0:
+        p.error(f"--steps must be at least 0, got {a.steps}")
     if a.worker:
         run_worker(a)
         return 0
