@@ -40,8 +40,10 @@ def installed(where: Path | None = None) -> bool:
     return (where / "onnxruntime" / "training" / "__init__.py").is_file()
 
 
-def ensure(stream=sys.stderr) -> Path:
-    """The training build's directory, installed there from the package registry if it is not yet."""
+def ensure(stream=None) -> Path:
+    """The training build's directory, installed there from the package registry if it is not yet (reported to
+    `stream`, sys.stderr as it is when called)."""
+    stream = stream or sys.stderr
     where = home()
     if installed(where):
         return where

@@ -34,8 +34,8 @@ EXPORT_PACKAGES = ("lars", "torch", "transformers", "peft", "onnx", "onnxruntime
 class Phases:
     """Prints each slow phase as it starts and ends, with its time and the peak RSS so far."""
 
-    def __init__(self, total: int, stream=sys.stderr) -> None:
-        self.total, self.n, self.stream = total, 0, stream
+    def __init__(self, total: int, stream=None) -> None:
+        self.total, self.n, self.stream = total, 0, stream or sys.stderr
         self.clock = Stopwatch()
 
     def __call__(self, what: str):
@@ -92,8 +92,12 @@ def _save_tokenizer(tok, out: Path) -> SpecialTokens:
     return tokens
 
 
-def run(config: ExportConfig, stream=sys.stderr) -> Path:
+def run(config: ExportConfig, stream=None) -> Path:
+    """Export a bundle, reporting its phases to `stream` (sys.stderr as it is when called: an app's redirection of
+    it, or pytest's capture, sees the report)."""
     import onnx
+
+    stream = stream or sys.stderr
 
     out = Path(config.out)
     if out.exists() and not config.force:
