@@ -44,8 +44,9 @@ and a backend after ":" (default: ort, the runtime's default):
 and "~base" after a bundle mode's name: the bundle an earlier exporter wrote into --baseline-cache (before / after
 an exporter change, side by side in one run), e.g. --modes peft,default~base,default --baseline-cache out/bench-old
 Each point runs in its own process: one warm-up step, then --steps measured steps (median time; --steps 0: one cold
-step, for memory); the peak RSS is the OS's high-water mark for the whole process. A point over --mem-limit-mb is
-killed and recorded as "oom".
+step, a quick look that can read a few percent below the steady peak: the 3B `full` stack at 4096 tokens without
+the arena peaked 5,352 MB in its first step and at least 5,589 in its second); the peak RSS is the OS's high-water
+mark for the whole process. A point over --mem-limit-mb is killed and recorded as "oom".
 The parent also samples the child's resident memory every 50 ms split as the kernel counts it (RssAnon: heap and
 arena, what the step allocates; RssFile: memory-mapped weights and libraries, clean pages the kernel can drop and
 re-read): the row's anon_peak_mb is the highest anonymous sample, file_at_peak_mb the file-backed part at the
@@ -410,8 +411,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-lens", default="256,512,1024,2048")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=2,
-                   help="measured steps after the warm-up step (0: one cold step, no warm-up: the peak memory is "
-                        "the same, the time includes the first step's page faults)")
+                   help="measured steps after the warm-up step (0: one cold step, no warm-up: a quick look at the "
+                        "memory, not the steady peak, which a second step can raise by a few percent; the time "
+                        "includes the first step's page faults)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--targets", default="q,k,v,o,gate,up,down")
