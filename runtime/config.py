@@ -97,7 +97,7 @@ class TrainingArgs:
                               choices=ARENA_CHOICES)
     memory_reuse: bool = _opt(False, "ORT's buffer reuse between tensors of one size: holds dead buffers until their "
                                      "reuse, ~0.6 GB more at 1024 tokens on SmolLM2 (README, Runtime memory settings)")
-    mmap_threshold_mb: float = _opt(1.0, "with --no-memory-arena (or --arena-regions exact): tensors (arena "
+    mmap_threshold_mb: float = _opt(1.0, "with --no-memory-arena (or exact arena regions): tensors (arena "
                                          "regions) of at least this many MB get their own memory mapping, returned "
                                          "to the OS when freed (glibc; 0: glibc's default "
                                          "heap, which fragments: ~2x the peak RSS with recompute bundles, README "
