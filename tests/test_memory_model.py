@@ -120,15 +120,17 @@ def test_the_budget_holds_on_the_arena_regions_it_is_priced_on(tmp_path):
     assert len(doubling) == 6 and min(r["ratio"] for r in doubling) < 1 - budget.MARGIN
 
 
-# Measured after that choice and never used for it: the 1B at 4096 tokens and the 3B at 3072, both settings.
+# Measured after that choice and never used for it: the 1B at 4096 tokens and the 3B at 3072, both settings (the
+# 3B's first step alone, --steps 0, and on exact regions also with a second step, which peaked 4% higher).
 ARENA_HELD_OUT = [REPO / "docs" / "bench" / f for f in ("arena_regions_llama_3.2_1b_4096.json",
-                                                        "arena_regions_llama_3.2_3b_3072.json")]
+                                                        "arena_regions_llama_3.2_3b_3072.json",
+                                                        "arena_regions_llama_3.2_3b_3072_warm.json")]
 
 
 def test_the_budgets_arena_regions_hold_on_peaks_measured_after_the_choice(tmp_path):
     rows = compare([r for path in ARENA_HELD_OUT for r in json.loads(path.read_text())], tmp_path)
     assert sorted((r["mode"], r["seq_len"]) for r in rows) == [("full", 3072), ("full", 4096), ("full@exact", 3072),
-                                                                ("full@exact", 4096)]
+                                                                ("full@exact", 3072), ("full@exact", 4096)]
     priced = [r for r in rows if r["mode"].endswith("@" + budget.ARENA_REGIONS)]
     off = [r for r in priced if not 1 - budget.MARGIN <= r["ratio"] <= 1.20]
     assert off == [], off
