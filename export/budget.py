@@ -25,7 +25,7 @@ MARGIN = 0.15
 # --arena-regions auto): with exact-size regions every measured peak lies within MARGIN of its prediction, from
 # SmolLM2-135M to the 3B class; with doubling regions a 3B model's full stack at 4096 tokens peaked 25% above it
 # (0.800 predicted / measured against 0.869 with exact regions; docs/BENCHMARKS.md, tests/test_memory_model.py).
-ARENA_REGIONS = "exact"
+PRICED_ARENA_REGIONS = "exact"
 
 
 @dataclass(frozen=True)
@@ -123,5 +123,6 @@ def describe(rows: list[dict], chosen: Candidate, budget: str, seq: int) -> str:
         mark = "->" if r["name"] == chosen.name else "  "  # noqa: E501
         lines.append(f"  {mark} {r['predicted_peak_bytes'] / 2**30:6.2f} GB  {'fits' if r['fits'] else '    '}  "
                      f"x{r['step_time']:.2f} time  {r['name']}")
-    lines.append(f"  (priced on ORT's arena with {ARENA_REGIONS} regions, which lars-ort runs this bundle with)")
+    lines.append(f"  (priced on ORT's arena with {PRICED_ARENA_REGIONS} regions, which lars-ort runs this bundle "
+                 f"with)")
     return "\n".join(lines)

@@ -210,7 +210,8 @@ def run(config: ExportConfig, stream=None) -> Path:
                 memory=MemoryPlan(model=budget.model_for(arch, config), max_seq_len=config.max_seq_len, plan=plan,
                                   budget_bytes=budget.parse_size(config.memory_budget) if config.memory_budget
                                   else None,
-                                  arena_regions=budget.ARENA_REGIONS if config.memory_budget else None).to_dict(),
+                                  arena_regions=(budget.PRICED_ARENA_REGIONS if config.memory_budget
+                                                 else None)).to_dict(),
                 exporter={"versions": _versions(), "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                               for k, v in asdict(config).items()}},
             )

@@ -63,12 +63,12 @@ def arena_regions_for(plan, memory_arena: bool = True, arena_regions: str = "aut
     above the prediction with doubling regions, 15% with exact ones; docs/BENCHMARKS.md), doubling otherwise."""
     if arena_regions != "auto":
         return arena_regions
-    return (plan.arena_regions if memory_arena and plan is not None else None) or "doubling"
+    return (memory_arena and plan.arena_regions) or "doubling"
 
 
 def arena_regions_warning(plan, memory_arena: bool, arena_regions: str) -> str | None:
     """One line when the arena regions asked for are not the ones the bundle's memory budget was priced on."""
-    priced = plan.arena_regions if plan is not None else None
+    priced = plan.arena_regions
     if not priced or not memory_arena or arena_regions in ("auto", priced):
         return None
     return (f"this bundle's memory budget is priced on {priced} arena regions; with {arena_regions} ones a step can "
